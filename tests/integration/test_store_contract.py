@@ -1,0 +1,236 @@
+"""One contract for every store backend: the in-memory fake and SQLite (a real file)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from watcher.errors import StoreLocked
+from watcher.models import Kind, ProjectRef, RemoteStatus, State
+from watcher.store import (
+    InMemoryStore,
+    LeaseLost,
+    NewOutput,
+    OutputState,
+    SQLiteStore,
+    Store,
+)
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_000_000.0
+LEASE = 30.0
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """Each backend, opened empty."""
+    backend: Store = (
+        InMemoryStore() if request.param == "memory" else SQLiteStore(str(tmp_path / "w.db"))
+    )
+    async with backend:
+        yield backend
+
+
+def refs(*ids: str, kind: Kind = Kind.IMAGE) -> list[ProjectRef]:
+    return [ProjectRef(kind, i) for i in ids]
+
+
+def new_output(index: int, pid: str = "p1", expires: float = T0 + 3600) -> NewOutput:
+    return NewOutput(index, f"https://cdn/{pid}/{index}/out.png", expires, f"image/{pid}/{index}-out.png")
+
+
+async def test_track_is_idempotent(store: Store) -> None:
+    """Tracking an id twice adds it once and reports it as existing the second time."""
+    first = await store.track(refs("a", "b"), now=T0, delete_after_download=False)
+    second = await store.track(refs("b", "c"), now=T0 + 1, delete_after_download=True)
+    assert first.added == ["a", "b"]
+    assert second.added == ["c"]
+    assert second.existing == ["b"]
+    b = await store.get("b")
+    assert b is not None
+    assert b.tracked_at == T0
+    assert b.delete_after_download is False
+    assert (await store.count_by_state()) == {State.POLLING: 3}
+
+
+async def test_claim_returns_due_projects_in_due_order_and_leases_them(store: Store) -> None:
+    """Only due projects are claimed, earliest first, and a claimed one is not claimed again."""
+    await store.track(refs("a", "b", "c"), now=T0, delete_after_download=False)
+    claims = await store.claim_due(now=T0, limit=10, owner="r1", lease_seconds=LEASE)
+    assert {c.id for c in claims} == {"a", "b", "c"}
+    for c in claims:
+        due = T0 + 5 if c.id == "a" else T0 + 2
+        await store.record_poll(c, now=T0, remote_status=RemoteStatus.QUEUED, attempt=0, due_at=due)
+    assert await store.claim_due(now=T0 + 1, limit=10, owner="r1", lease_seconds=LEASE) == []
+    later = await store.claim_due(now=T0 + 10, limit=10, owner="r1", lease_seconds=LEASE)
+    assert [c.id for c in later][-1] == "a"
+    assert await store.claim_due(now=T0 + 10, limit=10, owner="r2", lease_seconds=LEASE) == []
+
+
+async def test_claim_respects_limit_and_next_due_at(store: Store) -> None:
+    """The limit caps a claim, and next_due_at reports the earliest active due time."""
+    await store.track(refs(*[f"p{i}" for i in range(5)]), now=T0, delete_after_download=False)
+    assert await store.next_due_at() == T0
+    claims = await store.claim_due(now=T0, limit=2, owner="r1", lease_seconds=LEASE)
+    assert len(claims) == 2
+    assert await store.next_due_at() == T0
+    rest = await store.claim_due(now=T0, limit=10, owner="r1", lease_seconds=LEASE)
+    assert len(rest) == 3
+    assert await store.next_due_at() == T0 + LEASE
+
+
+async def test_expired_lease_is_taken_over_and_the_old_claim_is_fenced(store: Store) -> None:
+    """When a lease runs out another owner claims the project, and the first owner's write fails."""
+    await store.track(refs("a"), now=T0, delete_after_download=False)
+    (old,) = await store.claim_due(now=T0, limit=1, owner="r1", lease_seconds=LEASE)
+    (new,) = await store.claim_due(now=T0 + LEASE + 1, limit=1, owner="r2", lease_seconds=LEASE)
+    assert new.version > old.version
+    with pytest.raises(LeaseLost):
+        await store.record_poll(
+            old, now=T0 + 40, remote_status=RemoteStatus.QUEUED, attempt=0, due_at=T0 + 50
+        )
+    with pytest.raises(LeaseLost):
+        await store.record_final(old, now=T0 + 40, state=State.CANCELED)
+    await store.record_final(new, now=T0 + 40, state=State.CANCELED, remote_status=RemoteStatus.CANCELED)
+    p = await store.get("a")
+    assert p is not None
+    assert p.state == State.CANCELED
+    assert not await store.renew(old, now=T0 + 41, lease_seconds=LEASE)
+
+
+async def test_release_leases_makes_work_due_now(store: Store) -> None:
+    """Releasing an owner's leases makes its projects claimable at once."""
+    await store.track(refs("a", "b"), now=T0, delete_after_download=False)
+    await store.claim_due(now=T0, limit=1, owner="r1", lease_seconds=LEASE)
+    await store.claim_due(now=T0, limit=1, owner="r2", lease_seconds=LEASE)
+    assert await store.release_leases(now=T0 + 1, owner="r1") == 1
+    again = await store.claim_due(now=T0 + 1, limit=5, owner="r3", lease_seconds=LEASE)
+    assert len(again) == 1
+
+
+async def test_complete_download_save_and_delete_flow(store: Store) -> None:
+    """Outputs move pending -> verified -> saved, then the project goes to deleting and deleted."""
+    await store.track(refs("p1"), now=T0, delete_after_download=True)
+    (claim,) = await store.claim_due(now=T0, limit=1, owner="r1", lease_seconds=LEASE)
+    rows = await store.record_complete(
+        claim, now=T0 + 1, due_at=T0 + 1 + LEASE, outputs=[new_output(0), new_output(1)]
+    )
+    assert [r.state for r in rows] == [OutputState.PENDING, OutputState.PENDING]
+    p = await store.get("p1")
+    assert p is not None
+    assert p.state == State.DOWNLOADING
+    assert p.terminal_at == T0 + 1
+    await store.record_output_verified(claim, index=0, size=10, sha256="ab" * 32)
+    assert [o.index for o in await store.pending_outputs()] == [0]
+    await store.record_output_saved(claim, index=0, now=T0 + 2)
+    await store.record_output_verified(claim, index=1, size=20, sha256="cd" * 32)
+    await store.record_output_saved(claim, index=1, now=T0 + 3)
+    saved = await store.outputs("p1")
+    assert [(o.state, o.bytes) for o in saved] == [(OutputState.SAVED, 10), (OutputState.SAVED, 20)]
+    assert await store.pending_outputs() == []
+    await store.record_saved(claim, now=T0 + 4, due_at=T0 + 4 + LEASE, delete_next=True)
+    p = await store.get("p1")
+    assert p is not None
+    assert p.state == State.DELETING
+    await store.flush()
+    await store.record_final(claim, now=T0 + 5, state=State.DELETED)
+    p = await store.get("p1")
+    assert p is not None
+    assert p.state == State.DELETED
+    assert p.finished_at == T0 + 5
+    assert await store.next_due_at() is None
+
+
+async def test_refreshed_urls_replace_pending_outputs_only(store: Store) -> None:
+    """A second record_complete refreshes URLs of pending outputs and keeps saved ones as they are."""
+    await store.track(refs("p1"), now=T0, delete_after_download=False)
+    (claim,) = await store.claim_due(now=T0, limit=1, owner="r1", lease_seconds=LEASE)
+    await store.record_complete(claim, now=T0, due_at=T0 + LEASE, outputs=[new_output(0), new_output(1)])
+    await store.record_output_verified(claim, index=0, size=1, sha256="00" * 32)
+    await store.record_output_saved(claim, index=0, now=T0)
+    fresh = [
+        NewOutput(i, f"https://cdn/new/{i}", T0 + 9000, f"image/p1/{i}-other.png") for i in (0, 1)
+    ]
+    rows = await store.record_complete(claim, now=T0 + 1, due_at=T0 + LEASE, outputs=fresh)
+    assert rows[0].url.endswith("/p1/0/out.png")
+    assert rows[0].state == OutputState.SAVED
+    assert rows[1].url == "https://cdn/new/1"
+    assert rows[1].expires_at == T0 + 9000
+    assert rows[1].path == "image/p1/1-out.png"
+
+
+async def test_retry_counts_failures_and_poll_clears_them(store: Store) -> None:
+    """record_retry counts consecutive failures and keeps the cause; a good poll resets both."""
+    await store.track(refs("a"), now=T0, delete_after_download=False)
+    (c,) = await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+    await store.record_retry(c, now=T0, due_at=T0 + 1, failure="HTTP 503")
+    (c,) = await store.claim_due(now=T0 + 1, limit=1, owner="r", lease_seconds=LEASE)
+    await store.record_retry(c, now=T0 + 1, due_at=T0 + 2, failure="HTTP 502")
+    p = await store.get("a")
+    assert p is not None
+    assert (p.failures, p.failure) == (2, "HTTP 502")
+    (c,) = await store.claim_due(now=T0 + 2, limit=1, owner="r", lease_seconds=LEASE)
+    await store.record_poll(c, now=T0 + 2, remote_status=RemoteStatus.RENDERING, attempt=0, due_at=T0 + 3)
+    p = await store.get("a")
+    assert p is not None
+    assert (p.failures, p.failure, p.polls, p.remote_status) == (0, None, 1, RemoteStatus.RENDERING)
+
+
+async def test_list_projects_paginates_by_id(store: Store) -> None:
+    """Pages follow id order with a cursor, filter by state, and end with no cursor."""
+    ids = [f"p{i:03d}" for i in range(25)]
+    await store.track(refs(*ids), now=T0, delete_after_download=False)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await store.list_projects(limit=10, cursor=cursor)
+        seen += [p.id for p in page.projects]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == ids
+    empty = await store.list_projects(state=State.SAVED)
+    assert empty.projects == []
+    assert empty.next_cursor is None
+
+
+async def test_expedite_and_untrack(store: Store) -> None:
+    """expedite makes a waiting project due now; untrack forgets it and its outputs."""
+    await store.track(refs("a"), now=T0, delete_after_download=False)
+    (c,) = await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+    await store.record_poll(c, now=T0, remote_status=RemoteStatus.QUEUED, attempt=0, due_at=T0 + 100)
+    assert await store.expedite("a", now=T0 + 1)
+    assert [x.id for x in await store.claim_due(now=T0 + 1, limit=1, owner="r", lease_seconds=LEASE)] == ["a"]
+    assert not await store.expedite("missing", now=T0)
+    assert await store.untrack("a")
+    assert await store.get("a") is None
+    assert not await store.untrack("a")
+
+
+async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
+    """Everything recorded in a SQLite file is there after closing and opening it again."""
+    path = str(tmp_path / "w.db")
+    async with SQLiteStore(path) as s:
+        await s.track(refs("a", kind=Kind.VIDEO), now=T0, delete_after_download=True)
+        (c,) = await s.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+        await s.record_complete(c, now=T0, due_at=T0 + LEASE, outputs=[new_output(0, "a")])
+        await s.record_output_verified(c, index=0, size=5, sha256="11" * 32)
+    async with SQLiteStore(path) as s:
+        p = await s.get("a")
+        assert p is not None
+        assert (p.kind, p.state, p.delete_after_download) == (Kind.VIDEO, State.DOWNLOADING, True)
+        (o,) = await s.outputs("a")
+        assert (o.state, o.bytes) == (OutputState.VERIFIED, 5)
+
+
+async def test_sqlite_exclusive_lock_refuses_a_second_daemon(tmp_path: Path) -> None:
+    """Two daemons cannot open one SQLite file exclusively; a reader still can."""
+    path = str(tmp_path / "w.db")
+    async with SQLiteStore(path, exclusive=True):
+        with pytest.raises(StoreLocked):
+            await SQLiteStore(path, exclusive=True).open()
+        async with SQLiteStore(path) as reader:
+            await reader.ping()

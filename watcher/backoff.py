@@ -1,0 +1,73 @@
+"""Pure decisions about *when*: the next poll of a project and the next try after a fault.
+
+Nothing here reads the clock or a global random source: callers pass ``rng`` (and ``now`` where
+it matters), so the schedule is testable without sleeping.
+
+Polling uses exponential backoff with full jitter, bounded below by the initial delay: after the
+``attempt``-th poll at the same status, the next delay is drawn uniformly from
+``[base, min(max, base * 2**attempt)]``, where ``base`` is the initial delay scaled by how slow
+the project's kind and status usually are (a queued video waits longer than a rendering image).
+The attempt counter restarts when the status changes, so a project that starts rendering is
+looked at promptly again.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from watcher.models import Kind, RemoteStatus
+
+# How much slower than an image each kind usually renders (the docs suggest polling images every
+# 2-3 s and videos every 5-10 s).
+KIND_FACTOR: dict[Kind, float] = {Kind.IMAGE: 1.0, Kind.AUDIO: 1.5, Kind.VIDEO: 2.5}
+
+# How much longer a project in each status can wait. ``draft`` is documented as not used; a
+# project sitting in it is polled rarely.
+STATUS_FACTOR: dict[RemoteStatus | None, float] = {
+    None: 1.0,
+    RemoteStatus.DRAFT: 4.0,
+    RemoteStatus.QUEUED: 2.0,
+    RemoteStatus.RENDERING: 1.0,
+}
+
+MAX_EXPONENT = 30
+
+
+@dataclass(frozen=True, slots=True)
+class PollPolicy:
+    """Backoff bounds: ``initial`` and ``maximum`` seconds between polls."""
+
+    initial: float
+    maximum: float
+
+    def base(self, kind: Kind, status: RemoteStatus | None) -> float:
+        """The shortest delay for this kind and status."""
+        factor = KIND_FACTOR[kind] * STATUS_FACTOR.get(status, 1.0)
+        return min(self.maximum, self.initial * factor)
+
+    def poll_delay(
+        self, kind: Kind, status: RemoteStatus | None, attempt: int, rng: random.Random
+    ) -> float:
+        """Seconds until the next poll after ``attempt`` polls at ``status`` (0 = first)."""
+        base = self.base(kind, status)
+        ceiling = min(self.maximum, base * 2.0 ** min(max(attempt, 0), MAX_EXPONENT))
+        return rng.uniform(base, ceiling)
+
+    def retry_delay(
+        self, failures: int, rng: random.Random, retry_after: float | None = None
+    ) -> float:
+        """Seconds until the next try after ``failures`` consecutive faults.
+
+        A server's ``Retry-After`` is a floor: we never come back sooner than it asked.
+        """
+        ceiling = min(self.maximum, self.initial * 2.0 ** min(max(failures, 0), MAX_EXPONENT))
+        delay = rng.uniform(min(self.initial, ceiling), ceiling)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return delay
+
+
+def next_attempt(previous: RemoteStatus | None, current: RemoteStatus, attempt: int) -> int:
+    """The attempt counter after a poll: it restarts when the status changed."""
+    return 0 if previous != current else attempt + 1

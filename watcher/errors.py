@@ -1,0 +1,105 @@
+"""The watcher's exceptions: one root, so callers can catch everything the watcher raises.
+
+::
+
+    WatcherError
+    ├── ConfigError                 a setting is missing or invalid
+    ├── InvalidProjectId            a project id or kind that cannot be tracked
+    ├── StoreError                  the database failed (driver errors are wrapped into this)
+    │   └── StoreLocked             another daemon holds this SQLite database
+    ├── ApiError                    the Magic Hour API answered, or failed to
+    │   ├── TransientApiError       worth retrying: 408/429/5xx, network faults, unreadable bodies
+    │   │   └── RateLimited         429: the whole client pauses until ``retry_after``
+    │   ├── Unauthorized            401: the token is bad; polling stops
+    │   ├── PaymentRequired         402: out of credits; polling pauses
+    │   ├── ProjectNotFound         404: the project does not exist (any more)
+    │   └── ApiRejected             any other 4xx: not retried
+    └── DownloadError               an output could not be saved
+        ├── DownloadUrlExpired      403 or past ``expires_at``: fetch fresh URLs and carry on
+        ├── DownloadIncomplete      the body ended early or does not match its length
+        └── DiskFull                no space left: the project is retried later
+
+Messages never contain secrets: the API token is not part of any request we describe.
+"""
+
+from __future__ import annotations
+
+
+class WatcherError(Exception):
+    """Root of every exception the watcher raises on purpose."""
+
+
+class ConfigError(WatcherError):
+    """A setting is missing or invalid."""
+
+
+class InvalidProjectId(WatcherError, ValueError):
+    """A project id or kind that the watcher refuses to track."""
+
+
+class StoreError(WatcherError):
+    """The store (database) failed."""
+
+
+class StoreLocked(StoreError):
+    """Another process already runs a daemon on this SQLite database."""
+
+
+class ApiError(WatcherError):
+    """The Magic Hour API returned an error, or could not be reached."""
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class TransientApiError(ApiError):
+    """A fault worth retrying: 408, 429, 5xx, a network error, a body that is not the API's JSON."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        cause: str = "error",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status_code=status_code)
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+class RateLimited(TransientApiError):
+    """429 Too Many Requests."""
+
+
+class Unauthorized(ApiError):
+    """401: the API token is missing, wrong or revoked."""
+
+
+class PaymentRequired(ApiError):
+    """402: the account cannot pay for requests."""
+
+
+class ProjectNotFound(ApiError):
+    """404: no such project."""
+
+
+class ApiRejected(ApiError):
+    """A 4xx other than 401/402/404/408/429: the request itself is wrong; not retried."""
+
+
+class DownloadError(WatcherError):
+    """An output could not be downloaded and saved."""
+
+
+class DownloadUrlExpired(DownloadError):
+    """The signed URL is stale (403, or past its ``expires_at``)."""
+
+
+class DownloadIncomplete(DownloadError):
+    """The body ended early, or its length does not match ``Content-Length``."""
+
+
+class DiskFull(DownloadError):
+    """No space left on the download volume."""

@@ -1,0 +1,78 @@
+"""Logging: structlog, one JSON object per line on stdout (or console rendering on a TTY).
+
+Every event has a stable name and stable keys (see the README's table). Secrets registered with
+:func:`register_secret` are replaced by ``[REDACTED]`` in every string value before rendering, as a
+last line of defence: the code never puts them in an event in the first place.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_SECRETS: set[str] = set()
+REDACTED = "[REDACTED]"
+MIN_SECRET_LENGTH = 4
+
+
+def register_secret(value: str | None) -> None:
+    """Never let ``value`` reach a log line."""
+    if value and len(value) >= MIN_SECRET_LENGTH:
+        _SECRETS.add(value)
+
+
+def _redact_value(value: Any) -> Any:  # noqa: ANN401 - log values are of any type
+    if isinstance(value, str):
+        for secret in _SECRETS:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_redact_value(v) for v in value)
+    return value
+
+
+def redact_secrets(
+    _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: scrub registered secrets from every value."""
+    if not _SECRETS:
+        return event_dict
+    for key, value in event_dict.items():
+        event_dict[key] = _redact_value(value)
+    return event_dict
+
+
+def configure(level: str = "info", fmt: str | None = None, stream: TextIO | None = None) -> None:
+    """Set up structlog. ``fmt`` is ``json``, ``console``, or ``None`` for "console on a TTY"."""
+    out = stream or sys.stdout
+    console = fmt == "console" or (fmt is None and out.isatty())
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer(colors=out.isatty())
+        if console
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries log through the standard library; keep their chatter (request lines) out.
+    for name in ("httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,186 @@
+"""Project kinds, ids and states, and the project snapshot read from the API.
+
+This module owns the vocabulary every other module speaks. It does no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pydantic
+
+from watcher.errors import InvalidProjectId
+
+# The API's ids are cuids (``cm2x…``); the spec's example is ``cuid-example``. We accept letters,
+# digits, ``-`` and ``_``, starting with a letter or digit, at most 64 characters: enough for any
+# id the API hands out, and never a path separator, a dot or a control character.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+MAX_ID_LENGTH = 64
+
+
+class Kind(enum.StrEnum):
+    """What sort of project an id names; selects the API path."""
+
+    IMAGE = "image"
+    VIDEO = "video"
+    AUDIO = "audio"
+
+    @property
+    def api_path(self) -> str:
+        """The collection path of this kind, e.g. ``/v1/image-projects``."""
+        return f"/v1/{self.value}-projects"
+
+
+class RemoteStatus(enum.StrEnum):
+    """A project's status as the API reports it."""
+
+    DRAFT = "draft"
+    QUEUED = "queued"
+    RENDERING = "rendering"
+    COMPLETE = "complete"
+    ERROR = "error"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the API will never change this status again."""
+        return self in {RemoteStatus.COMPLETE, RemoteStatus.ERROR, RemoteStatus.CANCELED}
+
+
+class State(enum.StrEnum):
+    """The watcher's own state of a tracked project.
+
+    Active: ``polling`` (waiting for a terminal status), ``downloading`` (complete; saving outputs),
+    ``deleting`` (outputs saved; a DELETE is due). Final: ``saved`` (every output on disk),
+    ``deleted`` (saved, then deleted remotely), ``error`` and ``canceled`` (the API's terminal
+    statuses), ``not_found`` (the API has no such project), ``failed`` (outputs could no longer be
+    fetched; the cause is recorded).
+    """
+
+    POLLING = "polling"
+    DOWNLOADING = "downloading"
+    DELETING = "deleting"
+    SAVED = "saved"
+    DELETED = "deleted"
+    ERROR = "error"
+    CANCELED = "canceled"
+    NOT_FOUND = "not_found"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the watcher has finished with this project."""
+        return self not in ACTIVE_STATES
+
+    @property
+    def is_success(self) -> bool:
+        """Whether the project ended with every output saved."""
+        return self in {State.SAVED, State.DELETED}
+
+
+ACTIVE_STATES = frozenset({State.POLLING, State.DOWNLOADING, State.DELETING})
+FINAL_STATES = frozenset(set(State) - ACTIVE_STATES)
+
+
+def validate_project_id(raw: str) -> str:
+    """Return ``raw`` if it is a well-formed project id, else raise :class:`InvalidProjectId`."""
+    if not _ID_RE.fullmatch(raw):
+        shown = raw if len(raw) <= MAX_ID_LENGTH else raw[:MAX_ID_LENGTH] + "…"
+        raise InvalidProjectId(
+            f"invalid project id {shown!r}: expected 1-{MAX_ID_LENGTH} letters, digits, '-' or '_'"
+        )
+    return raw
+
+
+def parse_kind(raw: str) -> Kind:
+    """Parse a kind name, case-insensitively."""
+    try:
+        return Kind(raw.strip().lower())
+    except ValueError:
+        names = ", ".join(k.value for k in Kind)
+        raise InvalidProjectId(f"unknown project kind {raw!r}: expected one of {names}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectRef:
+    """A project to track: its kind and id."""
+
+    kind: Kind
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}:{self.id}"
+
+
+def parse_project_spec(spec: str, default_kind: Kind = Kind.IMAGE) -> ProjectRef:
+    """Parse ``ID`` or ``KIND:ID``."""
+    spec = spec.strip()
+    if ":" in spec:
+        kind_text, _, id_text = spec.partition(":")
+        return ProjectRef(parse_kind(kind_text), validate_project_id(id_text))
+    return ProjectRef(default_kind, validate_project_id(spec))
+
+
+def parse_project_list(text: str, default_kind: Kind = Kind.IMAGE) -> list[ProjectRef]:
+    """Parse a comma- or whitespace-separated list of specs, keeping the first of duplicates.
+
+    Every bad entry is reported at once, so an operator fixes the list in one go.
+    """
+    refs: dict[str, ProjectRef] = {}
+    problems: list[str] = []
+    for token in re.split(r"[,\s]+", text):
+        if not token:
+            continue
+        try:
+            ref = parse_project_spec(token, default_kind)
+        except InvalidProjectId as exc:
+            problems.append(str(exc))
+            continue
+        refs.setdefault(ref.id, ref)
+    if problems:
+        raise InvalidProjectId("; ".join(problems))
+    return list(refs.values())
+
+
+# --- the API's project object ------------------------------------------------------------------
+
+
+class _Lenient(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+
+class DownloadLink(_Lenient):
+    """One output's signed URL."""
+
+    url: str
+    expires_at: datetime
+
+
+class ProjectErrorInfo(_Lenient):
+    """The API's error object on a project whose status is ``error``."""
+
+    code: str
+    message: str
+
+
+class ProjectSnapshot(_Lenient):
+    """What ``GET /v1/{kind}-projects/{id}`` returned.
+
+    Only the fields the watcher acts on are required; deprecated and unknown fields are ignored,
+    so a harmless change in the API does not stop the daemon.
+    """
+
+    id: str
+    status: RemoteStatus
+    enabled: bool = True
+    downloads: list[DownloadLink] = pydantic.Field(default_factory=list)
+    error: ProjectErrorInfo | None = None
+
+    @classmethod
+    def parse(cls, data: Any) -> ProjectSnapshot:  # noqa: ANN401 - JSON of unknown shape
+        """Validate a decoded JSON body; raises ``pydantic.ValidationError``."""
+        return cls.model_validate(data)

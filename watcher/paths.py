@@ -1,0 +1,57 @@
+"""Where an output is saved: ``<kind>/<project id>/<index>-<file name>`` under the download
+directory, and never anywhere else.
+
+The file name comes from the download URL's last path segment (what the official SDK uses), so it
+is untrusted: it is percent-decoded, stripped to a safe alphabet, kept short, and the resolved path
+is checked to lie inside the download directory. Project ids are validated at ``track`` time and
+cannot contain a separator or a dot.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+
+from watcher.errors import InvalidProjectId
+from watcher.models import Kind, validate_project_id
+
+MAX_NAME_LENGTH = 100
+PART_SUFFIX = ".part"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_file_name(url: str, fallback: str = "output") -> str:
+    """A file name derived from ``url`` that is safe on any filesystem."""
+    segment = PurePosixPath(unquote(urlsplit(url).path)).name
+    name = _UNSAFE.sub("_", segment.replace("\x00", "")).lstrip("._-")
+    if not name:
+        return fallback
+    if len(name) > MAX_NAME_LENGTH:
+        stem, dot, ext = name.rpartition(".")
+        ext = ext[:16] if dot and stem else ""
+        name = name[: MAX_NAME_LENGTH - len(ext) - 1] + "." + ext if ext else name[:MAX_NAME_LENGTH]
+    return name
+
+
+def output_relpath(kind: Kind, project_id: str, index: int, url: str) -> str:
+    """The output's path relative to the download directory (always with ``/``)."""
+    validate_project_id(project_id)
+    return f"{kind.value}/{project_id}/{index}-{safe_file_name(url)}"
+
+
+def resolve_inside(root: Path, relpath: str) -> Path:
+    """``root / relpath``, refusing anything that would land outside ``root``."""
+    rel = PurePosixPath(relpath)
+    if rel.is_absolute() or ".." in rel.parts or "\x00" in relpath:
+        raise InvalidProjectId(f"refusing output path outside the download directory: {relpath!r}")
+    base = root.resolve()
+    target = (base / rel).resolve()
+    if not target.is_relative_to(base):
+        raise InvalidProjectId(f"refusing output path outside the download directory: {relpath!r}")
+    return target
+
+
+def part_path(final: Path) -> Path:
+    """The temporary name an output is written under until it is verified."""
+    return final.with_name(final.name + PART_SUFFIX)

@@ -1,0 +1,197 @@
+"""Configuration: every setting comes from a ``WATCHER_*`` environment variable.
+
+:func:`load_settings` turns a bad value into :class:`ConfigError` with one line per bad setting,
+each naming its variable; the CLI prints those lines and exits with status 2. Secrets are
+``SecretStr`` and never printed, not even when their value is what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+import pydantic
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from watcher.errors import ConfigError, InvalidProjectId
+from watcher.models import ProjectRef, parse_project_list
+
+ENV_PREFIX = "WATCHER_"
+SECRET_FIELDS = frozenset({"api_token", "control_token", "webhook_secret", "notify_secret"})
+
+PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
+
+
+def _default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """The watcher's settings; see ``config/watcher.env.example`` for every variable."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="ignore",
+        hide_input_in_errors=True,
+        validate_default=True,
+    )
+
+    api_token: SecretStr | None = None
+    api_token_file: Path | None = None
+    api_base_url: pydantic.HttpUrl = pydantic.HttpUrl("https://api.magichour.ai")
+    projects: str = ""
+    download_dir: Path = Path("./downloads")
+    database_url: str = "sqlite:///./watcher.db"
+    delete_after_download: bool = False
+
+    poll_initial: PositiveSeconds = 2.0
+    poll_max: PositiveSeconds = 60.0
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=256)] = 8
+    max_concurrent_downloads: Annotated[int, Field(ge=1, le=256)] = 4
+    max_requests_per_second: Annotated[float, Field(gt=0, le=10_000)] = 50.0
+    request_timeout: PositiveSeconds = 30.0
+    shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 30.0
+
+    log_format: Literal["json", "console"] | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    http_enabled: bool = True
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int, Field(ge=0, le=65_535)] = 8080
+    control_token: SecretStr | None = None
+
+    replica_id: Annotated[str, Field(min_length=1, max_length=200)] = Field(
+        default_factory=_default_replica_id
+    )
+    lease_seconds: Annotated[float, Field(ge=5, le=3600)] = 60.0
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _empty_format_is_auto(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.lower() or None
+        return value
+
+    @field_validator("projects")
+    @classmethod
+    def _valid_projects(cls, value: str) -> str:
+        try:
+            parse_project_list(value)
+        except InvalidProjectId as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "memory://")):
+            raise ValueError("expected sqlite:///path/to/file.db")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.poll_max < self.poll_initial:
+            raise ValueError(
+                f"WATCHER_POLL_MAX ({self.poll_max:g}) must not be below "
+                f"WATCHER_POLL_INITIAL ({self.poll_initial:g})"
+            )
+        if self.api_token_file is not None:
+            if self.api_token is not None:
+                raise ValueError("set WATCHER_API_TOKEN or WATCHER_API_TOKEN_FILE, not both")
+            self.api_token = _read_secret_file(self.api_token_file, "WATCHER_API_TOKEN_FILE")
+        return self
+
+    @property
+    def project_refs(self) -> list[ProjectRef]:
+        """The projects listed in ``WATCHER_PROJECTS``."""
+        return parse_project_list(self.projects)
+
+    @property
+    def http_is_loopback(self) -> bool:
+        """Whether the control API listens on a loopback address only."""
+        if self.http_host == "localhost":
+            return True
+        try:
+            return ip_address(self.http_host).is_loopback
+        except ValueError:
+            return False
+
+    def require_token(self) -> SecretStr:
+        """The API token, or :class:`ConfigError` if neither variable sets one."""
+        if self.api_token is None or not self.api_token.get_secret_value().strip():
+            raise ConfigError(
+                "WATCHER_API_TOKEN: required to run (or set WATCHER_API_TOKEN_FILE to a file "
+                "holding it)"
+            )
+        return self.api_token
+
+
+def _read_secret_file(path: Path, variable: str) -> SecretStr:
+    try:
+        text = path.read_text("utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{variable}: cannot read {path}: {exc.strerror}") from None
+    if not text:
+        raise ValueError(f"{variable}: {path} is empty")
+    return SecretStr(text)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from ``environ`` (default: the process environment).
+
+    Raises :class:`ConfigError` whose message has one line per bad setting.
+    """
+    env = dict(os.environ if environ is None else environ)
+    try:
+        if environ is None:
+            return Settings()
+        return _settings_from(env)
+    except pydantic.ValidationError as exc:
+        raise ConfigError("\n".join(_describe(err) for err in exc.errors())) from None
+
+
+def _settings_from(env: Mapping[str, str]) -> Settings:
+    """Build settings from an explicit mapping instead of ``os.environ`` (for tests)."""
+    values = {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in env.items()
+        if key.upper().startswith(ENV_PREFIX)
+    }
+    known = {k: v for k, v in values.items() if k in Settings.model_fields}
+    return Settings.model_validate(known)
+
+
+def _describe(error: Mapping[str, object]) -> str:
+    loc = error.get("loc") or ()
+    if not isinstance(loc, tuple):
+        loc = ()
+    message = str(error.get("msg", "invalid"))
+    if message.startswith(("Value error, ", "Assertion failed, ")):
+        message = message.split(", ", 1)[1]
+    if not loc:
+        return message if message.startswith(ENV_PREFIX) else f"settings: {message}"
+    name = f"{ENV_PREFIX}{str(loc[0]).upper()}"
+    value = error.get("input")
+    if str(loc[0]) in SECRET_FIELDS or value is None or isinstance(value, dict):
+        return f"{name}: {message}"
+    shown = str(value)
+    shown = shown if len(shown) <= 80 else shown[:80] + "…"
+    return f"{name}: {message} (got {shown!r})"
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``WATCHER_*`` variables that name no setting: most likely typos."""
+    env = os.environ if environ is None else environ
+    fields = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    return sorted(k for k in env if k.upper().startswith(ENV_PREFIX) and k.upper() not in fields)

@@ -1,0 +1,279 @@
+"""The store interface: everything the watcher must remember across restarts.
+
+A store owns the tracked projects (their state, schedule and lease) and their outputs (URL,
+target path, size, checksum, whether saved). It makes no decisions: the daemon decides, the store
+records. Backends: :mod:`watcher.store.memory` (the fake for tests), :mod:`watcher.store.sqlite`.
+
+Work is handed out by :meth:`Store.claim_due`: it takes the active projects whose ``due_at`` has
+come, in ``due_at`` order, through an index (O(log n) per claimed project, never a scan), and
+leases them to the caller: their ``due_at`` moves to the lease's end and their ``lease_version``
+increases. Every write that ends a piece of work passes the :class:`Claim` back; the store
+refuses it with :class:`LeaseLost` if the lease was taken over since, so a paused worker can
+never overwrite a newer result. A worker that dies simply lets its lease run out: the project is
+due again when it does.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from typing import Self
+
+from watcher.errors import StoreError
+from watcher.models import Kind, ProjectRef, RemoteStatus, State
+
+
+class LeaseLost(StoreError):
+    """The claim is stale: another worker holds this project now."""
+
+
+class OutputState(enum.StrEnum):
+    """Where an output is on its way to disk.
+
+    ``pending``: not yet on disk. ``verified``: fully downloaded to its temporary file, fsynced,
+    length checked, size and sha256 recorded; the rename may or may not have happened.
+    ``saved``: under its final name, fsynced, recorded. Only ``saved`` outputs allow a DELETE.
+    """
+
+    PENDING = "pending"
+    VERIFIED = "verified"
+    SAVED = "saved"
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectRecord:
+    """One tracked project as stored."""
+
+    id: str
+    kind: Kind
+    state: State
+    remote_status: RemoteStatus | None
+    delete_after_download: bool
+    due_at: float
+    attempt: int
+    polls: int
+    tracked_at: float
+    updated_at: float
+    terminal_at: float | None = None
+    finished_at: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    failure: str | None = None
+    failures: int = 0
+    lease_owner: str | None = None
+    lease_version: int = 0
+
+    @property
+    def ref(self) -> ProjectRef:
+        """The project's kind and id."""
+        return ProjectRef(self.kind, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A leased project: the record as claimed, and the lease version that fences writes."""
+
+    project: ProjectRecord
+    version: int
+
+    @property
+    def id(self) -> str:
+        """The claimed project's id."""
+        return self.project.id
+
+
+@dataclass(frozen=True, slots=True)
+class NewOutput:
+    """An output as announced by a ``complete`` snapshot."""
+
+    index: int
+    url: str
+    expires_at: float
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRecord:
+    """One output of a project as stored. ``path`` is relative to the download directory."""
+
+    project_id: str
+    index: int
+    url: str
+    expires_at: float
+    path: str
+    state: OutputState
+    bytes: int | None = None
+    sha256: str | None = None
+    saved_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectPage:
+    """A page of projects and the cursor of the next page (``None`` at the end)."""
+
+    projects: list[ProjectRecord]
+    next_cursor: str | None = None
+
+
+@dataclass(slots=True)
+class TrackResult:
+    """What :meth:`Store.track` did: ids newly tracked and ids that were already there."""
+
+    added: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)
+
+
+class Store(abc.ABC):
+    """Durable state of the watcher. Methods are coroutines; implementations must be safe to
+    call from one event loop concurrently."""
+
+    @property
+    def is_exclusive(self) -> bool:
+        """Whether only this process can be working on the store (so every lease in it is a
+        leftover of ours and can be released at start-up)."""
+        return False
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply migrations. Idempotent."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections. Safe to call twice."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise :class:`StoreError` unless the store answers."""
+
+    # --- tracking -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def track(
+        self, refs: list[ProjectRef], *, now: float, delete_after_download: bool
+    ) -> TrackResult:
+        """Start tracking ``refs`` (due at once); already tracked ids are left as they are."""
+
+    @abc.abstractmethod
+    async def untrack(self, project_id: str) -> bool:
+        """Forget a project and its outputs' records (files stay). True if it was tracked."""
+
+    @abc.abstractmethod
+    async def get(self, project_id: str) -> ProjectRecord | None:
+        """The project, or ``None``."""
+
+    @abc.abstractmethod
+    async def list_projects(
+        self, *, state: State | None = None, limit: int = 100, cursor: str | None = None
+    ) -> ProjectPage:
+        """Projects in id order, ``limit`` at a time, after ``cursor``."""
+
+    @abc.abstractmethod
+    async def count_by_state(self) -> dict[State, int]:
+        """How many projects are in each state."""
+
+    @abc.abstractmethod
+    async def outputs(self, project_id: str) -> list[OutputRecord]:
+        """The project's outputs in index order."""
+
+    # --- scheduling ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim_due(
+        self, *, now: float, limit: int, owner: str, lease_seconds: float
+    ) -> list[Claim]:
+        """Lease up to ``limit`` active projects whose ``due_at <= now``, earliest first."""
+
+    @abc.abstractmethod
+    async def next_due_at(self) -> float | None:
+        """The earliest ``due_at`` of an active project, or ``None`` if none is active."""
+
+    @abc.abstractmethod
+    async def release_leases(self, *, now: float, owner: str | None = None) -> int:
+        """Make leased projects due ``now`` (those of ``owner``, or all). Returns how many."""
+
+    @abc.abstractmethod
+    async def renew(self, claim: Claim, *, now: float, lease_seconds: float) -> bool:
+        """Extend a lease still held under ``claim``. False if it was released or taken over."""
+
+    @abc.abstractmethod
+    async def expedite(self, project_id: str, *, now: float) -> bool:
+        """Make an active project due now (e.g. a webhook said it changed). True if active."""
+
+    # --- writes that end a piece of work (fenced by the claim) -------------------------------
+
+    @abc.abstractmethod
+    async def record_poll(
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        remote_status: RemoteStatus,
+        attempt: int,
+        due_at: float,
+    ) -> None:
+        """A GET saw a non-terminal status; poll again at ``due_at``. Clears past failures."""
+
+    @abc.abstractmethod
+    async def record_retry(
+        self, claim: Claim, *, now: float, due_at: float, failure: str, count_failure: bool = True
+    ) -> None:
+        """A transient fault: keep the state, try again at ``due_at``, remember why."""
+
+    @abc.abstractmethod
+    async def record_complete(
+        self, claim: Claim, *, now: float, due_at: float, outputs: list[NewOutput]
+    ) -> list[OutputRecord]:
+        """The project is complete: store its outputs (refreshing URLs of pending ones, keeping
+        the others) and move it to ``downloading``. The caller keeps the lease (until
+        ``due_at``) and goes on to download. Returns all its outputs."""
+
+    @abc.abstractmethod
+    async def record_output_verified(
+        self, claim: Claim, *, index: int, size: int, sha256: str
+    ) -> None:
+        """The output's temporary file is complete and fsynced; its size and digest are known."""
+
+    @abc.abstractmethod
+    async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
+        """The output is under its final name, fsynced."""
+
+    @abc.abstractmethod
+    async def reset_output(self, project_id: str, index: int) -> None:
+        """Mark an output pending again (its file was found missing or wrong at recovery)."""
+
+    @abc.abstractmethod
+    async def record_saved(
+        self, claim: Claim, *, now: float, due_at: float, delete_next: bool
+    ) -> None:
+        """Every output is saved: finish as ``saved`` (lease released), or move to ``deleting``
+        keeping the lease until ``due_at``."""
+
+    @abc.abstractmethod
+    async def record_final(
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        state: State,
+        remote_status: RemoteStatus | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        failure: str | None = None,
+    ) -> None:
+        """The project ended in a final ``state``."""
+
+    @abc.abstractmethod
+    async def pending_outputs(self) -> list[OutputRecord]:
+        """Outputs recorded ``verified`` but not ``saved``: the ones recovery must look at."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Make every committed write durable against power loss (before a DELETE)."""

@@ -1,0 +1,291 @@
+"""The in-memory store: a fake for unit tests, with the same contract as the real backends.
+
+It keeps everything in dictionaries and scans them to claim work, which is fine for the small
+sets tests use; the real backends claim through an index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from watcher.models import ACTIVE_STATES, Kind, ProjectRef, RemoteStatus, State
+from watcher.store.base import (
+    Claim,
+    LeaseLost,
+    NewOutput,
+    OutputRecord,
+    OutputState,
+    ProjectPage,
+    ProjectRecord,
+    Store,
+    TrackResult,
+)
+
+
+class InMemoryStore(Store):
+    """A :class:`Store` in memory; nothing survives the process."""
+
+    def __init__(self) -> None:
+        self.projects: dict[str, ProjectRecord] = {}
+        self.output_rows: dict[str, dict[int, OutputRecord]] = {}
+        self._lock = asyncio.Lock()
+        self.opened = False
+
+    @property
+    def is_exclusive(self) -> bool:
+        return True
+
+    async def open(self) -> None:
+        self.opened = True
+
+    async def close(self) -> None:
+        self.opened = False
+
+    async def ping(self) -> None:
+        return None
+
+    async def track(
+        self, refs: list[ProjectRef], *, now: float, delete_after_download: bool
+    ) -> TrackResult:
+        result = TrackResult()
+        for ref in refs:
+            if ref.id in self.projects:
+                result.existing.append(ref.id)
+                continue
+            self.projects[ref.id] = ProjectRecord(
+                id=ref.id,
+                kind=ref.kind,
+                state=State.POLLING,
+                remote_status=None,
+                delete_after_download=delete_after_download,
+                due_at=now,
+                attempt=0,
+                polls=0,
+                tracked_at=now,
+                updated_at=now,
+            )
+            result.added.append(ref.id)
+        return result
+
+    async def untrack(self, project_id: str) -> bool:
+        self.output_rows.pop(project_id, None)
+        return self.projects.pop(project_id, None) is not None
+
+    async def get(self, project_id: str) -> ProjectRecord | None:
+        return self.projects.get(project_id)
+
+    async def list_projects(
+        self, *, state: State | None = None, limit: int = 100, cursor: str | None = None
+    ) -> ProjectPage:
+        ids = sorted(
+            pid
+            for pid, p in self.projects.items()
+            if (state is None or p.state == state) and (cursor is None or pid > cursor)
+        )
+        page = [self.projects[pid] for pid in ids[:limit]]
+        more = len(ids) > limit
+        return ProjectPage(page, page[-1].id if more and page else None)
+
+    async def count_by_state(self) -> dict[State, int]:
+        counts: dict[State, int] = {}
+        for p in self.projects.values():
+            counts[p.state] = counts.get(p.state, 0) + 1
+        return counts
+
+    async def outputs(self, project_id: str) -> list[OutputRecord]:
+        rows = self.output_rows.get(project_id, {})
+        return [rows[i] for i in sorted(rows)]
+
+    async def claim_due(
+        self, *, now: float, limit: int, owner: str, lease_seconds: float
+    ) -> list[Claim]:
+        async with self._lock:
+            due = sorted(
+                (p for p in self.projects.values() if p.state in ACTIVE_STATES and p.due_at <= now),
+                key=lambda p: (p.due_at, p.id),
+            )[:limit]
+            claims = []
+            for p in due:
+                leased = dataclasses.replace(
+                    p,
+                    due_at=now + lease_seconds,
+                    lease_owner=owner,
+                    lease_version=p.lease_version + 1,
+                )
+                self.projects[p.id] = leased
+                claims.append(Claim(leased, leased.lease_version))
+            return claims
+
+    async def next_due_at(self) -> float | None:
+        dues = [p.due_at for p in self.projects.values() if p.state in ACTIVE_STATES]
+        return min(dues, default=None)
+
+    async def release_leases(self, *, now: float, owner: str | None = None) -> int:
+        released = 0
+        for pid, p in list(self.projects.items()):
+            if p.lease_owner is not None and (owner is None or p.lease_owner == owner):
+                self.projects[pid] = dataclasses.replace(
+                    p, lease_owner=None, due_at=min(p.due_at, now)
+                )
+                released += 1
+        return released
+
+    async def renew(self, claim: Claim, *, now: float, lease_seconds: float) -> bool:
+        p = self.projects.get(claim.id)
+        if p is None or p.lease_version != claim.version or p.lease_owner is None:
+            return False
+        self.projects[p.id] = dataclasses.replace(p, due_at=now + lease_seconds)
+        return True
+
+    async def expedite(self, project_id: str, *, now: float) -> bool:
+        p = self.projects.get(project_id)
+        if p is None or p.state not in ACTIVE_STATES:
+            return False
+        if p.lease_owner is None:
+            self.projects[project_id] = dataclasses.replace(p, due_at=min(p.due_at, now))
+        return True
+
+    def _fenced(self, claim: Claim) -> ProjectRecord:
+        p = self.projects.get(claim.id)
+        if p is None or p.lease_version != claim.version:
+            raise LeaseLost(f"lease on project {claim.id} was lost")
+        return p
+
+    def _update(self, claim: Claim, now: float, **changes: object) -> None:
+        p = self._fenced(claim)
+        self.projects[p.id] = dataclasses.replace(p, updated_at=now, **changes)  # type: ignore[arg-type]
+
+    async def record_poll(
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        remote_status: RemoteStatus,
+        attempt: int,
+        due_at: float,
+    ) -> None:
+        p = self._fenced(claim)
+        self._update(
+            claim,
+            now,
+            remote_status=remote_status,
+            attempt=attempt,
+            due_at=due_at,
+            polls=p.polls + 1,
+            lease_owner=None,
+            failures=0,
+            failure=None,
+        )
+
+    async def record_retry(
+        self, claim: Claim, *, now: float, due_at: float, failure: str, count_failure: bool = True
+    ) -> None:
+        p = self._fenced(claim)
+        self._update(
+            claim,
+            now,
+            due_at=due_at,
+            failure=failure,
+            failures=p.failures + (1 if count_failure else 0),
+            lease_owner=None,
+        )
+
+    async def record_complete(
+        self, claim: Claim, *, now: float, due_at: float, outputs: list[NewOutput]
+    ) -> list[OutputRecord]:
+        p = self._fenced(claim)
+        rows = self.output_rows.setdefault(p.id, {})
+        for new in outputs:
+            old = rows.get(new.index)
+            if old is not None and old.state != OutputState.PENDING:
+                continue
+            rows[new.index] = OutputRecord(
+                project_id=p.id,
+                index=new.index,
+                url=new.url,
+                expires_at=new.expires_at,
+                path=old.path if old is not None else new.path,
+                state=OutputState.PENDING,
+            )
+        self._update(
+            claim,
+            now,
+            state=State.DOWNLOADING,
+            remote_status=RemoteStatus.COMPLETE,
+            polls=p.polls + 1,
+            terminal_at=p.terminal_at if p.terminal_at is not None else now,
+            due_at=due_at,
+        )
+        return await self.outputs(p.id)
+
+    async def record_output_verified(
+        self, claim: Claim, *, index: int, size: int, sha256: str
+    ) -> None:
+        self._fenced(claim)
+        row = self.output_rows[claim.id][index]
+        self.output_rows[claim.id][index] = dataclasses.replace(
+            row, state=OutputState.VERIFIED, bytes=size, sha256=sha256
+        )
+
+    async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
+        self._fenced(claim)
+        row = self.output_rows[claim.id][index]
+        self.output_rows[claim.id][index] = dataclasses.replace(
+            row, state=OutputState.SAVED, saved_at=now
+        )
+
+    async def reset_output(self, project_id: str, index: int) -> None:
+        row = self.output_rows[project_id][index]
+        self.output_rows[project_id][index] = dataclasses.replace(
+            row, state=OutputState.PENDING, bytes=None, sha256=None, saved_at=None
+        )
+
+    async def record_saved(
+        self, claim: Claim, *, now: float, due_at: float, delete_next: bool
+    ) -> None:
+        if delete_next:
+            self._update(claim, now, state=State.DELETING, due_at=due_at)
+        else:
+            self._update(claim, now, state=State.SAVED, finished_at=now, lease_owner=None)
+
+    async def record_final(
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        state: State,
+        remote_status: RemoteStatus | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        failure: str | None = None,
+    ) -> None:
+        p = self._fenced(claim)
+        terminal = remote_status is not None and remote_status.is_terminal
+        self._update(
+            claim,
+            now,
+            state=state,
+            remote_status=remote_status or p.remote_status,
+            error_code=error_code,
+            error_message=error_message,
+            failure=failure or p.failure if state == State.FAILED else failure,
+            finished_at=now,
+            terminal_at=p.terminal_at or (now if terminal else None),
+            polls=p.polls + (1 if remote_status is not None else 0),
+            lease_owner=None,
+        )
+
+    async def pending_outputs(self) -> list[OutputRecord]:
+        return [
+            row
+            for rows in self.output_rows.values()
+            for row in rows.values()
+            if row.state == OutputState.VERIFIED
+        ]
+
+    async def flush(self) -> None:
+        return None
+
+
+__all__ = ["InMemoryStore", "Kind"]

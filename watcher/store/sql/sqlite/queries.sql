@@ -1,0 +1,116 @@
+-- Named queries of the SQLite store. Parameters are named (:name).
+
+-- name: insert_project
+INSERT INTO projects (id, kind, state, delete_after_download, due_at, tracked_at, updated_at)
+VALUES (:id, :kind, 'polling', :delete_after_download, :now, :now, :now)
+ON CONFLICT (id) DO NOTHING
+
+-- name: delete_project
+DELETE FROM projects WHERE id = :id
+
+-- name: get_project
+SELECT * FROM projects WHERE id = :id
+
+-- name: list_projects
+SELECT * FROM projects
+WHERE (:state IS NULL OR state = :state) AND (:cursor IS NULL OR id > :cursor)
+ORDER BY id
+LIMIT :limit
+
+-- name: count_by_state
+SELECT state, count(*) AS n FROM projects GROUP BY state
+
+-- name: select_due
+SELECT * FROM projects
+WHERE state IN ('polling', 'downloading', 'deleting') AND due_at <= :now
+ORDER BY due_at
+LIMIT :limit
+
+-- name: lease_project
+UPDATE projects
+SET due_at = :until, lease_owner = :owner, lease_version = lease_version + 1
+WHERE id = :id
+
+-- name: next_due_at
+SELECT min(due_at) AS due_at FROM projects
+WHERE state IN ('polling', 'downloading', 'deleting')
+
+-- name: release_leases
+UPDATE projects
+SET lease_owner = NULL, due_at = min(due_at, :now)
+WHERE lease_owner IS NOT NULL AND (:owner IS NULL OR lease_owner = :owner)
+  AND state IN ('polling', 'downloading', 'deleting')
+
+-- name: renew
+UPDATE projects SET due_at = :until
+WHERE id = :id AND lease_version = :version AND lease_owner IS NOT NULL
+
+-- name: expedite
+UPDATE projects SET due_at = min(due_at, :now)
+WHERE id = :id AND state IN ('polling', 'downloading', 'deleting') AND lease_owner IS NULL
+
+-- name: is_active
+SELECT 1 FROM projects WHERE id = :id AND state IN ('polling', 'downloading', 'deleting')
+
+-- name: record_poll
+UPDATE projects
+SET remote_status = :remote_status, attempt = :attempt, due_at = :due_at,
+    polls = polls + 1, updated_at = :now, lease_owner = NULL, failures = 0, failure = NULL
+WHERE id = :id AND lease_version = :version
+
+-- name: record_retry
+UPDATE projects
+SET due_at = :due_at, failure = :failure, failures = failures + :count,
+    updated_at = :now, lease_owner = NULL
+WHERE id = :id AND lease_version = :version
+
+-- name: record_complete
+UPDATE projects
+SET state = 'downloading', remote_status = 'complete', polls = polls + 1,
+    terminal_at = coalesce(terminal_at, :now), due_at = :due_at, updated_at = :now
+WHERE id = :id AND lease_version = :version
+
+-- name: upsert_output
+INSERT INTO outputs (project_id, idx, url, expires_at, path, state)
+VALUES (:project_id, :idx, :url, :expires_at, :path, 'pending')
+ON CONFLICT (project_id, idx) DO UPDATE
+SET url = excluded.url, expires_at = excluded.expires_at
+WHERE outputs.state = 'pending'
+
+-- name: outputs
+SELECT * FROM outputs WHERE project_id = :project_id ORDER BY idx
+
+-- name: output_verified
+UPDATE outputs SET state = 'verified', bytes = :bytes, sha256 = :sha256
+WHERE project_id = :project_id AND idx = :idx
+
+-- name: output_saved
+UPDATE outputs SET state = 'saved', saved_at = :now
+WHERE project_id = :project_id AND idx = :idx
+
+-- name: reset_output
+UPDATE outputs SET state = 'pending', bytes = NULL, sha256 = NULL, saved_at = NULL
+WHERE project_id = :project_id AND idx = :idx
+
+-- name: check_lease
+SELECT 1 FROM projects WHERE id = :id AND lease_version = :version
+
+-- name: record_saved
+UPDATE projects
+SET state = :state, due_at = :due_at, updated_at = :now,
+    lease_owner = CASE WHEN :state = 'saved' THEN NULL ELSE lease_owner END,
+    finished_at = CASE WHEN :state = 'saved' THEN :now ELSE finished_at END
+WHERE id = :id AND lease_version = :version
+
+-- name: record_final
+UPDATE projects
+SET state = :state, remote_status = coalesce(:remote_status, remote_status),
+    error_code = :error_code, error_message = :error_message,
+    failure = CASE WHEN :state = 'failed' THEN coalesce(:failure, failure) ELSE :failure END,
+    finished_at = :now, updated_at = :now, lease_owner = NULL,
+    terminal_at = CASE WHEN :terminal THEN coalesce(terminal_at, :now) ELSE terminal_at END,
+    polls = polls + :polled
+WHERE id = :id AND lease_version = :version
+
+-- name: pending_outputs
+SELECT * FROM outputs WHERE state = 'verified' ORDER BY project_id, idx

@@ -1,0 +1,434 @@
+"""The SQLite store: the embedded default, for one daemon process.
+
+All statements run on one dedicated thread with one connection, so the event loop never waits on
+the disk. The database is in WAL mode with ``synchronous=NORMAL``: a commit survives the process
+being killed (``kill -9``) at any instant; :meth:`SQLiteStore.flush` checkpoints the WAL, which
+fsyncs it, so what was committed also survives power loss. The daemon flushes before every
+DELETE it sends.
+
+A daemon opens the store with ``exclusive=True``: it takes an ``flock`` on ``<db>.lock``, so two
+daemons can never share one SQLite file (run PostgreSQL for several replicas). Other processes
+(``watcher track``, ``watcher status``) open it without the lock; WAL lets them read and insert
+while the daemon runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from watcher.errors import StoreError, StoreLocked
+from watcher.models import Kind, ProjectRef, RemoteStatus, State
+from watcher.store.base import (
+    Claim,
+    LeaseLost,
+    NewOutput,
+    OutputRecord,
+    OutputState,
+    ProjectPage,
+    ProjectRecord,
+    Store,
+    TrackResult,
+)
+from watcher.store.sql import load_migrations, load_queries
+
+T = TypeVar("T")
+
+_Q = load_queries("sqlite")
+_BUSY_TIMEOUT_MS = 10_000
+
+
+def _project(row: sqlite3.Row) -> ProjectRecord:
+    return ProjectRecord(
+        id=row["id"],
+        kind=Kind(row["kind"]),
+        state=State(row["state"]),
+        remote_status=RemoteStatus(row["remote_status"]) if row["remote_status"] else None,
+        delete_after_download=bool(row["delete_after_download"]),
+        due_at=row["due_at"],
+        attempt=row["attempt"],
+        polls=row["polls"],
+        tracked_at=row["tracked_at"],
+        updated_at=row["updated_at"],
+        terminal_at=row["terminal_at"],
+        finished_at=row["finished_at"],
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        failure=row["failure"],
+        failures=row["failures"],
+        lease_owner=row["lease_owner"],
+        lease_version=row["lease_version"],
+    )
+
+
+def _output(row: sqlite3.Row) -> OutputRecord:
+    return OutputRecord(
+        project_id=row["project_id"],
+        index=row["idx"],
+        url=row["url"],
+        expires_at=row["expires_at"],
+        path=row["path"],
+        state=OutputState(row["state"]),
+        bytes=row["bytes"],
+        sha256=row["sha256"],
+        saved_at=row["saved_at"],
+    )
+
+
+class SQLiteStore(Store):
+    """A :class:`Store` in one SQLite file (or ``:memory:``)."""
+
+    def __init__(self, path: str, *, exclusive: bool = False) -> None:
+        self.path = path
+        self.exclusive = exclusive
+        self._conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    @property
+    def is_exclusive(self) -> bool:
+        return self.exclusive
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        try:
+            await self._run(self._open_sync)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            raise
+
+    def _open_sync(self) -> None:
+        memory = self.path == ":memory:"
+        if not memory:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            if self.exclusive:
+                self._take_lock()
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        if not memory:
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._conn = conn
+        self._migrate(conn)
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLocked(
+                f"another watcher daemon is using {self.path}; SQLite serves one daemon "
+                "(use PostgreSQL for several replicas)"
+            ) from None
+        self._lock_fd = fd
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        with _transaction(conn):
+            (current,) = conn.execute("PRAGMA user_version").fetchone()
+            for version, sql in load_migrations("sqlite"):
+                if version > current:
+                    for statement in _split_statements(sql):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {version:d}")
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
+        executor.shutdown(wait=True)
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:  # noqa: ANN401
+        if self._executor is None:
+            raise StoreError("the store is not open")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite error on {self.path}: {exc}") from exc
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("the store is not open")
+        return self._conn
+
+    def _all(self, query: str, **params: object) -> list[sqlite3.Row]:
+        return self._db.execute(_Q[query], params).fetchall()
+
+    def _one(self, query: str, **params: object) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._db.execute(_Q[query], params).fetchone()
+        return row
+
+    def _fenced_write(self, query: str, claim: Claim, **params: object) -> None:
+        cursor = self._db.execute(_Q[query], {"id": claim.id, "version": claim.version, **params})
+        if cursor.rowcount != 1:
+            raise LeaseLost(f"lease on project {claim.id} was lost")
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._db.execute("SELECT 1").fetchone())
+
+    # --- tracking -------------------------------------------------------------------------------
+
+    async def track(
+        self, refs: list[ProjectRef], *, now: float, delete_after_download: bool
+    ) -> TrackResult:
+        def work() -> TrackResult:
+            result = TrackResult()
+            with _transaction(self._db):
+                for ref in refs:
+                    cursor = self._db.execute(
+                        _Q["insert_project"],
+                        {
+                            "id": ref.id,
+                            "kind": ref.kind.value,
+                            "delete_after_download": int(delete_after_download),
+                            "now": now,
+                        },
+                    )
+                    (result.added if cursor.rowcount == 1 else result.existing).append(ref.id)
+            return result
+
+        return await self._run(work)
+
+    async def untrack(self, project_id: str) -> bool:
+        def work() -> bool:
+            with _transaction(self._db):
+                return self._db.execute(_Q["delete_project"], {"id": project_id}).rowcount == 1
+
+        return await self._run(work)
+
+    async def get(self, project_id: str) -> ProjectRecord | None:
+        row = await self._run(lambda: self._one("get_project", id=project_id))
+        return _project(row) if row is not None else None
+
+    async def list_projects(
+        self, *, state: State | None = None, limit: int = 100, cursor: str | None = None
+    ) -> ProjectPage:
+        rows = await self._run(
+            lambda: self._all(
+                "list_projects",
+                state=state.value if state else None,
+                cursor=cursor,
+                limit=limit + 1,
+            )
+        )
+        projects = [_project(r) for r in rows[:limit]]
+        return ProjectPage(projects, projects[-1].id if len(rows) > limit else None)
+
+    async def count_by_state(self) -> dict[State, int]:
+        rows = await self._run(lambda: self._all("count_by_state"))
+        return {State(r["state"]): r["n"] for r in rows}
+
+    async def outputs(self, project_id: str) -> list[OutputRecord]:
+        rows = await self._run(lambda: self._all("outputs", project_id=project_id))
+        return [_output(r) for r in rows]
+
+    # --- scheduling -----------------------------------------------------------------------------
+
+    async def claim_due(
+        self, *, now: float, limit: int, owner: str, lease_seconds: float
+    ) -> list[Claim]:
+        def work() -> list[Claim]:
+            claims = []
+            with _transaction(self._db):
+                for row in self._all("select_due", now=now, limit=limit):
+                    self._db.execute(
+                        _Q["lease_project"],
+                        {"id": row["id"], "until": now + lease_seconds, "owner": owner},
+                    )
+                    record = _project(row)
+                    version = record.lease_version + 1
+                    claims.append(Claim(record, version))
+            return claims
+
+        return await self._run(work)
+
+    async def next_due_at(self) -> float | None:
+        row = await self._run(lambda: self._one("next_due_at"))
+        return None if row is None else row["due_at"]
+
+    async def release_leases(self, *, now: float, owner: str | None = None) -> int:
+        def work() -> int:
+            with _transaction(self._db):
+                return self._db.execute(_Q["release_leases"], {"now": now, "owner": owner}).rowcount
+
+        return await self._run(work)
+
+    async def renew(self, claim: Claim, *, now: float, lease_seconds: float) -> bool:
+        def work() -> bool:
+            with _transaction(self._db):
+                params = {"id": claim.id, "version": claim.version, "until": now + lease_seconds}
+                return self._db.execute(_Q["renew"], params).rowcount == 1
+
+        return await self._run(work)
+
+    async def expedite(self, project_id: str, *, now: float) -> bool:
+        def work() -> bool:
+            with _transaction(self._db):
+                self._db.execute(_Q["expedite"], {"id": project_id, "now": now})
+                return self._one("is_active", id=project_id) is not None
+
+        return await self._run(work)
+
+    # --- fenced writes --------------------------------------------------------------------------
+
+    async def _write(self, query: str, claim: Claim, **params: object) -> None:
+        def work() -> None:
+            with _transaction(self._db):
+                self._fenced_write(query, claim, **params)
+
+        await self._run(work)
+
+    async def record_poll(
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        remote_status: RemoteStatus,
+        attempt: int,
+        due_at: float,
+    ) -> None:
+        await self._write(
+            "record_poll",
+            claim,
+            now=now,
+            remote_status=remote_status.value,
+            attempt=attempt,
+            due_at=due_at,
+        )
+
+    async def record_retry(
+        self, claim: Claim, *, now: float, due_at: float, failure: str, count_failure: bool = True
+    ) -> None:
+        await self._write(
+            "record_retry", claim, now=now, due_at=due_at, failure=failure, count=int(count_failure)
+        )
+
+    async def record_complete(
+        self, claim: Claim, *, now: float, due_at: float, outputs: list[NewOutput]
+    ) -> list[OutputRecord]:
+        def work() -> list[OutputRecord]:
+            with _transaction(self._db):
+                self._fenced_write("record_complete", claim, now=now, due_at=due_at)
+                for new in outputs:
+                    self._db.execute(
+                        _Q["upsert_output"],
+                        {
+                            "project_id": claim.id,
+                            "idx": new.index,
+                            "url": new.url,
+                            "expires_at": new.expires_at,
+                            "path": new.path,
+                        },
+                    )
+                return [_output(r) for r in self._all("outputs", project_id=claim.id)]
+
+        return await self._run(work)
+
+    def _output_write(self, query: str, claim: Claim, **params: object) -> None:
+        with _transaction(self._db):
+            if self._one("check_lease", id=claim.id, version=claim.version) is None:
+                raise LeaseLost(f"lease on project {claim.id} was lost")
+            self._db.execute(_Q[query], {"project_id": claim.id, **params})
+
+    async def record_output_verified(
+        self, claim: Claim, *, index: int, size: int, sha256: str
+    ) -> None:
+        await self._run(
+            lambda: self._output_write(
+                "output_verified", claim, idx=index, bytes=size, sha256=sha256
+            )
+        )
+
+    async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
+        await self._run(lambda: self._output_write("output_saved", claim, idx=index, now=now))
+
+    async def reset_output(self, project_id: str, index: int) -> None:
+        def work() -> None:
+            with _transaction(self._db):
+                self._db.execute(_Q["reset_output"], {"project_id": project_id, "idx": index})
+
+        await self._run(work)
+
+    async def record_saved(
+        self, claim: Claim, *, now: float, due_at: float, delete_next: bool
+    ) -> None:
+        state = State.DELETING if delete_next else State.SAVED
+        await self._write("record_saved", claim, now=now, due_at=due_at, state=state.value)
+
+    async def record_final(
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        state: State,
+        remote_status: RemoteStatus | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        failure: str | None = None,
+    ) -> None:
+        await self._write(
+            "record_final",
+            claim,
+            now=now,
+            state=state.value,
+            remote_status=remote_status.value if remote_status else None,
+            error_code=error_code,
+            error_message=error_message,
+            failure=failure,
+            terminal=int(remote_status is not None and remote_status.is_terminal),
+            polled=int(remote_status is not None),
+        )
+
+    async def pending_outputs(self) -> list[OutputRecord]:
+        rows = await self._run(lambda: self._all("pending_outputs"))
+        return [_output(r) for r in rows]
+
+    async def flush(self) -> None:
+        if self.path != ":memory:":
+            await self._run(lambda: self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _split_statements(sql: str) -> list[str]:
+    """Split a migration into statements (they contain no ``;`` inside literals)."""
+    return [s.strip() for s in sql.split(";") if s.strip()]

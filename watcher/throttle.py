@@ -1,0 +1,94 @@
+"""The client-wide brake on API calls: a request-rate budget, a concurrency cap, and the pause
+after a 429.
+
+A 429 slows the whole client, not only the project that got it: every call waits until the
+server's ``Retry-After`` has passed, and afterwards the rate climbs back from a tenth of the
+budget to all of it over ``ramp_seconds``, so a fleet of waiting polls does not stampede the API
+the moment the pause ends.
+
+The clock and the sleep are injected, so the arithmetic is testable without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from watcher import clock
+
+RESUME_FRACTION = 0.1
+
+
+class Throttle:
+    """Admits API calls at no more than ``rate`` per second (bursts of up to one second's worth)
+    and ``concurrency`` at once."""
+
+    def __init__(
+        self,
+        *,
+        rate: float,
+        concurrency: int,
+        ramp_seconds: float = 10.0,
+        now: Callable[[], float] = clock.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.rate = rate
+        self.ramp_seconds = ramp_seconds
+        self._now = now
+        self._sleep = sleep
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._lock = asyncio.Lock()
+        self._capacity = max(1.0, rate)  # one second of budget may be spent at once
+        self._tokens = self._capacity
+        self._stamp = now()
+        self._paused_until = 0.0
+        self.pauses = 0
+
+    def current_rate(self, at: float) -> float:
+        """The admitted rate at monotonic time ``at``, lowered while recovering from a pause."""
+        if at < self._paused_until:
+            return 0.0
+        since = at - self._paused_until
+        if self.pauses == 0 or since >= self.ramp_seconds:
+            return self.rate
+        fraction = RESUME_FRACTION + (1 - RESUME_FRACTION) * since / self.ramp_seconds
+        return self.rate * fraction
+
+    def pause(self, seconds: float) -> bool:
+        """Stop admitting calls for ``seconds`` (a 429's hint). True if this extended the pause."""
+        until = self._now() + max(seconds, 0.0)
+        if until <= self._paused_until:
+            return False
+        self._paused_until = until
+        self._tokens = 0.0
+        self.pauses += 1
+        return True
+
+    @property
+    def paused_for(self) -> float:
+        """Seconds left in the current pause (0 if none)."""
+        return max(0.0, self._paused_until - self._now())
+
+    async def _take_token(self) -> None:
+        async with self._lock:
+            while True:
+                at = self._now()
+                if at < self._paused_until:
+                    await self._sleep(self._paused_until - at)
+                    self._stamp = self._paused_until
+                    continue
+                rate = self.current_rate(at)
+                self._tokens = min(self._capacity, self._tokens + (at - self._stamp) * rate)
+                self._stamp = at
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return
+                await self._sleep((1.0 - self._tokens) / rate)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait for the rate budget and a concurrency slot, and hold the slot for one call."""
+        async with self._semaphore:
+            await self._take_token()
+            yield
