@@ -23,6 +23,9 @@ from watcher.models import ProjectRef, parse_project_list
 
 ENV_PREFIX = "WATCHER_"
 SECRET_FIELDS = frozenset({"api_token", "control_token", "webhook_secret", "notify_secret"})
+# Settings whose value an error message never repeats: the secrets, and the database URL (a
+# ``postgresql://user:password@host`` given by mistake would otherwise be printed back).
+UNECHOED_FIELDS = SECRET_FIELDS | {"database_url"}
 
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
 
@@ -65,6 +68,7 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, Field(ge=0, le=65_535)] = 8080
     control_token: SecretStr | None = None
+    control_token_file: Path | None = None
 
     replica_id: Annotated[str, Field(min_length=1, max_length=200)] = Field(
         default_factory=_default_replica_id
@@ -106,11 +110,24 @@ class Settings(BaseSettings):
                 f"WATCHER_POLL_MAX ({self.poll_max:g}) must not be below "
                 f"WATCHER_POLL_INITIAL ({self.poll_initial:g})"
             )
-        if self.api_token_file is not None:
-            if self.api_token is not None:
-                raise ValueError("set WATCHER_API_TOKEN or WATCHER_API_TOKEN_FILE, not both")
-            self.api_token = _read_secret_file(self.api_token_file, "WATCHER_API_TOKEN_FILE")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: object) -> object:
+        """``WATCHER_<NAME>_FILE`` names a file holding the secret (container secrets)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in ("api_token", "control_token"):
+            path = data.get(f"{name}_file")
+            if path in (None, ""):
+                continue
+            if data.get(name) not in (None, ""):
+                variable = f"{ENV_PREFIX}{name.upper()}"
+                raise ValueError(f"set {variable} or {variable}_FILE, not both")
+            data[name] = _read_secret_file(Path(str(path)), f"{ENV_PREFIX}{name.upper()}_FILE")
+        return data
 
     @property
     def project_refs(self) -> list[ProjectRef]:
@@ -183,7 +200,7 @@ def _describe(error: Mapping[str, object]) -> str:
         return message if message.startswith(ENV_PREFIX) else f"settings: {message}"
     name = f"{ENV_PREFIX}{str(loc[0]).upper()}"
     value = error.get("input")
-    if str(loc[0]) in SECRET_FIELDS or value is None or isinstance(value, dict):
+    if str(loc[0]) in UNECHOED_FIELDS or value is None or isinstance(value, dict):
         return f"{name}: {message}"
     shown = str(value)
     shown = shown if len(shown) <= 80 else shown[:80] + "…"

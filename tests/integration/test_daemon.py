@@ -1,0 +1,185 @@
+"""The daemon end to end, in-process, against the real simulator over HTTP and real SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.support import watcher_settings
+from watcher.daemon import Daemon, Outcome
+from watcher.models import Kind, RemoteStatus, State
+from watcher.simulator.config import SimConfig
+from watcher.simulator.server import SimulatorServer
+from watcher.simulator.state import Simulator
+from watcher.simulator.timeline import ProjectOverrides
+from watcher.store import OutputState, SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+Serve = Callable[..., SimulatorServer]
+
+EXPECTED_WITH_DELETE = {
+    RemoteStatus.COMPLETE: State.DELETED,
+    RemoteStatus.ERROR: State.ERROR,
+    RemoteStatus.CANCELED: State.CANCELED,
+}
+
+
+def create_mixed(sim: Simulator, images: int, videos: int, audios: int) -> list[str]:
+    """Create projects of every kind; return ``kind:id`` specs."""
+    specs = []
+    for kind, count in ((Kind.IMAGE, images), (Kind.VIDEO, videos), (Kind.AUDIO, audios)):
+        specs += [f"{kind.value}:{pid}" for pid in sim.create_projects(kind, count)]
+    return specs
+
+
+async def run_daemon(daemon: Daemon, limit: float = 45) -> Outcome:
+    return await asyncio.wait_for(daemon.run(), limit)
+
+
+def assert_outputs_match(sim: Simulator, root: Path, project_id: str, kind: str) -> int:
+    """Every output of the project is on disk, byte-identical; returns how many."""
+    truth = sim.truth(project_id)
+    for out in truth.outputs:
+        folder = root / "downloads" / kind / project_id
+        (path,) = folder.glob(f"{out.index}-*")
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == out.sha256
+        assert path.stat().st_size == out.size
+    return len(truth.outputs)
+
+
+def assert_delete_after_downloads(sim: Simulator) -> None:
+    """No DELETE reached the simulator before every output of that project was fully served."""
+    done: dict[str, set[int]] = {}
+    for event in sim.events():
+        if event.what == "download" and event.completed:
+            assert event.project_id is not None
+            assert event.index is not None
+            done.setdefault(event.project_id, set()).add(event.index)
+        if event.what == "delete" and event.status_code == 204:
+            assert event.project_id is not None
+            wanted = {o.index for o in sim.truth(event.project_id).outputs}
+            assert done.get(event.project_id, set()) >= wanted, event
+
+
+async def test_two_hundred_projects_end_in_the_right_states(serve: Serve, tmp_path: Path) -> None:
+    """200 mixed projects end as the simulator decided, with every output saved byte for byte."""
+    server = serve()
+    sim = server.simulator
+    specs = create_mixed(sim, 120, 40, 40)
+    settings = watcher_settings(
+        server, tmp_path, projects=" ".join(specs), delete_after_download="true"
+    )
+    store = SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True)
+    with capture_logs() as logs:
+        outcome = await run_daemon(Daemon(settings, store, until_done=True))
+
+    async with SQLiteStore(str(tmp_path / "watcher.db")) as reader:
+        page = await reader.list_projects(limit=1000)
+        assert len(page.projects) == 200
+        saved_outputs = 0
+        for p in page.projects:
+            truth = sim.truth(p.id)
+            assert p.state == EXPECTED_WITH_DELETE[truth.timeline.final_status], p
+            if p.state == State.DELETED:
+                saved_outputs += assert_outputs_match(sim, tmp_path, p.id, p.kind.value)
+                assert all(o.state == OutputState.SAVED for o in await reader.outputs(p.id))
+            if p.state == State.ERROR:
+                assert truth.timeline.error is not None
+                assert p.error_code == truth.timeline.error.code
+    expected_code = 0 if all(p.state == State.DELETED for p in page.projects) else 1
+    assert outcome.exit_code == expected_code
+    assert saved_outputs > 100
+    assert_delete_after_downloads(sim)
+    assert not any(e.authorization_sent for e in sim.events() if e.what == "download")
+    assert not list((tmp_path / "downloads").rglob("*.part"))
+    names = Counter(entry["event"] for entry in logs)
+    assert names["download_saved"] == saved_outputs
+    assert names["project_deleted"] == sum(1 for p in page.projects if p.state == State.DELETED)
+
+
+async def test_restart_in_the_middle_loses_and_refetches_nothing(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """Stopping the daemon halfway and starting it again downloads every output exactly once."""
+    server = serve(
+        SimConfig(
+            seed=5,
+            queued_seconds=(0.1, 0.5),
+            rendering_seconds=(0.2, 2.5),
+            error_rate=0.0,
+            cancel_rate=0.0,
+            output_bytes=(1_000, 20_000),
+        )
+    )
+    sim = server.simulator
+    specs = create_mixed(sim, 40, 10, 10)
+    settings = watcher_settings(server, tmp_path, projects=" ".join(specs))
+    db = str(tmp_path / "watcher.db")
+
+    first = Daemon(settings, SQLiteStore(db, exclusive=True), until_done=True)
+
+    async def stop_when_some_saved() -> None:
+        while sum(1 for e in sim.events() if e.what == "download" and e.completed) < 15:
+            await asyncio.sleep(0.02)
+        first.request_stop()
+
+    stopper = asyncio.create_task(stop_when_some_saved())
+    await run_daemon(first)
+    await stopper
+    async with SQLiteStore(db) as reader:
+        counts = await reader.count_by_state()
+    assert counts.get(State.SAVED, 0) >= 1
+    assert counts.get(State.POLLING, 0) + counts.get(State.DOWNLOADING, 0) >= 1
+
+    second = await run_daemon(Daemon(settings, SQLiteStore(db, exclusive=True), until_done=True))
+    assert second.exit_code == 0
+    assert second.counts == {State.SAVED: 60}
+    completed = Counter(
+        (e.project_id, e.index) for e in sim.events() if e.what == "download" and e.completed
+    )
+    expected = {
+        (pid, o.index) for pid in (s.split(":")[1] for s in specs) for o in sim.truth(pid).outputs
+    }
+    assert set(completed) == expected
+    assert max(completed.values()) == 1
+    for spec in specs:
+        kind, pid = spec.split(":")
+        assert_outputs_match(sim, tmp_path, pid, kind)
+
+
+async def test_not_found_and_unauthorized_end_clearly(serve: Serve, tmp_path: Path) -> None:
+    """A 404 project ends not_found; a refused token stops polling with exit code 3."""
+    server = serve()
+    (good,) = server.simulator.create_projects(
+        Kind.IMAGE, 1, ProjectOverrides(status=RemoteStatus.COMPLETE)
+    )
+    settings = watcher_settings(server, tmp_path, projects=f"{good} cmissing0000000000000000")
+    outcome = await run_daemon(
+        Daemon(settings, SQLiteStore(str(tmp_path / "a.db")), until_done=True)
+    )
+    assert outcome.counts == {State.SAVED: 1, State.NOT_FOUND: 1}
+    assert outcome.exit_code == 1
+
+    bad = watcher_settings(
+        server,
+        tmp_path,
+        projects=good,
+        api_token="mhk_live_wrong",
+        database_url=f"sqlite:///{tmp_path / 'b.db'}",
+    )
+    with capture_logs() as logs:
+        outcome = await run_daemon(
+            Daemon(bad, SQLiteStore(str(tmp_path / "b.db")), until_done=True)
+        )
+    assert outcome.exit_code == 3
+    assert [e for e in logs if e["event"] == "api_unauthorized"]
+    gets = [e for e in server.simulator.events() if e.what == "get" and e.status_code == 401]
+    assert len(gets) == 1
+    assert "mhk_live_wrong" not in repr(logs)

@@ -1,0 +1,43 @@
+"""Helpers shared by the integration and end-to-end tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from watcher.settings import Settings, load_settings
+from watcher.simulator.config import SimConfig
+from watcher.simulator.server import SimulatorServer
+
+FAST = SimConfig(
+    seed=11,
+    queued_seconds=(0.05, 0.4),
+    rendering_seconds=(0.1, 0.8),
+    error_rate=0.1,
+    cancel_rate=0.05,
+    output_bytes=(1_000, 60_000),
+)
+
+
+def watcher_env(server: SimulatorServer, root: Path, **extra: str) -> dict[str, str]:
+    """The WATCHER_* variables of a daemon watching ``server``, keeping its files under ``root``."""
+    env = {
+        "WATCHER_API_TOKEN": server.simulator.config.token,
+        "WATCHER_API_BASE_URL": server.base_url,
+        "WATCHER_DATABASE_URL": f"sqlite:///{root / 'watcher.db'}",
+        "WATCHER_DOWNLOAD_DIR": str(root / "downloads"),
+        "WATCHER_POLL_INITIAL": "0.1",
+        "WATCHER_POLL_MAX": "0.5",
+        "WATCHER_MAX_REQUESTS_PER_SECOND": "2000",
+        "WATCHER_MAX_CONCURRENT_REQUESTS": "16",
+        "WATCHER_HTTP_ENABLED": "false",
+        "WATCHER_LOG_LEVEL": "debug",
+        "WATCHER_LEASE_SECONDS": "10",
+        "WATCHER_SHUTDOWN_GRACE": "5",
+    }
+    env.update({f"WATCHER_{k.upper()}": v for k, v in extra.items()})
+    return env
+
+
+def watcher_settings(server: SimulatorServer, root: Path, **extra: str) -> Settings:
+    """Settings for an in-process daemon watching ``server``."""
+    return load_settings(watcher_env(server, root, **extra))

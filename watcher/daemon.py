@@ -1,0 +1,742 @@
+"""The daemon: the wiring that turns store, API client and downloader into a running service.
+
+One event loop, one ``asyncio.TaskGroup`` for the long-lived loops (dispatch, lease renewal, and
+the HTTP server when enabled): a crash in any of them stops the daemon instead of leaving it half
+alive. The dispatch loop claims due projects from the store and runs one task per claimed project:
+
+- ``polling``: GET the project; a non-terminal status is rescheduled with backoff; ``complete``
+  records the outputs and goes straight on to download them; ``error``/``canceled``/404 end it.
+- ``downloading``: save every output (earliest ``expires_at`` first across projects), refreshing
+  stale URLs with a new GET; then finish as ``saved`` or go on to delete.
+- ``deleting``: make the store durable, re-check every output is ``saved``, send DELETE.
+
+Crash safety, in one place (see also :mod:`watcher.downloader` for the order of writes of one
+file): the store is the source of truth and every transition is one committed transaction made
+*after* the side effect it records (a file fsynced and renamed, a DELETE answered), except the
+DELETE itself, which is sent only after the store has durably recorded every output ``saved``.
+A ``kill -9`` at any instant leaves either the old state (the work is redone: a GET repeated, a
+download resumed from its ``.part``, a DELETE re-sent, where a 404 counts as done) or the new one.
+
+Shutdown (SIGTERM/SIGINT): stop claiming, let running work finish for ``shutdown_grace`` seconds,
+cancel the rest (``.part`` files stay for resuming), release our leases, close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+
+import httpx
+import structlog
+
+from watcher import clock
+from watcher.api import MagicHourClient
+from watcher.backoff import PollPolicy, next_attempt
+from watcher.downloader import Downloader, finish_from_disk
+from watcher.errors import (
+    ApiError,
+    ApiRejected,
+    DiskFull,
+    DownloadError,
+    DownloadUrlExpired,
+    InvalidProjectId,
+    PaymentRequired,
+    ProjectNotFound,
+    StoreError,
+    TransientApiError,
+    Unauthorized,
+)
+from watcher.metrics import Metrics
+from watcher.models import ProjectRef, ProjectSnapshot, RemoteStatus, State
+from watcher.paths import PART_SUFFIX, output_relpath, resolve_inside
+from watcher.priority import PriorityGate
+from watcher.settings import Settings
+from watcher.store import Claim, LeaseLost, NewOutput, OutputRecord, OutputState, Store
+from watcher.throttle import Throttle
+
+log = structlog.get_logger("watcher")
+
+AUTH_RECHECK_SECONDS = 300.0
+PAYMENT_PAUSE_SECONDS = 60.0
+DISK_FULL_RETRY_SECONDS = 60.0
+IDLE_CHECK_SECONDS = 1.0
+MAX_DOWNLOAD_FAILURES = 8
+MAX_URL_REFRESHES = 3
+
+EXIT_OK = 0
+EXIT_NOT_AS_CONFIGURED = 1
+EXIT_UNAUTHORIZED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a run ended: its exit code and the final states it saw."""
+
+    exit_code: int
+    counts: dict[State, int]
+
+
+class Daemon:
+    """Tracks projects until final; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        until_done: bool = False,
+        rng: random.Random | None = None,
+        metrics: Metrics | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.until_done = until_done
+        self.rng = rng or random.Random()
+        self.metrics = metrics or Metrics()
+        self.policy = PollPolicy(settings.poll_initial, settings.poll_max)
+        self.owner = settings.replica_id
+        self.lease_seconds = settings.lease_seconds
+        self.download_dir = settings.download_dir
+        self.max_in_flight = (
+            max(16, 4 * settings.max_concurrent_requests) + 2 * settings.max_concurrent_downloads
+        )
+        self._transport = transport
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: dict[str, tuple[asyncio.Task[None], Claim]] = {}
+        self._paused_until = 0.0
+        self._probe = False
+        self.unauthorized = False
+        self.payment_required = False
+        self._signals = 0
+        self.started = asyncio.Event()
+        self.api: MagicHourClient | None = None
+        self.downloader: Downloader | None = None
+        self.download_gate = PriorityGate(settings.max_concurrent_downloads)
+        # Extra long-lived loops (the HTTP server) started in the daemon's task group.
+        self.side_tasks: list[Callable[[Daemon], Coroutine[object, object, None]]] = []
+
+    @property
+    def _api(self) -> MagicHourClient:
+        if self.api is None:
+            raise RuntimeError("the daemon is not running")
+        return self.api
+
+    @property
+    def _downloader(self) -> Downloader:
+        if self.downloader is None:
+            raise RuntimeError("the daemon is not running")
+        return self.downloader
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        """Whether shutdown has begun."""
+        return self._stopping.is_set()
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown. Safe to call twice; the signal handler calls this."""
+        self._signals += 1
+        if not self._stopping.is_set():
+            log.info("shutdown_requested", grace_seconds=self.settings.shutdown_grace)
+        self._stopping.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Look for due work now (a project was tracked or expedited)."""
+        self._wake.set()
+
+    def _http_client(self) -> httpx.AsyncClient:
+        s = self.settings
+        pool = s.max_concurrent_requests + s.max_concurrent_downloads + 4
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(s.request_timeout, connect=min(10.0, s.request_timeout)),
+            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+            follow_redirects=True,
+            transport=self._transport,
+        )
+
+    async def run(self) -> Outcome:
+        """Run until stopped (or, with ``until_done``, until no project is active)."""
+        token = self.settings.require_token()
+        async with self._http_client() as http, self.store:
+            throttle = Throttle(
+                rate=self.settings.max_requests_per_second,
+                concurrency=self.settings.max_concurrent_requests,
+            )
+            self.api = MagicHourClient(
+                http,
+                base_url=str(self.settings.api_base_url),
+                token=token,
+                throttle=throttle,
+                on_retry=self._on_api_retry,
+                metrics=self.metrics,
+            )
+            self.downloader = Downloader(http)
+            await self._start()
+            try:
+                async with asyncio.TaskGroup() as group:
+                    loops = [
+                        group.create_task(self._dispatch_loop()),
+                        group.create_task(self._renew_loop()),
+                        *(group.create_task(starter(self)) for starter in self.side_tasks),
+                    ]
+                    self.started.set()
+                    await self._stopping.wait()
+                    await self._drain()
+                    for loop in loops:
+                        loop.cancel()
+            finally:
+                with contextlib.suppress(StoreError):
+                    await self.store.release_leases(now=clock.now(), owner=self.owner)
+            return await self._outcome()
+
+    async def _start(self) -> None:
+        now = clock.now()
+        released = await self.store.release_leases(
+            now=now, owner=None if self.store.is_exclusive else self.owner
+        )
+        refs = self.settings.project_refs
+        added = await self.track(refs, delete_after_download=self.settings.delete_after_download)
+        swept = await asyncio.to_thread(self._sweep_parts_sync, await self._active_ids())
+        log.info(
+            "daemon_started",
+            replica=self.owner,
+            download_dir=str(self.download_dir),
+            projects_from_env=len(refs),
+            projects_added=len(added),
+            leases_released=released,
+            parts_removed=swept,
+            until_done=self.until_done,
+        )
+
+    async def track(self, refs: Iterable[ProjectRef], *, delete_after_download: bool) -> list[str]:
+        """Track ``refs`` (idempotent); returns the ids that were new."""
+        result = await self.store.track(
+            list(refs), now=clock.now(), delete_after_download=delete_after_download
+        )
+        by_id = {r.id: r for r in refs}
+        for pid in result.added:
+            log.info("project_tracked", project_id=pid, kind=by_id[pid].kind.value)
+        if result.added:
+            self.wake()
+        return result.added
+
+    async def _active_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for state in (State.DOWNLOADING, State.DELETING):
+            cursor = None
+            while True:
+                page = await self.store.list_projects(state=state, limit=1000, cursor=cursor)
+                ids.update(p.id for p in page.projects)
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+        return ids
+
+    def _sweep_parts_sync(self, downloading: set[str]) -> int:
+        """Remove ``.part`` files of projects that are no longer downloading (crash leftovers)."""
+        removed = 0
+        if not self.download_dir.is_dir():
+            return 0
+        for part in self.download_dir.glob(f"*/*/*{PART_SUFFIX}"):
+            if part.parent.name not in downloading:
+                part.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    async def _drain(self) -> None:
+        tasks = [task for task, _ in self._tasks.values()]
+        if tasks:
+            log.info("shutdown_draining", in_flight=len(tasks))
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+                log.warning("shutdown_cancelled_work", cancelled=len(pending))
+
+    async def _outcome(self) -> Outcome:
+        counts = await self.store.count_by_state()
+        if self.unauthorized:
+            code = EXIT_UNAUTHORIZED
+        else:
+            code = EXIT_OK
+            page_cursor = None
+            while True:
+                page = await self.store.list_projects(limit=1000, cursor=page_cursor)
+                for p in page.projects:
+                    wanted = State.DELETED if p.delete_after_download else State.SAVED
+                    if p.state != wanted:
+                        code = EXIT_NOT_AS_CONFIGURED
+                if page.next_cursor is None:
+                    break
+                page_cursor = page.next_cursor
+        log.info(
+            "daemon_stopped",
+            exit_code=code,
+            **{f"projects_{s.value}": n for s, n in sorted(counts.items())},
+        )
+        return Outcome(code, counts)
+
+    # --- the dispatch loop ---------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while not self.stopping:
+            self._wake.clear()
+            now = clock.now()
+            if self.until_done and not self._tasks and await self.store.next_due_at() is None:
+                log.info("daemon_done")
+                self.request_stop()
+                return
+            if self.unauthorized and self.until_done:
+                self.request_stop()
+                return
+            if now >= self._paused_until:
+                await self._claim(now)
+            await self._sleep_until_due(now)
+
+    async def _claim(self, now: float) -> None:
+        room = self.max_in_flight - len(self._tasks)
+        if room <= 0 or (self._probe and self._tasks):
+            return
+        limit = 1 if self._probe else room
+        for claim in await self.store.claim_due(
+            now=now, limit=limit, owner=self.owner, lease_seconds=self.lease_seconds
+        ):
+            if claim.id in self._tasks:
+                continue  # our own earlier lease ran out while still working; let it finish
+            task = asyncio.create_task(self._work(claim), name=f"project-{claim.id}")
+            self._tasks[claim.id] = (task, claim)
+        self.metrics.in_flight.set(len(self._tasks))
+
+    async def _sleep_until_due(self, now: float) -> None:
+        """Wait for a wake-up (work finished, project tracked) or until work is due, at most
+        ``IDLE_CHECK_SECONDS`` (other processes may have tracked projects meanwhile)."""
+        timeout: float | None
+        if len(self._tasks) >= self.max_in_flight or (self._probe and self._tasks):
+            timeout = None
+        elif now < self._paused_until:
+            timeout = min(self._paused_until - now, IDLE_CHECK_SECONDS)
+        else:
+            due = await self.store.next_due_at()
+            timeout = (
+                IDLE_CHECK_SECONDS if due is None else min(max(0.0, due - now), IDLE_CHECK_SECONDS)
+            )
+        if timeout == 0.0:
+            await asyncio.sleep(0)  # claimed a full batch: yield, then claim more
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _renew_loop(self) -> None:
+        interval = self.lease_seconds / 3
+        while not self.stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            now = clock.now()
+            for _, claim in list(self._tasks.values()):
+                with contextlib.suppress(StoreError):
+                    await self.store.renew(claim, now=now, lease_seconds=self.lease_seconds)
+
+    # --- one project ---------------------------------------------------------------------------
+
+    async def _work(self, claim: Claim) -> None:
+        p = claim.project
+        try:
+            with structlog.contextvars.bound_contextvars(project_id=p.id, kind=p.kind.value):
+                if p.state == State.POLLING:
+                    await self._poll(claim)
+                elif p.state == State.DOWNLOADING:
+                    await self._download(claim, await self.store.outputs(p.id))
+                elif p.state == State.DELETING:
+                    await self._delete(claim)
+        except LeaseLost:
+            log.warning("lease_lost", project_id=p.id, kind=p.kind.value)
+        except StoreError as exc:
+            log.error("store_error", project_id=p.id, error=str(exc))  # noqa: TRY400 - no traceback needed
+        except Exception:  # a bug must not stop the other projects; the lease will expire
+            log.exception("project_crashed", project_id=p.id, kind=p.kind.value)
+        finally:
+            self._tasks.pop(p.id, None)
+            self.metrics.in_flight.set(len(self._tasks))
+            self._wake.set()
+
+    async def _get(self, claim: Claim) -> ProjectSnapshot | None:
+        """GET the project; handle the API's refusals. ``None`` if the work ends here."""
+        p = claim.project
+        self.metrics.polls.labels(p.kind.value).inc()
+        try:
+            snapshot = await self._api.get_project(p.ref)
+        except ProjectNotFound as exc:
+            await self._finish(claim, State.NOT_FOUND, failure=str(exc))
+            return None
+        except ApiError as exc:
+            await self._api_trouble(claim, exc)
+            return None
+        self._api_ok()
+        return snapshot
+
+    async def _poll(self, claim: Claim) -> None:
+        started = clock.monotonic()
+        snapshot = await self._get(claim)
+        if snapshot is None:
+            return
+        p = claim.project
+        now = clock.now()
+        status = snapshot.status
+        if status != p.remote_status:
+            log.info(
+                "project_status_changed",
+                project_id=p.id,
+                kind=p.kind.value,
+                status=status.value,
+                previous=p.remote_status.value if p.remote_status else None,
+            )
+        if status.is_terminal:
+            self.metrics.time_to_terminal.observe(max(0.0, now - p.tracked_at))
+        if status == RemoteStatus.COMPLETE:
+            await self._complete(claim, snapshot, now)
+        elif status == RemoteStatus.ERROR:
+            err = snapshot.error
+            await self._finish(
+                claim,
+                State.ERROR,
+                remote_status=status,
+                error_code=err.code if err else None,
+                error_message=err.message if err else None,
+            )
+        elif status == RemoteStatus.CANCELED:
+            await self._finish(claim, State.CANCELED, remote_status=status)
+        else:
+            attempt = next_attempt(p.remote_status, status, p.attempt)
+            delay = self.policy.poll_delay(p.kind, status, attempt, self.rng)
+            await self.store.record_poll(
+                claim, now=now, remote_status=status, attempt=attempt, due_at=now + delay
+            )
+            log.debug(
+                "project_polled",
+                project_id=p.id,
+                kind=p.kind.value,
+                status=status.value,
+                attempt=attempt,
+                next_poll_in=round(delay, 3),
+                elapsed_ms=round((clock.monotonic() - started) * 1000, 1),
+            )
+
+    def _new_outputs(self, p_ref: ProjectRef, snapshot: ProjectSnapshot) -> list[NewOutput]:
+        return [
+            NewOutput(
+                index=i,
+                url=link.url,
+                expires_at=link.expires_at.timestamp(),
+                path=output_relpath(p_ref.kind, p_ref.id, i, link.url),
+            )
+            for i, link in enumerate(snapshot.downloads)
+        ]
+
+    async def _complete(self, claim: Claim, snapshot: ProjectSnapshot, now: float) -> None:
+        p = claim.project
+        if not snapshot.enabled:
+            await self._finish(
+                claim,
+                State.FAILED,
+                remote_status=snapshot.status,
+                failure="the project was deleted before its outputs were saved",
+            )
+            return
+        if not snapshot.downloads:
+            await self._retry(claim, "complete but the API listed no downloads", count=True)
+            return
+        rows = await self.store.record_complete(
+            claim,
+            now=now,
+            due_at=now + self.lease_seconds,
+            outputs=self._new_outputs(p.ref, snapshot),
+        )
+        log.info("project_complete", project_id=p.id, kind=p.kind.value, outputs=len(rows))
+        await self._download(claim, rows)
+
+    async def _refresh_urls(self, claim: Claim) -> list[OutputRecord] | None:
+        """GET the project again for fresh download URLs. ``None`` if the work ends here."""
+        snapshot = await self._get(claim)
+        if snapshot is None:
+            return None
+        if snapshot.status != RemoteStatus.COMPLETE or not snapshot.enabled:
+            await self._finish(
+                claim,
+                State.FAILED,
+                failure=f"outputs can no longer be fetched: the project is now "
+                f"{'deleted' if not snapshot.enabled else snapshot.status.value}",
+            )
+            return None
+        now = clock.now()
+        rows = await self.store.record_complete(
+            claim,
+            now=now,
+            due_at=now + self.lease_seconds,
+            outputs=self._new_outputs(claim.project.ref, snapshot),
+        )
+        log.info("download_urls_refreshed", project_id=claim.id, outputs=len(rows))
+        return rows
+
+    async def _download(self, claim: Claim, rows: list[OutputRecord]) -> None:
+        p = claim.project
+        refreshes = 0
+        pending = sorted(
+            (r for r in rows if r.state != OutputState.SAVED), key=lambda r: r.expires_at
+        )
+        try:
+            while pending:
+                row = pending[0]
+                try:
+                    await self._save_output(claim, row)
+                    pending.pop(0)
+                except DownloadUrlExpired as exc:
+                    refreshes += 1
+                    if refreshes > MAX_URL_REFRESHES:
+                        raise
+                    log.info(
+                        "download_url_stale", project_id=p.id, index=row.index, reason=str(exc)
+                    )
+                    fresh = await self._refresh_urls(claim)
+                    if fresh is None:
+                        return
+                    by_index = {r.index: r for r in fresh}
+                    pending = sorted(
+                        (by_index[r.index] for r in pending if r.index in by_index),
+                        key=lambda r: r.expires_at,
+                    )
+        except InvalidProjectId as exc:
+            await self._finish(claim, State.FAILED, failure=str(exc))
+            return
+        except DownloadError as exc:
+            await self._download_trouble(claim, exc)
+            return
+        await self._all_saved(claim)
+
+    async def _save_output(self, claim: Claim, row: OutputRecord) -> None:
+        final = resolve_inside(self.download_dir, row.path)
+        if row.state == OutputState.VERIFIED and row.bytes is not None and row.sha256:
+            if await asyncio.to_thread(finish_from_disk, final, row.bytes, row.sha256):
+                await self.store.record_output_saved(claim, index=row.index, now=clock.now())
+                log.info(
+                    "download_recovered", project_id=claim.id, index=row.index, path=str(final)
+                )
+                return
+            await self.store.reset_output(claim.id, row.index)
+
+        async def on_verified(size: int, sha256: str) -> None:
+            await self.store.record_output_verified(
+                claim, index=row.index, size=size, sha256=sha256
+            )
+
+        started = clock.monotonic()
+        async with self.download_gate.slot(row.expires_at):
+            saved = await self._downloader.fetch(row.url, row.expires_at, final, on_verified)
+        now = clock.now()
+        await self.store.record_output_saved(claim, index=row.index, now=now)
+        elapsed = clock.monotonic() - started
+        self.metrics.downloads.labels("saved").inc()
+        self.metrics.download_bytes.inc(saved.size)
+        self.metrics.download_seconds.observe(elapsed)
+        self.metrics.url_lifetime_left.observe(max(0.0, row.expires_at - now))
+        log.info(
+            "download_saved",
+            project_id=claim.id,
+            kind=claim.project.kind.value,
+            index=row.index,
+            path=str(final),
+            bytes=saved.size,
+            sha256=saved.sha256,
+            resumed_from=saved.resumed_from,
+            elapsed_ms=round(elapsed * 1000, 1),
+            expires_in=round(row.expires_at - now, 1),
+        )
+
+    async def _all_saved(self, claim: Claim) -> None:
+        p = claim.project
+        now = clock.now()
+        delete = p.delete_after_download
+        await self.store.record_saved(
+            claim, now=now, due_at=now + self.lease_seconds, delete_next=delete
+        )
+        if delete:
+            await self._delete(claim)
+            return
+        self.metrics.finished.labels(State.SAVED.value).inc()
+        log.info("project_saved", project_id=p.id, kind=p.kind.value, state=State.SAVED.value)
+
+    async def _delete(self, claim: Claim) -> None:
+        p = claim.project
+        rows = await self.store.outputs(p.id)
+        if not rows or any(r.state != OutputState.SAVED for r in rows):
+            await self._finish(
+                claim, State.FAILED, failure="refusing to delete: not every output is saved"
+            )
+            return
+        await self.store.flush()  # every "saved" is durable before anything is deleted
+        try:
+            deleted = await self._api.delete_project(p.ref)
+        except ApiRejected as exc:
+            self.metrics.deletes.labels("refused").inc()
+            log.warning(
+                "project_delete_refused", project_id=p.id, kind=p.kind.value, error=str(exc)
+            )
+            await self._finish(claim, State.SAVED, failure=f"not deleted: {exc}")
+            return
+        except ApiError as exc:
+            await self._api_trouble(claim, exc)
+            return
+        self._api_ok()
+        self.metrics.deletes.labels("deleted" if deleted else "already_gone").inc()
+        await self._finish(claim, State.DELETED, already_gone=not deleted)
+
+    # --- outcomes ------------------------------------------------------------------------------
+
+    async def _finish(
+        self,
+        claim: Claim,
+        state: State,
+        *,
+        remote_status: RemoteStatus | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        failure: str | None = None,
+        already_gone: bool | None = None,
+    ) -> None:
+        p = claim.project
+        await self.store.record_final(
+            claim,
+            now=clock.now(),
+            state=state,
+            remote_status=remote_status,
+            error_code=error_code,
+            error_message=error_message,
+            failure=failure,
+        )
+        self.metrics.finished.labels(state.value).inc()
+        await asyncio.to_thread(self._remove_parts_sync, p.kind.value, p.id)
+        fields: dict[str, object] = {"project_id": p.id, "kind": p.kind.value, "state": state.value}
+        if state == State.ERROR:
+            log.warning(
+                "project_error", **fields, error_code=error_code, error_message=error_message
+            )
+        elif state == State.FAILED:
+            log.error("project_failed", **fields, cause=failure)
+        elif state == State.DELETED:
+            log.info("project_deleted", **fields, already_gone=already_gone)
+        else:
+            event = {
+                State.CANCELED: "project_canceled",
+                State.NOT_FOUND: "project_not_found",
+            }.get(state, "project_finished")
+            log.info(event, **fields, note=failure)
+
+    def _remove_parts_sync(self, kind: str, project_id: str) -> None:
+        folder = self.download_dir / kind / project_id
+        if folder.is_dir():
+            for part in folder.glob(f"*{PART_SUFFIX}"):
+                part.unlink(missing_ok=True)
+
+    async def _retry(
+        self,
+        claim: Claim,
+        failure: str,
+        *,
+        count: bool,
+        delay: float | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        p = claim.project
+        failures = p.failures + (1 if count else 0)
+        if delay is None:
+            delay = self.policy.retry_delay(failures, self.rng, retry_after)
+        now = clock.now()
+        await self.store.record_retry(
+            claim, now=now, due_at=now + delay, failure=failure, count_failure=count
+        )
+        log.warning(
+            "project_retry_scheduled",
+            project_id=p.id,
+            kind=p.kind.value,
+            cause=failure,
+            failures=failures,
+            retry_in=round(delay, 3),
+        )
+
+    async def _api_trouble(self, claim: Claim, exc: ApiError) -> None:
+        if isinstance(exc, Unauthorized):
+            self._on_unauthorized(exc)
+            await self._retry(claim, "unauthorized", count=False, delay=AUTH_RECHECK_SECONDS)
+        elif isinstance(exc, PaymentRequired):
+            self._on_payment_required(exc)
+            await self._retry(claim, "payment required", count=False, delay=PAYMENT_PAUSE_SECONDS)
+        elif isinstance(exc, TransientApiError):
+            await self._retry(claim, str(exc), count=True, retry_after=exc.retry_after)
+        else:
+            await self._finish(claim, State.FAILED, failure=str(exc))
+
+    async def _download_trouble(self, claim: Claim, exc: DownloadError) -> None:
+        self.metrics.downloads.labels(type(exc).__name__).inc()
+        if isinstance(exc, DiskFull):
+            log.error("disk_full", project_id=claim.id, error=str(exc))
+            await self._retry(claim, str(exc), count=False, delay=DISK_FULL_RETRY_SECONDS)
+            return
+        if claim.project.failures + 1 >= MAX_DOWNLOAD_FAILURES:
+            await self._finish(
+                claim,
+                State.FAILED,
+                failure=f"outputs could not be saved after {MAX_DOWNLOAD_FAILURES} tries: {exc}",
+            )
+            return
+        self.metrics.retries.labels(type(exc).__name__).inc()
+        await self._retry(claim, str(exc), count=True)
+
+    # --- API-wide conditions -------------------------------------------------------------------
+
+    def _on_api_retry(self, exc: TransientApiError, attempt: int, wait: float) -> None:
+        self.metrics.retries.labels(exc.cause).inc()
+        log.warning(
+            "api_retry",
+            cause=exc.cause,
+            status_code=exc.status_code,
+            attempt=attempt,
+            retry_in=round(wait, 3),
+            error=str(exc),
+        )
+
+    def _api_ok(self) -> None:
+        if self.unauthorized or self.payment_required:
+            log.info("api_recovered")
+        self.unauthorized = self.payment_required = self._probe = False
+
+    def _on_unauthorized(self, exc: Unauthorized) -> None:
+        if not self.unauthorized:
+            log.error(
+                "api_unauthorized",
+                error=str(exc),
+                action="polling stopped; check WATCHER_API_TOKEN"
+                + ("" if self.until_done else f"; one retry every {AUTH_RECHECK_SECONDS:g} s"),
+            )
+        self.unauthorized = True
+        self._pause(AUTH_RECHECK_SECONDS)
+
+    def _on_payment_required(self, exc: PaymentRequired) -> None:
+        if not self.payment_required:
+            log.error(
+                "api_payment_required",
+                error=str(exc),
+                action=f"polling paused; one retry every {PAYMENT_PAUSE_SECONDS:g} s",
+            )
+        self.payment_required = True
+        self._pause(PAYMENT_PAUSE_SECONDS)
+
+    def _pause(self, seconds: float) -> None:
+        self._paused_until = clock.now() + seconds
+        self._probe = True
