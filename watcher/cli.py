@@ -14,8 +14,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 
@@ -25,6 +23,7 @@ from watcher.errors import ConfigError, InvalidProjectId, WatcherError
 from watcher.models import State, parse_kind, parse_project_spec
 from watcher.settings import Settings, load_settings, unknown_variables
 from watcher.store import OutputRecord, ProjectRecord, Store, create_store
+from watcher.views import project_json
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -166,41 +165,6 @@ def cmd_track(args: argparse.Namespace) -> int:
     for pid in existing:
         print(f"already tracked {pid}")
     return 0
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-
-
-def project_json(p: ProjectRecord, outputs: list[OutputRecord]) -> dict[str, Any]:
-    """A project and its outputs as JSON (``status --json`` and the control API)."""
-    return {
-        "id": p.id,
-        "kind": p.kind.value,
-        "state": p.state.value,
-        "remote_status": p.remote_status.value if p.remote_status else None,
-        "delete_after_download": p.delete_after_download,
-        "polls": p.polls,
-        "tracked_at": _iso(p.tracked_at),
-        "updated_at": _iso(p.updated_at),
-        "terminal_at": _iso(p.terminal_at),
-        "finished_at": _iso(p.finished_at),
-        "next_due_at": None if p.state.is_final else _iso(p.due_at),
-        "error": {"code": p.error_code, "message": p.error_message} if p.error_code else None,
-        "failure": p.failure,
-        "outputs": [
-            {
-                "index": o.index,
-                "path": o.path,
-                "state": o.state.value,
-                "bytes": o.bytes,
-                "sha256": o.sha256,
-                "expires_at": _iso(o.expires_at),
-                "saved_at": _iso(o.saved_at),
-            }
-            for o in outputs
-        ],
-    }
 
 
 async def _collect(

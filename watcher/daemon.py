@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import random
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -56,6 +58,7 @@ from watcher.priority import PriorityGate
 from watcher.settings import Settings
 from watcher.store import Claim, LeaseLost, NewOutput, OutputRecord, OutputState, Store
 from watcher.throttle import Throttle
+from watcher.views import notification_event
 
 log = structlog.get_logger("watcher")
 
@@ -559,12 +562,28 @@ class Daemon:
             expires_in=round(row.expires_at - now, 1),
         )
 
+    async def _notification(self, claim: Claim, now: float, **final: object) -> str | None:
+        """The outbox event announcing the project's final state, if notifications are on."""
+        if self.settings.notify_url is None:
+            return None
+        record = dataclasses.replace(claim.project, updated_at=now, finished_at=now, **final)  # type: ignore[arg-type]
+        outputs = await self.store.outputs(claim.id)
+        return json.dumps(notification_event(record, outputs, self.download_dir, now=now))
+
     async def _all_saved(self, claim: Claim) -> None:
         p = claim.project
         now = clock.now()
         delete = p.delete_after_download
         await self.store.record_saved(
-            claim, now=now, due_at=now + self.lease_seconds, delete_next=delete
+            claim,
+            now=now,
+            due_at=now + self.lease_seconds,
+            delete_next=delete,
+            notification=None
+            if delete
+            else await self._notification(
+                claim, now, state=State.SAVED, remote_status=RemoteStatus.COMPLETE
+            ),
         )
         if delete:
             await self._delete(claim)
@@ -611,14 +630,23 @@ class Daemon:
         already_gone: bool | None = None,
     ) -> None:
         p = claim.project
+        now = clock.now()
+        final: dict[str, object] = {
+            "state": state,
+            "remote_status": remote_status or p.remote_status,
+            "error_code": error_code,
+            "error_message": error_message,
+            "failure": failure,
+        }
         await self.store.record_final(
             claim,
-            now=clock.now(),
+            now=now,
             state=state,
             remote_status=remote_status,
             error_code=error_code,
             error_message=error_message,
             failure=failure,
+            notification=await self._notification(claim, now, **final),
         )
         self.metrics.finished.labels(state.value).inc()
         await asyncio.to_thread(self._remove_parts_sync, p.kind.value, p.id)

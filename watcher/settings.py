@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     control_token: SecretStr | None = None
     control_token_file: Path | None = None
 
+    webhook_secret: SecretStr | None = None
+    webhook_secret_file: Path | None = None
+    webhook_auto_track: bool = False
+    notify_url: pydantic.HttpUrl | None = None
+    notify_secret: SecretStr | None = None
+    notify_secret_file: Path | None = None
+
     replica_id: Annotated[str, Field(min_length=1, max_length=200)] = Field(
         default_factory=_default_replica_id
     )
@@ -79,6 +86,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("notify_url", mode="before")
+    @classmethod
+    def _empty_url_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("log_format", mode="before")
     @classmethod
@@ -119,7 +131,7 @@ class Settings(BaseSettings):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        for name in ("api_token", "control_token"):
+        for name in ("api_token", "control_token", "webhook_secret", "notify_secret"):
             path = data.get(f"{name}_file")
             if path in (None, ""):
                 continue

@@ -39,7 +39,9 @@ def refs(*ids: str, kind: Kind = Kind.IMAGE) -> list[ProjectRef]:
 
 
 def new_output(index: int, pid: str = "p1", expires: float = T0 + 3600) -> NewOutput:
-    return NewOutput(index, f"https://cdn/{pid}/{index}/out.png", expires, f"image/{pid}/{index}-out.png")
+    return NewOutput(
+        index, f"https://cdn/{pid}/{index}/out.png", expires, f"image/{pid}/{index}-out.png"
+    )
 
 
 async def test_track_is_idempotent(store: Store) -> None:
@@ -94,7 +96,9 @@ async def test_expired_lease_is_taken_over_and_the_old_claim_is_fenced(store: St
         )
     with pytest.raises(LeaseLost):
         await store.record_final(old, now=T0 + 40, state=State.CANCELED)
-    await store.record_final(new, now=T0 + 40, state=State.CANCELED, remote_status=RemoteStatus.CANCELED)
+    await store.record_final(
+        new, now=T0 + 40, state=State.CANCELED, remote_status=RemoteStatus.CANCELED
+    )
     p = await store.get("a")
     assert p is not None
     assert p.state == State.CANCELED
@@ -148,7 +152,9 @@ async def test_refreshed_urls_replace_pending_outputs_only(store: Store) -> None
     """A second record_complete refreshes URLs of pending outputs and keeps saved ones as they are."""
     await store.track(refs("p1"), now=T0, delete_after_download=False)
     (claim,) = await store.claim_due(now=T0, limit=1, owner="r1", lease_seconds=LEASE)
-    await store.record_complete(claim, now=T0, due_at=T0 + LEASE, outputs=[new_output(0), new_output(1)])
+    await store.record_complete(
+        claim, now=T0, due_at=T0 + LEASE, outputs=[new_output(0), new_output(1)]
+    )
     await store.record_output_verified(claim, index=0, size=1, sha256="00" * 32)
     await store.record_output_saved(claim, index=0, now=T0)
     fresh = [
@@ -173,7 +179,9 @@ async def test_retry_counts_failures_and_poll_clears_them(store: Store) -> None:
     assert p is not None
     assert (p.failures, p.failure) == (2, "HTTP 502")
     (c,) = await store.claim_due(now=T0 + 2, limit=1, owner="r", lease_seconds=LEASE)
-    await store.record_poll(c, now=T0 + 2, remote_status=RemoteStatus.RENDERING, attempt=0, due_at=T0 + 3)
+    await store.record_poll(
+        c, now=T0 + 2, remote_status=RemoteStatus.RENDERING, attempt=0, due_at=T0 + 3
+    )
     p = await store.get("a")
     assert p is not None
     assert (p.failures, p.failure, p.polls, p.remote_status) == (0, None, 1, RemoteStatus.RENDERING)
@@ -201,9 +209,13 @@ async def test_expedite_and_untrack(store: Store) -> None:
     """expedite makes a waiting project due now; untrack forgets it and its outputs."""
     await store.track(refs("a"), now=T0, delete_after_download=False)
     (c,) = await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
-    await store.record_poll(c, now=T0, remote_status=RemoteStatus.QUEUED, attempt=0, due_at=T0 + 100)
+    await store.record_poll(
+        c, now=T0, remote_status=RemoteStatus.QUEUED, attempt=0, due_at=T0 + 100
+    )
     assert await store.expedite("a", now=T0 + 1)
-    assert [x.id for x in await store.claim_due(now=T0 + 1, limit=1, owner="r", lease_seconds=LEASE)] == ["a"]
+    assert [
+        x.id for x in await store.claim_due(now=T0 + 1, limit=1, owner="r", lease_seconds=LEASE)
+    ] == ["a"]
     assert not await store.expedite("missing", now=T0)
     assert await store.untrack("a")
     assert await store.get("a") is None
@@ -234,3 +246,43 @@ async def test_sqlite_exclusive_lock_refuses_a_second_daemon(tmp_path: Path) -> 
             await SQLiteStore(path, exclusive=True).open()
         async with SQLiteStore(path) as reader:
             await reader.ping()
+
+
+async def test_notification_is_queued_with_the_final_state(store: Store) -> None:
+    """A notification written with record_final is claimable, hidden while leased, retried, sent."""
+    await store.track(refs("a", "b"), now=T0, delete_after_download=False)
+    a, b = await store.claim_due(now=T0, limit=2, owner="r", lease_seconds=LEASE)
+    await store.record_final(a, now=T0, state=State.CANCELED, notification='{"n": 1}')
+    await store.record_final(b, now=T0, state=State.NOT_FOUND)
+    (n,) = await store.claim_notifications(now=T0 + 1, limit=10, lease_seconds=5)
+    assert (n.project_id, n.body, n.attempts) == ("a", '{"n": 1}', 0)
+    assert await store.claim_notifications(now=T0 + 2, limit=10, lease_seconds=5) == []
+    await store.notification_failed(n.id, due_at=T0 + 3, error="HTTP 503")
+    (again,) = await store.claim_notifications(now=T0 + 3, limit=10, lease_seconds=5)
+    assert (again.id, again.attempts, again.last_error) == (n.id, 1, "HTTP 503")
+    await store.notification_sent(n.id, now=T0 + 4)
+    assert await store.claim_notifications(now=T0 + 100, limit=10, lease_seconds=5) == []
+
+
+async def test_a_notification_is_not_queued_when_the_write_is_fenced(store: Store) -> None:
+    """A stale claim's final write is refused whole: no state change and no notification."""
+    await store.track(refs("a"), now=T0, delete_after_download=False)
+    (old,) = await store.claim_due(now=T0, limit=1, owner="r1", lease_seconds=LEASE)
+    await store.claim_due(now=T0 + LEASE + 1, limit=1, owner="r2", lease_seconds=LEASE)
+    with pytest.raises(LeaseLost):
+        await store.record_final(old, now=T0 + 40, state=State.CANCELED, notification="{}")
+    assert await store.claim_notifications(now=T0 + 50, limit=10, lease_seconds=5) == []
+
+
+async def test_sqlite_claims_through_the_due_index(tmp_path: Path) -> None:
+    """The claim query is an index search on projects_due, never a scan of every row."""
+    async with SQLiteStore(str(tmp_path / "w.db")) as s:
+        conn = s._conn
+        assert conn is not None
+        from watcher.store.sqlite import _Q
+
+        for query, params in (("select_due", {"now": T0, "limit": 10}), ("next_due_at", {})):
+            plan = conn.execute("EXPLAIN QUERY PLAN " + _Q[query], params).fetchall()
+            details = " ".join(row["detail"] for row in plan)
+            assert "projects_due" in details, details
+            assert "TEMP B-TREE" not in details, details

@@ -109,6 +109,19 @@ class OutputRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Notification:
+    """A queued event for ``WATCHER_NOTIFY_URL`` (the outbox), written in the same transaction
+    as the final state it announces, so a crash can neither lose nor invent one."""
+
+    id: int
+    project_id: str
+    body: str
+    attempts: int
+    created_at: float
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ProjectPage:
     """A page of projects and the cursor of the next page (``None`` at the end)."""
 
@@ -251,10 +264,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def record_saved(
-        self, claim: Claim, *, now: float, due_at: float, delete_next: bool
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        due_at: float,
+        delete_next: bool,
+        notification: str | None = None,
     ) -> None:
-        """Every output is saved: finish as ``saved`` (lease released), or move to ``deleting``
-        keeping the lease until ``due_at``."""
+        """Every output is saved: finish as ``saved`` (lease released, ``notification`` queued),
+        or move to ``deleting`` keeping the lease until ``due_at``."""
 
     @abc.abstractmethod
     async def record_final(
@@ -267,12 +286,29 @@ class Store(abc.ABC):
         error_code: str | None = None,
         error_message: str | None = None,
         failure: str | None = None,
+        notification: str | None = None,
     ) -> None:
-        """The project ended in a final ``state``."""
+        """The project ended in a final ``state``; ``notification`` (if any) is queued with it."""
 
     @abc.abstractmethod
     async def pending_outputs(self) -> list[OutputRecord]:
         """Outputs recorded ``verified`` but not ``saved``: the ones recovery must look at."""
+
+    # --- the notification outbox ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim_notifications(
+        self, *, now: float, limit: int, lease_seconds: float
+    ) -> list[Notification]:
+        """Due, unsent notifications, oldest first; each is hidden for ``lease_seconds``."""
+
+    @abc.abstractmethod
+    async def notification_sent(self, notification_id: int, *, now: float) -> None:
+        """The receiver acknowledged it."""
+
+    @abc.abstractmethod
+    async def notification_failed(self, notification_id: int, *, due_at: float, error: str) -> None:
+        """Delivery failed; try again at ``due_at``."""
 
     @abc.abstractmethod
     async def flush(self) -> None:

@@ -14,6 +14,7 @@ from watcher.store.base import (
     Claim,
     LeaseLost,
     NewOutput,
+    Notification,
     OutputRecord,
     OutputState,
     ProjectPage,
@@ -29,6 +30,7 @@ class InMemoryStore(Store):
     def __init__(self) -> None:
         self.projects: dict[str, ProjectRecord] = {}
         self.output_rows: dict[str, dict[int, OutputRecord]] = {}
+        self.notifications: dict[int, tuple[Notification, float, float | None]] = {}
         self._lock = asyncio.Lock()
         self.opened = False
 
@@ -242,12 +244,24 @@ class InMemoryStore(Store):
         )
 
     async def record_saved(
-        self, claim: Claim, *, now: float, due_at: float, delete_next: bool
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        due_at: float,
+        delete_next: bool,
+        notification: str | None = None,
     ) -> None:
         if delete_next:
             self._update(claim, now, state=State.DELETING, due_at=due_at)
         else:
             self._update(claim, now, state=State.SAVED, finished_at=now, lease_owner=None)
+            self._enqueue(claim.id, notification, now)
+
+    def _enqueue(self, project_id: str, body: str | None, now: float) -> None:
+        if body is not None:
+            nid = len(self.notifications) + 1
+            self.notifications[nid] = (Notification(nid, project_id, body, 0, now), now, None)
 
     async def record_final(
         self,
@@ -259,6 +273,7 @@ class InMemoryStore(Store):
         error_code: str | None = None,
         error_message: str | None = None,
         failure: str | None = None,
+        notification: str | None = None,
     ) -> None:
         p = self._fenced(claim)
         terminal = remote_status is not None and remote_status.is_terminal
@@ -275,6 +290,7 @@ class InMemoryStore(Store):
             polls=p.polls + (1 if remote_status is not None else 0),
             lease_owner=None,
         )
+        self._enqueue(p.id, notification, now)
 
     async def pending_outputs(self) -> list[OutputRecord]:
         return [
@@ -283,6 +299,30 @@ class InMemoryStore(Store):
             for row in rows.values()
             if row.state == OutputState.VERIFIED
         ]
+
+    async def claim_notifications(
+        self, *, now: float, limit: int, lease_seconds: float
+    ) -> list[Notification]:
+        due = sorted(
+            (
+                n
+                for n, due_at, sent in self.notifications.values()
+                if sent is None and due_at <= now
+            ),
+            key=lambda n: n.id,
+        )[:limit]
+        for n in due:
+            self.notifications[n.id] = (n, now + lease_seconds, None)
+        return due
+
+    async def notification_sent(self, notification_id: int, *, now: float) -> None:
+        n, due_at, _ = self.notifications[notification_id]
+        self.notifications[notification_id] = (n, due_at, now)
+
+    async def notification_failed(self, notification_id: int, *, due_at: float, error: str) -> None:
+        n, _, sent = self.notifications[notification_id]
+        failed = dataclasses.replace(n, attempts=n.attempts + 1, last_error=error)
+        self.notifications[notification_id] = (failed, due_at, sent)
 
     async def flush(self) -> None:
         return None

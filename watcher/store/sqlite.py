@@ -30,6 +30,7 @@ from watcher.store.base import (
     Claim,
     LeaseLost,
     NewOutput,
+    Notification,
     OutputRecord,
     OutputState,
     ProjectPage,
@@ -300,10 +301,17 @@ class SQLiteStore(Store):
 
     # --- fenced writes --------------------------------------------------------------------------
 
-    async def _write(self, query: str, claim: Claim, **params: object) -> None:
+    async def _write(
+        self, query: str, claim: Claim, *, notification: str | None = None, **params: object
+    ) -> None:
         def work() -> None:
             with _transaction(self._db):
                 self._fenced_write(query, claim, **params)
+                if notification is not None:
+                    self._db.execute(
+                        _Q["enqueue_notification"],
+                        {"project_id": claim.id, "body": notification, "now": params["now"]},
+                    )
 
         await self._run(work)
 
@@ -379,10 +387,23 @@ class SQLiteStore(Store):
         await self._run(work)
 
     async def record_saved(
-        self, claim: Claim, *, now: float, due_at: float, delete_next: bool
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        due_at: float,
+        delete_next: bool,
+        notification: str | None = None,
     ) -> None:
         state = State.DELETING if delete_next else State.SAVED
-        await self._write("record_saved", claim, now=now, due_at=due_at, state=state.value)
+        await self._write(
+            "record_saved",
+            claim,
+            notification=None if delete_next else notification,
+            now=now,
+            due_at=due_at,
+            state=state.value,
+        )
 
     async def record_final(
         self,
@@ -394,10 +415,12 @@ class SQLiteStore(Store):
         error_code: str | None = None,
         error_message: str | None = None,
         failure: str | None = None,
+        notification: str | None = None,
     ) -> None:
         await self._write(
             "record_final",
             claim,
+            notification=notification,
             now=now,
             state=state.value,
             remote_status=remote_status.value if remote_status else None,
@@ -411,6 +434,43 @@ class SQLiteStore(Store):
     async def pending_outputs(self) -> list[OutputRecord]:
         rows = await self._run(lambda: self._all("pending_outputs"))
         return [_output(r) for r in rows]
+
+    async def claim_notifications(
+        self, *, now: float, limit: int, lease_seconds: float
+    ) -> list[Notification]:
+        def work() -> list[Notification]:
+            with _transaction(self._db):
+                rows = self._all("select_notifications", now=now, limit=limit)
+                for row in rows:
+                    self._db.execute(
+                        _Q["lease_notification"], {"id": row["id"], "until": now + lease_seconds}
+                    )
+            return [
+                Notification(
+                    id=r["id"],
+                    project_id=r["project_id"],
+                    body=r["body"],
+                    attempts=r["attempts"],
+                    created_at=r["created_at"],
+                    last_error=r["last_error"],
+                )
+                for r in rows
+            ]
+
+        return await self._run(work)
+
+    async def notification_sent(self, notification_id: int, *, now: float) -> None:
+        await self._exec("notification_sent", id=notification_id, now=now)
+
+    async def notification_failed(self, notification_id: int, *, due_at: float, error: str) -> None:
+        await self._exec("notification_failed", id=notification_id, due_at=due_at, error=error)
+
+    async def _exec(self, query: str, **params: object) -> None:
+        def work() -> None:
+            with _transaction(self._db):
+                self._db.execute(_Q[query], params)
+
+        await self._run(work)
 
     async def flush(self) -> None:
         if self.path != ":memory:":

@@ -21,7 +21,8 @@ LIMIT :limit
 SELECT state, count(*) AS n FROM projects GROUP BY state
 
 -- name: select_due
-SELECT * FROM projects
+-- INDEXED BY: the planner would otherwise pick projects_state and sort every active row.
+SELECT * FROM projects INDEXED BY projects_due
 WHERE state IN ('polling', 'downloading', 'deleting') AND due_at <= :now
 ORDER BY due_at
 LIMIT :limit
@@ -32,7 +33,7 @@ SET due_at = :until, lease_owner = :owner, lease_version = lease_version + 1
 WHERE id = :id
 
 -- name: next_due_at
-SELECT min(due_at) AS due_at FROM projects
+SELECT min(due_at) AS due_at FROM projects INDEXED BY projects_due
 WHERE state IN ('polling', 'downloading', 'deleting')
 
 -- name: release_leases
@@ -114,3 +115,24 @@ WHERE id = :id AND lease_version = :version
 
 -- name: pending_outputs
 SELECT * FROM outputs WHERE state = 'verified' ORDER BY project_id, idx
+
+-- name: enqueue_notification
+INSERT INTO notifications (project_id, body, created_at, due_at)
+VALUES (:project_id, :body, :now, :now)
+
+-- name: select_notifications
+SELECT * FROM notifications
+WHERE sent_at IS NULL AND due_at <= :now
+ORDER BY due_at, id
+LIMIT :limit
+
+-- name: lease_notification
+UPDATE notifications SET due_at = :until WHERE id = :id
+
+-- name: notification_sent
+UPDATE notifications SET sent_at = :now WHERE id = :id
+
+-- name: notification_failed
+UPDATE notifications
+SET due_at = :due_at, attempts = attempts + 1, last_error = :error
+WHERE id = :id
