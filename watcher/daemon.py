@@ -120,6 +120,7 @@ class Daemon:
         self.api: MagicHourClient | None = None
         self.downloader: Downloader | None = None
         self.download_gate = PriorityGate(settings.max_concurrent_downloads)
+        self.disk_full_retry_seconds = DISK_FULL_RETRY_SECONDS
         # Extra long-lived loops (the HTTP server) started in the daemon's task group.
         self.side_tasks: list[Callable[[Daemon], Coroutine[object, object, None]]] = []
 
@@ -714,7 +715,7 @@ class Daemon:
         self.metrics.downloads.labels(type(exc).__name__).inc()
         if isinstance(exc, DiskFull):
             log.error("disk_full", project_id=claim.id, error=str(exc))
-            await self._retry(claim, str(exc), count=False, delay=DISK_FULL_RETRY_SECONDS)
+            await self._retry(claim, str(exc), count=False, delay=self.disk_full_retry_seconds)
             return
         if claim.project.failures + 1 >= MAX_DOWNLOAD_FAILURES:
             await self._finish(

@@ -85,11 +85,9 @@ class Downloader:
         self,
         http: httpx.AsyncClient,
         *,
-        chunk_size: int = CHUNK_SIZE,
         now: Callable[[], float] = clock.now,
     ) -> None:
         self._http = http
-        self._chunk_size = chunk_size
         self._now = now
 
     async def fetch(
@@ -132,6 +130,9 @@ class Downloader:
         if code in {401, 403, 404, 410}:
             raise DownloadUrlExpired(f"the signed URL was refused (HTTP {code})")
         if code == 416 and offset:
+            total = response.headers.get("content-range", "").removeprefix("bytes */")
+            if total.isdigit() and int(total) == offset:
+                return offset, offset  # the .part already holds every byte (killed before commit)
             part.unlink(missing_ok=True)
             raise DownloadIncomplete("the server refused to resume (HTTP 416); starting over")
         if code == 206 and offset:
@@ -159,7 +160,8 @@ class Downloader:
             with part.open("r+b" if offset else "wb") as f:
                 f.seek(offset)
                 f.truncate()
-                async for chunk in response.aiter_bytes(self._chunk_size):
+                # As received, not re-chunked: the bytes of a body cut short still reach the .part.
+                async for chunk in response.aiter_bytes():
                     f.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
