@@ -258,7 +258,11 @@ class Daemon:
         tasks = [task for task, _ in self._tasks.values()]
         if tasks:
             log.info("shutdown_draining", in_flight=len(tasks))
-            _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
+            # Paused (token refused, payment required), calls wait on a long pause: not worth
+            # waiting for; a cancelled download keeps its .part for the next run.
+            paused = self.unauthorized or self.payment_required
+            grace = 0.0 if paused else self.settings.shutdown_grace
+            _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
                 task.cancel()
             if pending:
@@ -371,14 +375,22 @@ class Daemon:
             self.metrics.in_flight.set(len(self._tasks))
             self._wake.set()
 
-    async def _get(self, claim: Claim) -> ProjectSnapshot | None:
-        """GET the project; handle the API's refusals. ``None`` if the work ends here."""
+    async def _get(self, claim: Claim, *, for_urls: bool = False) -> ProjectSnapshot | None:
+        """GET the project; handle the API's refusals. ``None`` if the work ends here.
+
+        ``for_urls``: the project was complete and we need fresh download URLs, so a 404 means
+        its outputs are lost to us: that is a failure, not a project that never existed.
+        """
         p = claim.project
         self.metrics.polls.labels(p.kind.value).inc()
         try:
             snapshot = await self._api.get_project(p.ref)
         except ProjectNotFound as exc:
-            await self._finish(claim, State.NOT_FOUND, failure=str(exc))
+            if for_urls:
+                failure = f"outputs can no longer be fetched: the project is gone ({exc})"
+                await self._finish(claim, State.FAILED, failure=failure)
+            else:
+                await self._finish(claim, State.NOT_FOUND, failure=str(exc))
             return None
         except ApiError as exc:
             await self._api_trouble(claim, exc)
@@ -468,7 +480,7 @@ class Daemon:
 
     async def _refresh_urls(self, claim: Claim) -> list[OutputRecord] | None:
         """GET the project again for fresh download URLs. ``None`` if the work ends here."""
-        snapshot = await self._get(claim)
+        snapshot = await self._get(claim, for_urls=True)
         if snapshot is None:
             return None
         if snapshot.status != RemoteStatus.COMPLETE or not snapshot.enabled:
@@ -767,5 +779,8 @@ class Daemon:
         self._pause(PAYMENT_PAUSE_SECONDS)
 
     def _pause(self, seconds: float) -> None:
+        """Stop claiming work and hold every API call already on its way, for ``seconds``."""
         self._paused_until = clock.now() + seconds
         self._probe = True
+        if self.api is not None:
+            self.api.throttle.pause(seconds)

@@ -177,3 +177,71 @@ async def test_a_full_disk_fails_the_download_cleanly_and_it_is_retried(tmp_path
         assert saved.read_bytes() == big
         full = [e for e in logs if e["event"] == "disk_full"]
         assert "no space left" in full[0]["error"]
+
+
+class RefusingCdn(FakeApi):
+    """An API whose project stays complete but whose CDN refuses every signed URL (403), or
+    whose project disappears once complete (404 on the next GET)."""
+
+    def __init__(self, *, vanish: bool) -> None:
+        super().__init__()
+        self.vanish = vanish
+        self.gets = 0
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.url.host == "cdn.test":
+            return httpx.Response(403, text="<Error>AccessDenied</Error>")
+        self.gets += 1
+        if self.vanish and self.gets > 1:
+            return httpx.Response(404, json={"message": "Not found"})
+        body = project("p1", [f"{CDN}/p1/output-{self.gets}.png"])
+        return httpx.Response(200, json=body)
+
+
+@pytest.mark.parametrize("vanish", [False, True])
+async def test_outputs_that_cannot_be_fetched_end_failed_naming_the_cause(
+    tmp_path: Path, vanish: bool
+) -> None:
+    """Fresh URLs that keep being refused, or a project gone before its outputs were saved,
+    end in a loud, recorded failed state; nothing is deleted."""
+    api = RefusingCdn(vanish=vanish)
+    settings = settings_for(tmp_path, "p1", delete_after_download="true")
+    store = InMemoryStore()
+    daemon = Daemon(settings, store, until_done=True, transport=httpx.MockTransport(api.handler))
+    with capture_logs() as logs:
+        outcome = await asyncio.wait_for(daemon.run(), 30)
+    assert outcome.counts == {State.FAILED: 1}
+    assert outcome.exit_code == 1
+    record = await store.get("p1")
+    assert record is not None
+    assert record.failure is not None
+    assert ("gone" if vanish else "could not be saved") in record.failure
+    (failed,) = [e for e in logs if e["event"] == "project_failed"]
+    assert failed["log_level"] == "error"
+    assert failed["cause"] == record.failure
+    assert not [r for r in api.requests if r.method == "DELETE"]
+    assert not list((tmp_path / "downloads").rglob("*.png"))
+
+
+async def test_payment_required_pauses_polling_with_one_clear_line(tmp_path: Path) -> None:
+    """A 402 pauses every poll (one probe at a time) and is logged once, not per project."""
+    requests: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(402, json={"message": "Payment Required"})
+
+    settings = settings_for(
+        tmp_path, " ".join(f"p{i}" for i in range(20)), max_concurrent_requests="1"
+    )
+    daemon = Daemon(settings, InMemoryStore(), transport=httpx.MockTransport(handler))
+    with capture_logs() as logs:
+        task = asyncio.create_task(daemon.run())
+        await asyncio.sleep(1.0)
+        daemon.request_stop()
+        await asyncio.wait_for(task, 10)
+    assert [e["event"] for e in logs].count("api_payment_required") == 1
+    assert daemon.payment_required
+    # The calls already claimed wait out the pause in the client instead of being sent.
+    assert len(requests) == 1
