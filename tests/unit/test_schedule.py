@@ -1,0 +1,102 @@
+"""The learned polling schedule: sparse before renders usually end, dense while they do,
+logarithmic after."""
+
+from __future__ import annotations
+
+import random
+
+from watcher.backoff import PollPolicy
+from watcher.models import Kind, RemoteStatus
+from watcher.schedule import COLD_WINDOW, MIN_SAMPLES, RenderStats, next_poll_delay
+
+POLICY = PollPolicy(initial=1.0, maximum=60.0)
+
+
+def polls_until(
+    finish: float, window: tuple[float, float] | None, seed: int = 1
+) -> tuple[int, float]:
+    """Simulate one project finishing at ``finish``: (GETs spent, lag after the finish)."""
+    rng = random.Random(seed)
+    age, polls = 0.0, 1
+    while age < finish:
+        age += next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.RENDERING, age, rng, window)
+        polls += 1
+    return polls, age - finish
+
+
+def test_window_needs_enough_samples_and_follows_the_percentiles() -> None:
+    """No window until MIN_SAMPLES durations are known; then the 2nd and 98th percentiles."""
+    stats = RenderStats()
+    for i in range(MIN_SAMPLES - 1):
+        stats.add(Kind.IMAGE, 5.0 + i)
+    assert stats.window(Kind.IMAGE) is None
+    for i in range(100):
+        stats.add(Kind.IMAGE, 5.0 + i * 0.03)
+    low, high = stats.window(Kind.IMAGE) or (0, 0)
+    assert 5.0 <= low < 5.2
+    assert 7.5 < high <= 16.0
+    assert stats.window(Kind.VIDEO) is None
+
+
+def test_old_samples_leave_the_window() -> None:
+    """Only the most recent durations count: a kind that became slow is learned again."""
+    stats = RenderStats(size=20)
+    for _ in range(20):
+        stats.add(Kind.AUDIO, 2.0)
+    for _ in range(20):
+        stats.add(Kind.AUDIO, 50.0)
+    assert stats.window(Kind.AUDIO) == (50.0, 50.0)
+    assert stats.count(Kind.AUDIO) == 20
+
+
+def test_sleeps_until_the_window_opens() -> None:
+    """A young project waits for the usual window instead of polling, capped at POLL_MAX."""
+    rng = random.Random(0)
+    assert next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.QUEUED, 1.0, rng, (20.0, 30.0)) == 19.0
+    assert next_poll_delay(POLICY, Kind.IMAGE, None, 0.0, rng, (500.0, 900.0)) == 60.0
+
+
+def test_dense_inside_the_window_and_scaled_by_kind() -> None:
+    """Inside the window the delay is the initial interval (jittered down by at most 25 %)."""
+    rng = random.Random(0)
+    for age in (20.0, 25.0, 30.0):
+        image = next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.RENDERING, age, rng, (20.0, 30.0))
+        video = next_poll_delay(POLICY, Kind.VIDEO, RemoteStatus.RENDERING, age, rng, (20.0, 30.0))
+        assert 0.75 <= image <= 1.0
+        assert 0.75 * 2.5 <= video <= 2.5
+
+
+def test_past_the_window_delays_grow_with_the_overrun() -> None:
+    """A render far past its usual end is polled less and less often, never beyond POLL_MAX."""
+    rng = random.Random(0)
+    delays = [
+        next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.RENDERING, age, rng, (5.0, 10.0))
+        for age in (12.0, 30.0, 100.0, 10_000.0)
+    ]
+    assert delays == sorted(delays)
+    assert delays[0] <= 1.0
+    assert 45.0 <= delays[-1] <= 60.0
+
+
+def test_cold_start_watches_closely_then_backs_off() -> None:
+    """Without samples, the first COLD_WINDOW seconds are dense, later ones sparse."""
+    rng = random.Random(0)
+    early = next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.QUEUED, 3.0, rng, None)
+    late = next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.QUEUED, COLD_WINDOW * 10, rng, None)
+    assert early <= 1.0
+    assert late >= 30.0
+
+
+def test_learned_window_spends_fewer_requests_for_the_same_lag() -> None:
+    """Renders that end between 6 and 8 s: the learned window saves GETs and keeps lag <= 1 s."""
+    cold = [polls_until(6 + i / 50, None, seed=i) for i in range(100)]
+    learned = [polls_until(6 + i / 50, (6.0, 8.0), seed=i) for i in range(100)]
+    assert max(lag for _, lag in learned) <= 1.0
+    assert sum(p for p, _ in learned) < 0.5 * sum(p for p, _ in cold)
+
+
+def test_draft_is_polled_rarely() -> None:
+    """A project sitting in the unused ``draft`` status is looked at four times less often."""
+    rng = random.Random(0)
+    draft = next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.DRAFT, 5.0, rng, None)
+    assert draft >= 3.0
