@@ -55,6 +55,7 @@ from watcher.metrics import Metrics
 from watcher.models import ProjectRef, ProjectSnapshot, RemoteStatus, State
 from watcher.paths import PART_SUFFIX, output_relpath, resolve_inside
 from watcher.priority import PriorityGate
+from watcher.schedule import RenderStats, next_poll_delay
 from watcher.settings import Settings
 from watcher.store import Claim, LeaseLost, NewOutput, OutputRecord, OutputState, Store
 from watcher.throttle import Throttle
@@ -101,6 +102,7 @@ class Daemon:
         self.rng = rng or random.Random()
         self.metrics = metrics or Metrics()
         self.policy = PollPolicy(settings.poll_initial, settings.poll_max)
+        self.render_stats = RenderStats()
         self.owner = settings.replica_id
         self.lease_seconds = settings.lease_seconds
         self.download_dir = settings.download_dir
@@ -416,6 +418,8 @@ class Daemon:
             )
         if status.is_terminal:
             self.metrics.time_to_terminal.observe(max(0.0, now - p.tracked_at))
+            if p.polls > 0:  # seen in progress: a render duration worth learning from
+                self.render_stats.add(p.kind, now - p.tracked_at)
         if status == RemoteStatus.COMPLETE:
             await self._complete(claim, snapshot, now)
         elif status == RemoteStatus.ERROR:
@@ -431,7 +435,10 @@ class Daemon:
             await self._finish(claim, State.CANCELED, remote_status=status)
         else:
             attempt = next_attempt(p.remote_status, status, p.attempt)
-            delay = self.policy.poll_delay(p.kind, status, attempt, self.rng)
+            window = self.render_stats.window(p.kind)
+            delay = next_poll_delay(
+                self.policy, p.kind, status, age=now - p.tracked_at, rng=self.rng, window=window
+            )
             await self.store.record_poll(
                 claim, now=now, remote_status=status, attempt=attempt, due_at=now + delay
             )
@@ -676,7 +683,8 @@ class Daemon:
             event = {
                 State.CANCELED: "project_canceled",
                 State.NOT_FOUND: "project_not_found",
-            }.get(state, "project_finished")
+                State.SAVED: "project_saved",
+            }[state]
             log.info(event, **fields, note=failure)
 
     def _remove_parts_sync(self, kind: str, project_id: str) -> None:

@@ -72,6 +72,7 @@ def next_poll_delay(
     policy: PollPolicy,
     kind: Kind,
     status: RemoteStatus | None,
+    *,
     age: float,
     rng: random.Random,
     window: tuple[float, float] | None,

@@ -19,7 +19,9 @@ def polls_until(
     rng = random.Random(seed)
     age, polls = 0.0, 1
     while age < finish:
-        age += next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.RENDERING, age, rng, window)
+        age += next_poll_delay(
+            POLICY, Kind.IMAGE, RemoteStatus.RENDERING, age=age, rng=rng, window=window
+        )
         polls += 1
     return polls, age - finish
 
@@ -52,16 +54,27 @@ def test_old_samples_leave_the_window() -> None:
 def test_sleeps_until_the_window_opens() -> None:
     """A young project waits for the usual window instead of polling, capped at POLL_MAX."""
     rng = random.Random(0)
-    assert next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.QUEUED, 1.0, rng, (20.0, 30.0)) == 19.0
-    assert next_poll_delay(POLICY, Kind.IMAGE, None, 0.0, rng, (500.0, 900.0)) == 60.0
+    assert (
+        next_poll_delay(
+            POLICY, Kind.IMAGE, RemoteStatus.QUEUED, age=1.0, rng=rng, window=(20.0, 30.0)
+        )
+        == 19.0
+    )
+    assert (
+        next_poll_delay(POLICY, Kind.IMAGE, None, age=0.0, rng=rng, window=(500.0, 900.0)) == 60.0
+    )
 
 
 def test_dense_inside_the_window_and_scaled_by_kind() -> None:
     """Inside the window the delay is the initial interval (jittered down by at most 25 %)."""
     rng = random.Random(0)
     for age in (20.0, 25.0, 30.0):
-        image = next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.RENDERING, age, rng, (20.0, 30.0))
-        video = next_poll_delay(POLICY, Kind.VIDEO, RemoteStatus.RENDERING, age, rng, (20.0, 30.0))
+        image = next_poll_delay(
+            POLICY, Kind.IMAGE, RemoteStatus.RENDERING, age=age, rng=rng, window=(20.0, 30.0)
+        )
+        video = next_poll_delay(
+            POLICY, Kind.VIDEO, RemoteStatus.RENDERING, age=age, rng=rng, window=(20.0, 30.0)
+        )
         assert 0.75 <= image <= 1.0
         assert 0.75 * 2.5 <= video <= 2.5
 
@@ -70,7 +83,9 @@ def test_past_the_window_delays_grow_with_the_overrun() -> None:
     """A render far past its usual end is polled less and less often, never beyond POLL_MAX."""
     rng = random.Random(0)
     delays = [
-        next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.RENDERING, age, rng, (5.0, 10.0))
+        next_poll_delay(
+            POLICY, Kind.IMAGE, RemoteStatus.RENDERING, age=age, rng=rng, window=(5.0, 10.0)
+        )
         for age in (12.0, 30.0, 100.0, 10_000.0)
     ]
     assert delays == sorted(delays)
@@ -81,8 +96,10 @@ def test_past_the_window_delays_grow_with_the_overrun() -> None:
 def test_cold_start_watches_closely_then_backs_off() -> None:
     """Without samples, the first COLD_WINDOW seconds are dense, later ones sparse."""
     rng = random.Random(0)
-    early = next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.QUEUED, 3.0, rng, None)
-    late = next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.QUEUED, COLD_WINDOW * 10, rng, None)
+    early = next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.QUEUED, age=3.0, rng=rng, window=None)
+    late = next_poll_delay(
+        POLICY, Kind.IMAGE, RemoteStatus.QUEUED, age=COLD_WINDOW * 10, rng=rng, window=None
+    )
     assert early <= 1.0
     assert late >= 30.0
 
@@ -98,5 +115,5 @@ def test_learned_window_spends_fewer_requests_for_the_same_lag() -> None:
 def test_draft_is_polled_rarely() -> None:
     """A project sitting in the unused ``draft`` status is looked at four times less often."""
     rng = random.Random(0)
-    draft = next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.DRAFT, 5.0, rng, None)
+    draft = next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.DRAFT, age=5.0, rng=rng, window=None)
     assert draft >= 3.0
