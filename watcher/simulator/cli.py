@@ -1,0 +1,214 @@
+"""The ``watcher simulate`` command: serve a simulated Magic Hour API in the foreground.
+
+This module owns the command's options and its run: it pre-creates projects, prints them as
+``kind:id`` lines on stdout, then a ``# simulator listening on URL with token TOKEN`` line, and
+serves until SIGINT or SIGTERM. The ``watcher`` command line itself wires it in.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING, TypeVar
+
+from watcher.errors import ConfigError
+from watcher.models import Kind
+from watcher.simulator.config import Faults, SimConfig
+from watcher.simulator.server import SimulatorServer
+from watcher.simulator.state import Simulator
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from types import FrameType
+
+_T = TypeVar("_T")
+
+DEFAULT_PORT = 8787
+_CONFIG = SimConfig()
+_FAULTS = Faults()
+_DEFAULT = "(%(default)s)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``watcher simulate`` to ``parser``."""
+    _add_server_arguments(parser)
+    _add_project_arguments(parser)
+    _add_fault_arguments(parser)
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to bind (%(default)s)")
+    group.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="port to bind; 0 picks a free one"
+    )
+    group.add_argument("--token", default=_CONFIG.token, help="accepted API token")
+    group.add_argument("--seed", type=int, default=_CONFIG.seed, help="seed of every draw")
+
+
+def _add_project_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("projects")
+    for kind in Kind:
+        group.add_argument(
+            f"--{kind.value}", type=int, default=0, metavar="N", help=f"{kind.value} projects"
+        )
+    _add_pair(group, "--queued-seconds", float, _CONFIG.queued_seconds, "time spent queued")
+    _add_pair(group, "--rendering-seconds", float, _CONFIG.rendering_seconds, "time rendering")
+    _add_pair(group, "--image-outputs", int, _CONFIG.image_outputs, "outputs per image project")
+    _add_pair(group, "--output-bytes", int, _CONFIG.output_bytes, "size of each output")
+    group.add_argument(
+        "--error-rate", type=float, default=_CONFIG.error_rate, metavar="P", help=_DEFAULT
+    )
+    group.add_argument(
+        "--cancel-rate", type=float, default=_CONFIG.cancel_rate, metavar="P", help=_DEFAULT
+    )
+    group.add_argument(
+        "--url-lifetime",
+        type=float,
+        default=_CONFIG.url_lifetime,
+        metavar="SECONDS",
+        help="how long a signed download URL stays valid (%(default)s)",
+    )
+    group.add_argument(
+        "--timeline-start",
+        choices=("created", "first_get"),
+        default=_CONFIG.timeline_start,
+        help="when the render clock starts (%(default)s)",
+    )
+    group.add_argument(
+        "--after-delete",
+        choices=("404", "disabled"),
+        default=_CONFIG.after_delete,
+        help="what GET answers after DELETE: 404, or 200 with enabled=false (%(default)s)",
+    )
+
+
+def _add_pair(
+    group: argparse._ArgumentGroup,
+    flag: str,
+    kind: Callable[[str], float],
+    default: tuple[float, float],
+    what: str,
+) -> None:
+    low, high = default
+    group.add_argument(
+        flag,
+        type=kind,
+        nargs=2,
+        default=default,
+        metavar=("MIN", "MAX"),
+        help=f"{what}, drawn uniformly per project ({low} {high})",
+    )
+
+
+def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("faults (probabilities per request)")
+    for name in ("429", "5xx", "reset", "slow", "broken-json", "truncate"):
+        group.add_argument(f"--rate-{name}", type=float, default=0.0, metavar="P", help=_DEFAULT)
+    group.add_argument(
+        "--retry-after",
+        type=float,
+        default=_FAULTS.retry_after,
+        metavar="SECONDS",
+        help="the delay a 429 asks for (%(default)s)",
+    )
+    group.add_argument(
+        "--retry-after-form",
+        choices=("alternate", "seconds", "http-date"),
+        default=_FAULTS.retry_after_form,
+        help="how Retry-After is written (%(default)s)",
+    )
+    group.add_argument(
+        "--slow-seconds",
+        type=float,
+        default=_FAULTS.slow_seconds,
+        metavar="SECONDS",
+        help="how long a slow response stalls (%(default)s)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    """Build the simulator's configuration from parsed options; raises :class:`ConfigError`."""
+    faults = Faults(
+        rate_429=args.rate_429,
+        retry_after=args.retry_after,
+        retry_after_form=args.retry_after_form,
+        rate_5xx=args.rate_5xx,
+        rate_reset=args.rate_reset,
+        rate_slow=args.rate_slow,
+        slow_seconds=args.slow_seconds,
+        rate_broken_json=args.rate_broken_json,
+        rate_truncate=args.rate_truncate,
+    )
+    return SimConfig(
+        token=args.token,
+        seed=args.seed,
+        queued_seconds=_pair(args.queued_seconds),
+        rendering_seconds=_pair(args.rendering_seconds),
+        error_rate=args.error_rate,
+        cancel_rate=args.cancel_rate,
+        image_outputs=_pair(args.image_outputs),
+        output_bytes=_pair(args.output_bytes),
+        url_lifetime=args.url_lifetime,
+        timeline_start=args.timeline_start,
+        after_delete=args.after_delete,
+        faults=faults,
+    )
+
+
+def _pair(values: Sequence[_T]) -> tuple[_T, _T]:
+    low, high = values
+    return (low, high)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM; return the process exit code."""
+    try:
+        config = config_from_args(args)
+        counts = _project_counts(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"watcher simulate: {exc}\n")
+        return 2
+    simulator = Simulator(config)
+    refs = [
+        f"{kind.value}:{project_id}"
+        for kind, count in counts.items()
+        if count
+        for project_id in simulator.create_projects(kind, count)
+    ]
+    return _serve(simulator, refs, args.host, args.port)
+
+
+def _project_counts(args: argparse.Namespace) -> dict[Kind, int]:
+    counts: dict[Kind, int] = {kind: getattr(args, kind.value) for kind in Kind}
+    if any(count < 0 for count in counts.values()):
+        raise ConfigError("project counts must not be negative")
+    return counts
+
+
+def _serve(simulator: Simulator, refs: list[str], host: str, port: int) -> int:
+    stop = threading.Event()
+
+    def request_stop(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with SimulatorServer(simulator, host=host, port=port) as server:
+            lines = [
+                *refs,
+                f"# simulator listening on {server.base_url} with token {simulator.config.token}",
+            ]
+            sys.stdout.write("".join(f"{line}\n" for line in lines))
+            sys.stdout.flush()
+            while not stop.wait(0.5):
+                pass
+    except (OSError, RuntimeError) as exc:
+        sys.stderr.write(f"watcher simulate: cannot serve on {host}:{port}: {exc}\n")
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
