@@ -17,7 +17,7 @@ import email.utils
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pydantic
@@ -46,6 +46,7 @@ EXCERPT_CHARS = 120
 USER_AGENT = "magic-hour-watcher"
 
 RetryHook = Callable[[TransientApiError, int, float], None]
+_T = TypeVar("_T")
 
 
 def parse_retry_after(value: str | None, *, now: float) -> float | None:
@@ -56,7 +57,7 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # isdigit() alone accepts "²", which float() refuses
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -105,12 +106,15 @@ class MagicHourClient:
 
     async def get_project(self, ref: ProjectRef) -> ProjectSnapshot:
         """``GET /v1/{kind}-projects/{id}``; raises :class:`ApiError` subclasses."""
-        body = await self._call("GET", ref)
+        return await self._call("GET", ref, lambda body: self._parse_project(ref, body))
+
+    def _parse_project(self, ref: ProjectRef, body: bytes) -> ProjectSnapshot:
+        """The project in a 2xx body; an unreadable body is transient (retried like a 5xx)."""
         try:
             snapshot = ProjectSnapshot.parse(json.loads(body))
         except (ValueError, pydantic.ValidationError) as exc:
             raise TransientApiError(
-                f"GET {ref} returned a body that is not a project: {excerpt(body)!r}",
+                f"GET {ref} returned a body that is not a project: {excerpt(self._scrub(body))!r}",
                 status_code=200,
                 cause="bad_body",
             ) from exc
@@ -123,12 +127,12 @@ class MagicHourClient:
     async def delete_project(self, ref: ProjectRef) -> bool:
         """``DELETE /v1/{kind}-projects/{id}``. True if deleted now, False if it was gone (404)."""
         try:
-            await self._call("DELETE", ref)
+            await self._call("DELETE", ref, lambda _body: None)
         except ProjectNotFound:
             return False
         return True
 
-    async def _call(self, method: str, ref: ProjectRef) -> bytes:
+    async def _call(self, method: str, ref: ProjectRef, parse: Callable[[bytes], _T]) -> _T:
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self._max_attempts),
             wait=self._wait,
@@ -139,7 +143,7 @@ class MagicHourClient:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._send(method, ref)
+                return parse(await self._send(method, ref))
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True always raises
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
@@ -182,6 +186,11 @@ class MagicHourClient:
         self._raise_for_status(method, ref, response, body)
         return body
 
+    def _scrub(self, body: bytes) -> bytes:
+        """``body`` without the API token, in case a server or proxy echoes the request back."""
+        secret = self._token.get_secret_value().encode()
+        return body.replace(secret, b"[redacted]") if secret else body
+
     def _count(self, method: str, code: str) -> None:
         if self._metrics is not None:
             self._metrics.api_responses.labels(method, code).inc()
@@ -192,6 +201,7 @@ class MagicHourClient:
         code = response.status_code
         if 200 <= code < 300:
             return
+        body = self._scrub(body)
         what = f"{method} {ref}: HTTP {code}"
         message = _api_message(body)
         if code in RETRYABLE_STATUS:

@@ -161,10 +161,12 @@ class Downloader:
                 f.seek(offset)
                 f.truncate()
                 # As received, not re-chunked: the bytes of a body cut short still reach the .part.
-                async for chunk in response.aiter_bytes():
-                    f.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
+                # A 416 (the .part is already whole) carries an error page, not bytes of the file.
+                if response.status_code != 416:
+                    async for chunk in response.aiter_bytes():
+                        f.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
                 f.flush()
                 await asyncio.to_thread(os.fsync, f.fileno())
         except OSError as exc:

@@ -18,6 +18,9 @@ from contextlib import asynccontextmanager
 from watcher import clock
 
 RESUME_FRACTION = 0.1
+# Float rounding: after sleeping exactly the deficit, the refill can come out a hair under one
+# token; without this slack an exact (injected) clock would loop on ever tinier sleeps.
+TOKEN_SLACK = 1e-6
 
 
 class Throttle:
@@ -62,6 +65,7 @@ class Throttle:
             return False
         self._paused_until = until
         self._tokens = 0.0
+        self._stamp = until  # the budget refills from the end of the pause, not during it
         self.pauses += 1
         return True
 
@@ -81,8 +85,8 @@ class Throttle:
                 rate = self.current_rate(at)
                 self._tokens = min(self._capacity, self._tokens + (at - self._stamp) * rate)
                 self._stamp = at
-                if self._tokens >= 1.0:
-                    self._tokens -= 1.0
+                if self._tokens >= 1.0 - TOKEN_SLACK:
+                    self._tokens = max(0.0, self._tokens - 1.0)
                     return
                 await self._sleep((1.0 - self._tokens) / rate)
 

@@ -1,0 +1,483 @@
+"""Unit tests of :mod:`watcher.api` against a scripted fake server (``httpx.MockTransport``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from email.utils import formatdate
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from tests.unit.fake_time import FakeClock
+from watcher.api import MAX_BODY_BYTES, MagicHourClient, parse_retry_after
+from watcher.errors import (
+    ApiError,
+    ApiRejected,
+    PaymentRequired,
+    ProjectNotFound,
+    RateLimited,
+    TransientApiError,
+    Unauthorized,
+    WatcherError,
+)
+from watcher.metrics import Metrics
+from watcher.models import Kind, ProjectRef, RemoteStatus
+from watcher.throttle import Throttle
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "mhk_live_T0kenThatMustNeverLeak9876"
+BASE_URL = "https://api.example.test"
+REF = ProjectRef(Kind.IMAGE, "cm2xproj0001")
+
+Reply = httpx.Response | Exception
+Script = Callable[[httpx.Request], Reply]
+
+
+def project_json(project_id: str = REF.id, status: str = "rendering") -> dict[str, Any]:
+    """A project body as the API sends it, with fields the watcher ignores."""
+    return {
+        "id": project_id,
+        "name": None,
+        "status": status,
+        "type": "AI_IMAGE",
+        "created_at": "2024-10-18T05:16:19.027Z",
+        "enabled": True,
+        "credits_charged": 5,
+        "downloads": [],
+        "error": None,
+        "image_count": 1,
+    }
+
+
+def ok() -> httpx.Response:
+    return httpx.Response(200, json=project_json())
+
+
+class FakeApi:
+    """Answers requests from a script, one reply per request; the last reply repeats."""
+
+    def __init__(self, *replies: Reply | Script) -> None:
+        self.replies = list(replies)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        reply = self.replies[min(len(self.requests), len(self.replies)) - 1]
+        if callable(reply) and not isinstance(reply, httpx.Response):
+            reply = reply(request)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+
+class Harness:
+    """A client wired to a fake server, a fake clock for its throttle and a fake retry sleep."""
+
+    def __init__(self, api: FakeApi, http: httpx.AsyncClient, max_attempts: int) -> None:
+        self.api = api
+        self.clock = FakeClock()
+        self.retry_sleeps: list[float] = []
+        self.retries: list[tuple[str, int, float]] = []
+        self.metrics = Metrics()
+        self.throttle = Throttle(
+            rate=10_000, concurrency=8, now=self.clock.now, sleep=self.clock.sleep
+        )
+        self.client = MagicHourClient(
+            http,
+            base_url=BASE_URL + "/",
+            token=SecretStr(TOKEN),
+            throttle=self.throttle,
+            max_attempts=max_attempts,
+            on_retry=lambda exc, attempt, wait: self.retries.append((exc.cause, attempt, wait)),
+            metrics=self.metrics,
+            sleep=self._sleep,
+        )
+
+    async def _sleep(self, seconds: float) -> None:
+        self.retry_sleeps.append(seconds)
+
+    def responses(self, method: str, code: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "watcher_api_responses_total", {"method": method, "code": code}
+        )
+        return value or 0.0
+
+
+@asynccontextmanager
+async def harness(*replies: Reply | Script, max_attempts: int = 3) -> AsyncIterator[Harness]:
+    api = FakeApi(*replies)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(api)) as http:
+        yield Harness(api, http, max_attempts)
+
+
+def _messages(exc: BaseException) -> Iterator[str]:
+    """Every text a traceback of ``exc`` would show: its str and repr, and its chain's."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield str(seen)
+        yield repr(seen)
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+
+
+# --- success -----------------------------------------------------------------------------------
+
+
+async def test_get_parses_the_project() -> None:
+    """A 200 with a project body gives a snapshot, in one request to the kind's path."""
+    async with harness(ok()) as h:
+        snapshot = await h.client.get_project(REF)
+    assert snapshot.id == REF.id
+    assert snapshot.status is RemoteStatus.RENDERING
+    [request] = h.api.requests
+    assert request.method == "GET"
+    assert str(request.url) == f"{BASE_URL}/v1/image-projects/{REF.id}"
+    assert request.headers["accept"] == "application/json"
+    assert h.retry_sleeps == []
+    assert h.responses("GET", "200") == 1
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+async def test_each_kind_uses_its_collection(kind: Kind) -> None:
+    """Video and audio projects are fetched from their own collections."""
+    async with harness(ok()) as h:
+        await h.client.get_project(ProjectRef(kind, REF.id))
+    assert h.api.requests[0].url.path == f"/v1/{kind.value}-projects/{REF.id}"
+
+
+async def test_bearer_token_is_sent_to_the_api() -> None:
+    """API requests carry the token as a bearer credential."""
+    async with harness(ok()) as h:
+        await h.client.get_project(REF)
+    assert h.api.requests[0].headers["authorization"] == f"Bearer {TOKEN}"
+
+
+async def test_a_different_project_in_the_body_is_refused() -> None:
+    """A body describing another project is not taken for the one asked about."""
+    other = httpx.Response(200, json=project_json("someoneelse"))
+    async with harness(other, max_attempts=1) as h:
+        with pytest.raises(TransientApiError, match="someoneelse") as caught:
+            await h.client.get_project(REF)
+    assert caught.value.cause == "bad_body"
+
+
+# --- errors that are not retried ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "message"),
+    [
+        (401, Unauthorized, "Unauthorized"),
+        (402, PaymentRequired, "Not enough credits"),
+        (404, ProjectNotFound, "Project not found"),
+        (400, ApiRejected, "Invalid id"),
+        (422, ApiRejected, "video is a template and cannot be deleted"),
+    ],
+)
+async def test_client_errors_are_not_retried(
+    code: int, error: type[ApiError], message: str
+) -> None:
+    """401/402/404/other 4xx map to their own errors after exactly one request."""
+    reply = httpx.Response(code, json={"message": message})
+    async with harness(reply) as h:
+        with pytest.raises(error) as caught:
+            await h.client.get_project(REF)
+    assert len(h.api.requests) == 1
+    assert h.retry_sleeps == []
+    assert caught.value.status_code == code
+    assert message in str(caught.value)
+    assert not isinstance(caught.value, TransientApiError)
+
+
+async def test_error_message_from_a_non_json_body() -> None:
+    """A 4xx with a non-JSON body still gives a readable, single-line message."""
+    reply = httpx.Response(400, text="<html>\n<body>Bad\n request</body>\n</html>")
+    async with harness(reply) as h:
+        with pytest.raises(ApiRejected) as caught:
+            await h.client.get_project(REF)
+    assert "\n" not in str(caught.value)
+    assert "Bad request" in str(caught.value)
+
+
+# --- transient faults --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [408, 429, 500, 502, 503, 504])
+async def test_transient_statuses_are_retried_until_attempts_run_out(code: int) -> None:
+    """408, 429 and 5xx are retried; after ``max_attempts`` the last error is raised."""
+    reply = httpx.Response(code, text="<html>upstream sad</html>")
+    async with harness(reply, max_attempts=4) as h:
+        with pytest.raises(TransientApiError) as caught:
+            await h.client.get_project(REF)
+    assert len(h.api.requests) == 4
+    assert len(h.retries) == 3
+    assert caught.value.status_code == code
+    assert isinstance(caught.value, RateLimited) == (code == 429)
+
+
+@pytest.mark.parametrize("code", [500, 502, 503, 504, 408])
+async def test_transient_status_then_success(code: int) -> None:
+    """A fault followed by a good answer returns the project, with one retry logged."""
+    async with harness(httpx.Response(code), ok()) as h:
+        snapshot = await h.client.get_project(REF)
+    assert snapshot.id == REF.id
+    assert len(h.api.requests) == 2
+    assert [(cause, attempt) for cause, attempt, _ in h.retries] == [(f"http_{code}", 1)]
+    assert len(h.retry_sleeps) == 1
+    assert 0 <= h.retry_sleeps[0] <= 30
+
+
+@pytest.mark.parametrize(
+    ("fault", "cause"),
+    [
+        (httpx.ConnectError("connection refused"), "network"),
+        (httpx.ReadError("connection reset by peer"), "network"),
+        (httpx.RemoteProtocolError("peer closed connection"), "network"),
+        (httpx.ConnectTimeout("timed out"), "timeout"),
+        (httpx.ReadTimeout("timed out"), "timeout"),
+    ],
+)
+async def test_network_faults_are_retried(fault: Exception, cause: str) -> None:
+    """Connection failures and timeouts are retried, then surface as TransientApiError."""
+    async with harness(fault, max_attempts=3) as h:
+        with pytest.raises(TransientApiError) as caught:
+            await h.client.get_project(REF)
+    assert len(h.api.requests) == 3
+    assert caught.value.cause == cause
+    assert caught.value.__cause__ is None  # httpx's error (and its request) are not chained
+    async with harness(fault, ok()) as h:
+        assert (await h.client.get_project(REF)).id == REF.id
+    assert len(h.api.requests) == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html><body>502 Bad Gateway</body></html>",
+        json.dumps(project_json()).encode()[:40],
+        b"",
+        b"null",
+        b'{"id": "cm2xproj0001", "status": "exploded"}',
+        b"\xff\xfe\x00garbage",
+    ],
+)
+async def test_unreadable_bodies_are_retried(body: bytes) -> None:
+    """A 200 whose body is not a project (HTML, truncated JSON...) is retried like a 5xx."""
+    async with harness(httpx.Response(200, content=body), ok()) as h:
+        snapshot = await h.client.get_project(REF)
+    assert snapshot.id == REF.id
+    assert len(h.api.requests) == 2
+    assert [cause for cause, _, _ in h.retries] == ["bad_body"]
+    async with harness(httpx.Response(200, content=body), max_attempts=3) as h:
+        with pytest.raises(TransientApiError) as caught:
+            await h.client.get_project(REF)
+    assert len(h.api.requests) == 3
+    assert caught.value.cause == "bad_body"
+
+
+async def test_retry_waits_honour_retry_after_up_to_max_wait() -> None:
+    """A 503's Retry-After sets the retry wait, capped at ``max_wait``."""
+    replies = [
+        httpx.Response(503, headers={"Retry-After": "7"}),
+        httpx.Response(503, headers={"Retry-After": "86400"}),
+        ok(),
+    ]
+    async with harness(*replies) as h:
+        await h.client.get_project(REF)
+    assert h.retry_sleeps[0] >= 7
+    assert h.retry_sleeps[1] == 30.0
+
+
+async def test_429_pauses_the_whole_client() -> None:
+    """A 429 pauses the shared throttle for Retry-After; the retry waits in the throttle."""
+    limited = httpx.Response(429, headers={"Retry-After": "12"}, text="slow down")
+    async with harness(limited, ok()) as h:
+        started = h.clock.now()
+        snapshot = await h.client.get_project(REF)
+    assert snapshot.id == REF.id
+    assert h.throttle.pauses == 1
+    assert h.retry_sleeps == [0.0]  # tenacity does not wait on top of the throttle
+    assert h.clock.now() - started >= 12.0
+    assert h.api.requests[1].headers["authorization"] == f"Bearer {TOKEN}"
+    assert h.metrics.registry.get_sample_value("watcher_rate_limit_pauses_total") == 1
+
+
+async def test_429_without_retry_after_pauses_one_second() -> None:
+    """Without a hint, a 429 still pauses the client briefly."""
+    async with harness(httpx.Response(429), ok()) as h:
+        started = h.clock.now()
+        await h.client.get_project(REF)
+    assert h.throttle.pauses == 1
+    assert h.clock.now() - started >= 1.0
+
+
+async def test_rate_limited_error_carries_retry_after() -> None:
+    """The final RateLimited error tells the caller how long the server asked to wait."""
+    async with harness(httpx.Response(429, headers={"Retry-After": "3"}), max_attempts=1) as h:
+        with pytest.raises(RateLimited) as caught:
+            await h.client.get_project(REF)
+    assert caught.value.retry_after == 3.0
+    assert caught.value.cause == "rate_limited"
+
+
+async def test_declared_oversized_body_is_refused() -> None:
+    """A Content-Length over the limit is refused before reading the body."""
+    huge = httpx.Response(200, headers={"Content-Length": str(MAX_BODY_BYTES + 1)}, content=b"{}")
+    async with harness(huge, max_attempts=1) as h:
+        with pytest.raises(TransientApiError) as caught:
+            await h.client.get_project(REF)
+    assert caught.value.cause == "body_too_large"
+
+
+async def test_streamed_oversized_body_is_refused() -> None:
+    """A body without a length that keeps coming past the limit is cut off and refused."""
+    chunks_sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal chunks_sent
+        while chunks_sent < 100:
+            chunks_sent += 1
+            yield b" " * (256 * 1024)
+
+    def stream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=endless())
+
+    async with harness(stream, max_attempts=1) as h:
+        with pytest.raises(TransientApiError) as caught:
+            await h.client.get_project(REF)
+    assert caught.value.cause == "body_too_large"
+    assert chunks_sent <= MAX_BODY_BYTES // (256 * 1024) + 2
+
+
+# --- DELETE ------------------------------------------------------------------------------------
+
+
+async def test_delete_204_is_true() -> None:
+    """A 204 to DELETE means the project was deleted now."""
+    async with harness(httpx.Response(204)) as h:
+        assert await h.client.delete_project(REF) is True
+    [request] = h.api.requests
+    assert request.method == "DELETE"
+    assert request.url.path == f"/v1/image-projects/{REF.id}"
+    assert request.headers["authorization"] == f"Bearer {TOKEN}"
+
+
+async def test_delete_404_is_false() -> None:
+    """A 404 to DELETE means it was already gone: not an error."""
+    async with harness(httpx.Response(404, json={"message": "Not found"})) as h:
+        assert await h.client.delete_project(REF) is False
+    assert len(h.api.requests) == 1
+
+
+async def test_delete_of_a_template_video_is_rejected() -> None:
+    """A 422 to DELETE is an ApiRejected, not retried."""
+    reply = httpx.Response(422, json={"message": "video is a template and cannot be deleted"})
+    async with harness(reply) as h:
+        with pytest.raises(ApiRejected, match="template"):
+            await h.client.delete_project(ProjectRef(Kind.VIDEO, "v1"))
+    assert len(h.api.requests) == 1
+
+
+async def test_delete_is_retried_after_a_5xx() -> None:
+    """A transient fault on DELETE is retried like one on GET."""
+    async with harness(httpx.Response(502), httpx.Response(204)) as h:
+        assert await h.client.delete_project(REF) is True
+    assert len(h.api.requests) == 2
+
+
+# --- the token never leaks ---------------------------------------------------------------------
+
+
+def _echo(code: int) -> Script:
+    """A server (or proxy) that puts the request's headers in its error body."""
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        auth = request.headers["authorization"]
+        if code in {400, 401, 402, 404, 422}:
+            return httpx.Response(code, json={"message": f"bad request; you sent {auth}"})
+        return httpx.Response(code, text=f"<pre>{auth}</pre>")
+
+    return reply
+
+
+@pytest.mark.parametrize("code", [400, 401, 402, 404, 422, 429, 500, 503])
+async def test_token_is_never_in_an_error_message(code: int) -> None:
+    """Even when the server echoes the Authorization header, no error shows the token."""
+    async with harness(_echo(code), max_attempts=2) as h:
+        with pytest.raises(WatcherError) as caught:
+            await h.client.get_project(REF)
+    assert h.api.requests[0].headers["authorization"] == f"Bearer {TOKEN}"
+    for text in _messages(caught.value):
+        assert TOKEN not in text
+
+
+async def test_token_is_never_in_a_bad_body_message() -> None:
+    """A 200 whose unreadable body echoes the token does not put it in the error."""
+    async with harness(_echo(200), max_attempts=1) as h:
+        with pytest.raises(TransientApiError) as caught:
+            await h.client.get_project(REF)
+    assert TOKEN not in str(caught.value)
+    assert "[redacted]" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [httpx.ConnectError(f"could not send Authorization: Bearer {TOKEN}"), httpx.ReadTimeout("t")],
+)
+async def test_token_is_never_in_a_network_error(fault: Exception) -> None:
+    """Network errors are described by type, without httpx's message or request."""
+    async with harness(fault, max_attempts=1) as h:
+        with pytest.raises(TransientApiError) as caught:
+            await h.client.get_project(REF)
+    for text in _messages(caught.value):
+        assert TOKEN not in text
+
+
+async def test_token_is_not_in_the_clients_repr() -> None:
+    """The client's repr shows where it talks to, never the token."""
+    async with harness(ok()) as h:
+        text = repr(h.client)
+    assert BASE_URL in text
+    assert TOKEN not in text
+
+
+# --- Retry-After parsing -----------------------------------------------------------------------
+
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0", 0.0),
+        ("120", 120.0),
+        ("  5 ", 5.0),
+        (formatdate(NOW + 30, usegmt=True), 30.0),
+        (formatdate(NOW + 3600), 3600.0),
+        (formatdate(NOW - 90, usegmt=True), 0.0),
+        ("Thu, 01 Jan 1970 00:00:00 GMT", 0.0),
+    ],
+)
+def test_parse_retry_after(value: str, expected: float) -> None:
+    """Delta-seconds are taken as is; an HTTP-date becomes the seconds until it, 0 if past."""
+    assert parse_retry_after(value, now=NOW) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "value", [None, "", "soon", "-5", "1.5", "5s", "Someday, 99 Foo 20x", "\u00b2", "\u0661\u0662"]
+)
+def test_parse_retry_after_ignores_garbage(value: str | None) -> None:
+    """A missing or unreadable Retry-After is ignored rather than raising."""
+    assert parse_retry_after(value, now=NOW) is None
+
+
+async def test_garbage_retry_after_still_retries() -> None:
+    """A 503 with an unreadable Retry-After is retried on the normal schedule."""
+    reply = httpx.Response(503, headers=[(b"Retry-After", b"\xb2")])
+    async with harness(reply, ok()) as h:
+        assert (await h.client.get_project(REF)).id == REF.id
+    assert len(h.api.requests) == 2

@@ -1,0 +1,507 @@
+"""Unit tests of :mod:`watcher.downloader` against a fake CDN (``httpx.MockTransport``)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+
+from watcher.downloader import Downloader, SavedFile, finish_from_disk, remove_part
+from watcher.errors import (
+    DiskFull,
+    DownloadError,
+    DownloadIncomplete,
+    DownloadUrlExpired,
+    StoreError,
+)
+from watcher.paths import part_path
+
+pytestmark = pytest.mark.anyio
+
+NOW = 1_700_000_000.0
+LATER = NOW + 86_400
+URL = "https://cdn.example.test/output/cm2xproj0001/output.mp4?X-Amz-Signature=abc"
+BODY = bytes(range(256)) * 40 + b"tail"  # 10244 bytes, every byte value present
+SHA = hashlib.sha256(BODY).hexdigest()
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+@dataclass
+class FakeCdn:
+    """Serves ``BODY`` by default, honouring ``Range`` like S3; records every request."""
+
+    handler: Handler | None = None
+    requests: list[httpx.Request] = field(default_factory=list)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.handler is not None:
+            return self.handler(request)
+        return serve(request)
+
+
+def serve(request: httpx.Request, body: bytes = BODY) -> httpx.Response:
+    """A well-behaved CDN: 206 with Content-Range for a Range request, else 200."""
+    match = re.fullmatch(r"bytes=(\d+)-", request.headers.get("range", ""))
+    if match is None:
+        return httpx.Response(200, content=body)
+    start = int(match.group(1))
+    if start >= len(body):
+        return httpx.Response(416, headers={"Content-Range": f"bytes */{len(body)}"})
+    return httpx.Response(
+        206,
+        headers={"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"},
+        content=body[start:],
+    )
+
+
+async def cut_after(data: bytes, error: Exception) -> AsyncIterator[bytes]:
+    """A body stream that sends ``data`` and then fails like a dropped connection."""
+    yield data
+    raise error
+
+
+class Verified:
+    """An ``on_verified`` callback that records what it saw on disk when it was called."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.calls: list[tuple[int, str]] = []
+        self.final_existed: list[bool] = []
+        self.part_bytes: list[bytes] = []
+
+    async def __call__(self, size: int, sha256: str) -> None:
+        self.calls.append((size, sha256))
+        self.final_existed.append(self.final.exists())
+        self.part_bytes.append(part_path(self.final).read_bytes())
+
+
+@asynccontextmanager
+async def downloader(cdn: FakeCdn) -> AsyncIterator[Downloader]:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(cdn)) as http:
+        yield Downloader(http, now=lambda: NOW)
+
+
+@pytest.fixture
+def final(tmp_path: Path) -> Path:
+    return tmp_path / "downloads" / "video" / "cm2xproj0001" / "0-output.mp4"
+
+
+# --- a whole download --------------------------------------------------------------------------
+
+
+async def test_full_download(final: Path) -> None:
+    """The body lands under its final name, verified before the rename, with no .part left."""
+    cdn = FakeCdn()
+    verified = Verified(final)
+    async with downloader(cdn) as d:
+        saved = await d.fetch(URL, LATER, final, verified)
+    assert saved == SavedFile(final, len(BODY), SHA, resumed_from=0)
+    assert final.read_bytes() == BODY
+    assert not part_path(final).exists()
+    assert verified.calls == [(len(BODY), SHA)]
+    assert verified.final_existed == [False]  # recorded before the final name appears
+    assert verified.part_bytes == [BODY]  # ... and after the .part holds every byte
+    assert len(cdn.requests) == 1
+
+
+async def test_no_authorization_header_is_sent(final: Path) -> None:
+    """Signed CDN links get a plain GET: no Authorization, no Range, no compression."""
+    cdn = FakeCdn()
+    async with downloader(cdn) as d:
+        await d.fetch(URL, LATER, final, Verified(final))
+    [request] = cdn.requests
+    assert "authorization" not in request.headers
+    assert "range" not in request.headers
+    assert request.headers["accept-encoding"] == "identity"
+    assert str(request.url) == URL
+
+
+async def test_empty_output(final: Path) -> None:
+    """A zero-byte output is saved as an empty file with the empty digest."""
+    cdn = FakeCdn(lambda _request: httpx.Response(200, content=b""))
+    async with downloader(cdn) as d:
+        saved = await d.fetch(URL, LATER, final, Verified(final))
+    assert saved.size == 0
+    assert saved.sha256 == hashlib.sha256(b"").hexdigest()
+    assert final.read_bytes() == b""
+
+
+async def test_body_without_length_is_accepted(final: Path) -> None:
+    """A streamed body without Content-Length is saved whole."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(BODY), 1000):
+            yield BODY[start : start + 1000]
+
+    cdn = FakeCdn(lambda _request: httpx.Response(200, content=chunks()))
+    async with downloader(cdn) as d:
+        saved = await d.fetch(URL, LATER, final, Verified(final))
+    assert (saved.size, saved.sha256) == (len(BODY), SHA)
+    assert final.read_bytes() == BODY
+
+
+async def test_callback_failure_leaves_no_final_file(final: Path) -> None:
+    """If recording the verification fails, the output is not renamed into place."""
+
+    async def broken_store(size: int, sha256: str) -> None:
+        raise StoreError("database is gone")
+
+    async with downloader(FakeCdn()) as d:
+        with pytest.raises(StoreError):
+            await d.fetch(URL, LATER, final, broken_store)
+    assert not final.exists()
+    assert part_path(final).read_bytes() == BODY
+
+
+# --- bodies cut short --------------------------------------------------------------------------
+
+
+async def test_body_shorter_than_content_length(final: Path) -> None:
+    """A body that ends before its Content-Length is incomplete and keeps its .part."""
+    short = BODY[:4000]
+    cdn = FakeCdn(
+        lambda _request: httpx.Response(
+            200, headers={"Content-Length": str(len(BODY))}, content=short
+        )
+    )
+    verified = Verified(final)
+    async with downloader(cdn) as d:
+        with pytest.raises(DownloadIncomplete, match=f"got 4000 bytes of {len(BODY)}"):
+            await d.fetch(URL, LATER, final, verified)
+    assert not final.exists()
+    assert part_path(final).read_bytes() == short
+    assert verified.calls == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        httpx.ReadError("connection reset by peer"),
+        httpx.RemoteProtocolError("peer closed connection without sending complete message body"),
+        httpx.ReadTimeout("read timed out"),
+    ],
+)
+async def test_broken_connection_keeps_the_bytes_received(
+    final: Path, error: httpx.TransportError
+) -> None:
+    """A connection that drops mid-body is incomplete, and what arrived stays in the .part."""
+    cdn = FakeCdn(
+        lambda _request: httpx.Response(
+            200,
+            headers={"Content-Length": str(len(BODY))},
+            content=cut_after(BODY[:3000], error),
+        )
+    )
+    async with downloader(cdn) as d:
+        with pytest.raises(DownloadIncomplete, match=r"\.part"):
+            await d.fetch(URL, LATER, final, Verified(final))
+    assert not final.exists()
+    assert part_path(final).read_bytes() == BODY[:3000]
+
+
+async def test_broken_download_resumes_where_it_stopped(final: Path) -> None:
+    """After a cut, the next fetch asks for the rest and the whole file verifies."""
+    first = True
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        nonlocal first
+        if first:
+            first = False
+            return httpx.Response(200, content=cut_after(BODY[:5000], httpx.ReadError("reset")))
+        return serve(request)
+
+    cdn = FakeCdn(flaky)
+    verified = Verified(final)
+    async with downloader(cdn) as d:
+        with pytest.raises(DownloadIncomplete):
+            await d.fetch(URL, LATER, final, verified)
+        saved = await d.fetch(URL, LATER, final, verified)
+    assert cdn.requests[1].headers["range"] == "bytes=5000-"
+    assert "authorization" not in cdn.requests[1].headers
+    assert saved == SavedFile(final, len(BODY), SHA, resumed_from=5000)
+    assert final.read_bytes() == BODY
+    assert verified.calls == [(len(BODY), SHA)]
+
+
+# --- resuming ----------------------------------------------------------------------------------
+
+
+async def test_resume_from_an_existing_part(final: Path) -> None:
+    """An existing .part is continued with Range; the digest covers the whole file."""
+    final.parent.mkdir(parents=True)
+    part_path(final).write_bytes(BODY[:1234])
+    cdn = FakeCdn()
+    async with downloader(cdn) as d:
+        saved = await d.fetch(URL, LATER, final, Verified(final))
+    [request] = cdn.requests
+    assert request.headers["range"] == "bytes=1234-"
+    assert saved.resumed_from == 1234
+    assert (saved.size, saved.sha256) == (len(BODY), SHA)
+    assert final.read_bytes() == BODY
+    assert not part_path(final).exists()
+
+
+async def test_resume_with_unknown_total(final: Path) -> None:
+    """A 206 whose Content-Range total is ``*`` is accepted without a length check."""
+    final.parent.mkdir(parents=True)
+    part_path(final).write_bytes(BODY[:100])
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        headers = {"Content-Range": f"bytes 100-{len(BODY) - 1}/*"}
+        return httpx.Response(206, headers=headers, content=BODY[100:])
+
+    async with downloader(FakeCdn(reply)) as d:
+        saved = await d.fetch(URL, LATER, final, Verified(final))
+    assert (saved.size, saved.sha256) == (len(BODY), SHA)
+
+
+async def test_200_to_a_range_request_starts_over(final: Path) -> None:
+    """A server that ignores Range and sends the whole body replaces the .part cleanly."""
+    final.parent.mkdir(parents=True)
+    stale = b"stale bytes from another version of the file " * 50
+    part_path(final).write_bytes(stale)
+    cdn = FakeCdn(lambda _request: httpx.Response(200, content=BODY))
+    async with downloader(cdn) as d:
+        saved = await d.fetch(URL, LATER, final, Verified(final))
+    assert cdn.requests[0].headers["range"] == f"bytes={len(stale)}-"
+    assert saved == SavedFile(final, len(BODY), SHA, resumed_from=0)
+    assert final.read_bytes() == BODY
+
+
+@pytest.mark.parametrize(
+    "content_range",
+    [
+        f"bytes 0-{len(BODY) - 1}/{len(BODY)}",
+        f"bytes 999-{len(BODY) - 1}/{len(BODY)}",
+        "",
+        "garbage",
+    ],
+)
+async def test_206_at_the_wrong_offset_starts_over(final: Path, content_range: str) -> None:
+    """A 206 that does not continue at our offset drops the .part; the next try starts clean."""
+    final.parent.mkdir(parents=True)
+    part_path(final).write_bytes(BODY[:500])
+    wrong = True
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        nonlocal wrong
+        if wrong:
+            wrong = False
+            headers = {"Content-Range": content_range} if content_range else {}
+            return httpx.Response(206, headers=headers, content=BODY)
+        return serve(request)
+
+    cdn = FakeCdn(reply)
+    async with downloader(cdn) as d:
+        with pytest.raises(DownloadIncomplete, match="wrong offset"):
+            await d.fetch(URL, LATER, final, Verified(final))
+        assert not part_path(final).exists()
+        assert not final.exists()
+        saved = await d.fetch(URL, LATER, final, Verified(final))
+    assert "range" not in cdn.requests[1].headers
+    assert saved == SavedFile(final, len(BODY), SHA, resumed_from=0)
+    assert final.read_bytes() == BODY
+
+
+async def test_416_for_a_complete_part_finishes_it(final: Path) -> None:
+    """A .part that already holds the whole file (416 naming its size) is verified and kept."""
+    final.parent.mkdir(parents=True)
+    part_path(final).write_bytes(BODY)
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            416,
+            headers={"Content-Range": f"bytes */{len(BODY)}", "Content-Type": "application/xml"},
+            content=b"<Error><Code>InvalidRange</Code></Error>",
+        )
+
+    verified = Verified(final)
+    async with downloader(FakeCdn(reply)) as d:
+        saved = await d.fetch(URL, LATER, final, verified)
+    assert (saved.size, saved.sha256) == (len(BODY), SHA)
+    assert final.read_bytes() == BODY
+    assert verified.calls == [(len(BODY), SHA)]
+
+
+async def test_416_for_a_part_of_another_size_starts_over(final: Path) -> None:
+    """A 416 that does not match the .part (longer than the file) drops it."""
+    final.parent.mkdir(parents=True)
+    part_path(final).write_bytes(BODY + b"junk")
+    async with downloader(FakeCdn()) as d:
+        with pytest.raises(DownloadIncomplete, match="416"):
+            await d.fetch(URL, LATER, final, Verified(final))
+        assert not part_path(final).exists()
+        saved = await d.fetch(URL, LATER, final, Verified(final))
+    assert final.read_bytes() == BODY
+    assert saved.resumed_from == 0
+
+
+# --- refused and expired links -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [401, 403, 404, 410])
+async def test_refused_link_is_expired(final: Path, code: int) -> None:
+    """A refused signed URL means it expired; a .part is kept for the fresh URL."""
+    final.parent.mkdir(parents=True)
+    part_path(final).write_bytes(BODY[:10])
+    cdn = FakeCdn(lambda _request: httpx.Response(code, text="<Error>AccessDenied</Error>"))
+    async with downloader(cdn) as d:
+        with pytest.raises(DownloadUrlExpired, match=str(code)):
+            await d.fetch(URL, LATER, final, Verified(final))
+    assert part_path(final).read_bytes() == BODY[:10]
+    assert not final.exists()
+
+
+@pytest.mark.parametrize("expires_at", [NOW - 3600, NOW])
+async def test_expired_link_is_not_even_tried(final: Path, expires_at: float) -> None:
+    """A URL past its ``expires_at`` raises at once, without any request."""
+    cdn = FakeCdn()
+    async with downloader(cdn) as d:
+        with pytest.raises(DownloadUrlExpired):
+            await d.fetch(URL, expires_at, final, Verified(final))
+    assert cdn.requests == []
+    assert not final.exists()
+
+
+@pytest.mark.parametrize("code", [500, 503, 302, 204])
+async def test_other_statuses_are_download_errors(final: Path, code: int) -> None:
+    """Any other status is a plain download error, and nothing is written."""
+    cdn = FakeCdn(lambda _request: httpx.Response(code, text="nope"))
+    async with downloader(cdn) as d:
+        with pytest.raises(DownloadError) as caught:
+            await d.fetch(URL, LATER, final, Verified(final))
+    assert type(caught.value) is DownloadError
+    assert not final.exists()
+    assert not part_path(final).exists()
+
+
+# --- a full disk -------------------------------------------------------------------------------
+
+
+class _FullDiskFile(io.FileIO):
+    """A real file whose writes fail as on a full disk."""
+
+    def write(self, data: Any, /) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _fill_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every write to a ``.part`` file fail with ENOSPC."""
+    real_open = Path.open
+
+    def open_on_full_disk(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> IO[Any]:
+        if self.name.endswith(".part") and mode in {"wb", "r+b"}:
+            return _FullDiskFile(self, mode)
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_on_full_disk)
+
+
+async def test_full_disk(final: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC while writing is DiskFull; no final file, and the .part is removed to free space."""
+    _fill_disk(monkeypatch)
+    verified = Verified(final)
+    async with downloader(FakeCdn()) as d:
+        with pytest.raises(DiskFull, match="no space left"):
+            await d.fetch(URL, LATER, final, verified)
+    assert not final.exists()
+    assert not part_path(final).exists()
+    assert verified.calls == []
+
+
+async def test_full_disk_while_resuming(final: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC on a resumed download is DiskFull too, and leaves no final file."""
+    final.parent.mkdir(parents=True)
+    part_path(final).write_bytes(BODY[:700])
+    _fill_disk(monkeypatch)
+    async with downloader(FakeCdn()) as d:
+        with pytest.raises(DiskFull):
+            await d.fetch(URL, LATER, final, Verified(final))
+    assert not final.exists()
+
+
+async def test_other_write_errors_are_download_errors(
+    final: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write error other than a full disk is a DownloadError naming the cause, not DiskFull."""
+
+    def read_only(self: Path, *args: Any, **kwargs: Any) -> IO[Any]:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "open", read_only)
+    async with downloader(FakeCdn()) as d:
+        with pytest.raises(DownloadError, match="Permission denied") as caught:
+            await d.fetch(URL, LATER, final, Verified(final))
+    assert not isinstance(caught.value, DiskFull)
+    assert not final.exists()
+
+
+# --- finishing after a crash -------------------------------------------------------------------
+
+
+def test_finish_from_a_matching_final_file(final: Path) -> None:
+    """A final file with the recorded size and digest is accepted as is."""
+    final.parent.mkdir(parents=True)
+    final.write_bytes(BODY)
+    assert finish_from_disk(final, len(BODY), SHA) is True
+    assert final.read_bytes() == BODY
+
+
+def test_finish_from_a_matching_part(final: Path) -> None:
+    """A verified .part left by a crash before the rename is renamed into place."""
+    final.parent.mkdir(parents=True)
+    part_path(final).write_bytes(BODY)
+    assert finish_from_disk(final, len(BODY), SHA) is True
+    assert final.read_bytes() == BODY
+    assert not part_path(final).exists()
+
+
+def test_finish_prefers_a_matching_part_over_a_bad_final(final: Path) -> None:
+    """A corrupt final file does not hide a good .part, which replaces it."""
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"x" * len(BODY))
+    part_path(final).write_bytes(BODY)
+    assert finish_from_disk(final, len(BODY), SHA) is True
+    assert final.read_bytes() == BODY
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        BODY[:-1],  # wrong size
+        BODY[:-1] + b"X",  # right size, wrong digest
+        b"",
+    ],
+)
+def test_finish_rejects_a_mismatch(final: Path, content: bytes) -> None:
+    """Files whose size or digest differ from the record are not accepted, nor renamed."""
+    final.parent.mkdir(parents=True)
+    part_path(final).write_bytes(content)
+    assert finish_from_disk(final, len(BODY), SHA) is False
+    assert not final.exists()
+    assert part_path(final).read_bytes() == content
+
+
+def test_finish_with_nothing_on_disk(final: Path) -> None:
+    """With neither file present there is nothing to finish."""
+    assert finish_from_disk(final, len(BODY), SHA) is False
+
+
+def test_remove_part(final: Path) -> None:
+    """A leftover .part is deleted, and deleting a missing one is not an error."""
+    final.parent.mkdir(parents=True)
+    part_path(final).write_bytes(b"leftover")
+    remove_part(final)
+    assert not part_path(final).exists()
+    remove_part(final)

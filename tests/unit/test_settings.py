@@ -1,0 +1,260 @@
+"""Unit tests of :mod:`watcher.settings`, through an explicit mapping, never ``os.environ``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from watcher.errors import ConfigError
+from watcher.models import Kind, ProjectRef
+from watcher.settings import Settings, load_settings, unknown_variables
+
+TOKEN = "mhk_live_Zq8sECRETsECRETsECRET0042"
+
+
+def _config_error(environ: dict[str, str]) -> str:
+    """The message of the ConfigError that ``environ`` must cause."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ)
+    return str(caught.value)
+
+
+def _assert_token_hidden(text: str) -> None:
+    assert TOKEN not in text
+    assert "sECRET" not in text  # not even a fragment
+
+
+def test_defaults() -> None:
+    """An empty environment gives the documented defaults."""
+    settings = load_settings({})
+    assert settings.api_token is None
+    assert str(settings.api_base_url) == "https://api.magichour.ai/"
+    assert settings.projects == ""
+    assert settings.project_refs == []
+    assert settings.download_dir == Path("downloads")
+    assert settings.database_url == "sqlite:///./watcher.db"
+    assert settings.delete_after_download is False
+    assert settings.poll_initial == 2.0
+    assert settings.poll_max == 60.0
+    assert settings.max_concurrent_requests == 8
+    assert settings.max_concurrent_downloads == 4
+    assert settings.max_requests_per_second == 50.0
+    assert settings.request_timeout == 30.0
+    assert settings.shutdown_grace == 30.0
+    assert settings.log_format is None
+    assert settings.log_level == "info"
+    assert settings.http_enabled is True
+    assert settings.http_host == "127.0.0.1"
+    assert settings.http_is_loopback is True
+    assert settings.http_port == 8080
+    assert settings.lease_seconds == 60.0
+    assert settings.replica_id
+
+
+def test_values_are_read_from_the_mapping(tmp_path: Path) -> None:
+    """Each ``WATCHER_*`` variable sets its setting, converted to the setting's type."""
+    settings = load_settings(
+        {
+            "WATCHER_API_TOKEN": TOKEN,
+            "WATCHER_API_BASE_URL": "http://127.0.0.1:9000",
+            "WATCHER_PROJECTS": "video:v1, a1",
+            "WATCHER_DOWNLOAD_DIR": str(tmp_path),
+            "WATCHER_DATABASE_URL": f"sqlite:///{tmp_path}/w.db",
+            "WATCHER_DELETE_AFTER_DOWNLOAD": "true",
+            "WATCHER_POLL_INITIAL": "0.5",
+            "WATCHER_POLL_MAX": "0.5",
+            "WATCHER_MAX_CONCURRENT_REQUESTS": "16",
+            "WATCHER_LOG_LEVEL": "DEBUG",
+            "WATCHER_LOG_FORMAT": "JSON",
+            "WATCHER_HTTP_HOST": "0.0.0.0",  # noqa: S104 - a value under test, nothing listens
+            "WATCHER_HTTP_PORT": "0",
+        }
+    )
+    assert settings.require_token().get_secret_value() == TOKEN
+    assert str(settings.api_base_url) == "http://127.0.0.1:9000/"
+    assert settings.project_refs == [ProjectRef(Kind.VIDEO, "v1"), ProjectRef(Kind.IMAGE, "a1")]
+    assert settings.download_dir == tmp_path
+    assert settings.delete_after_download is True
+    assert (settings.poll_initial, settings.poll_max) == (0.5, 0.5)
+    assert settings.max_concurrent_requests == 16
+    assert settings.log_level == "debug"
+    assert settings.log_format == "json"
+    assert settings.http_is_loopback is False
+    assert settings.http_port == 0
+
+
+def test_empty_log_format_means_automatic() -> None:
+    """An empty ``WATCHER_LOG_FORMAT`` picks the format automatically."""
+    assert load_settings({"WATCHER_LOG_FORMAT": ""}).log_format is None
+
+
+def test_lowercase_variable_names_are_read() -> None:
+    """Variable names are case-insensitive, as in the process environment reader."""
+    assert load_settings({"watcher_poll_max": "7"}).poll_max == 7.0
+
+
+def test_other_variables_are_ignored() -> None:
+    """Variables without the ``WATCHER_`` prefix have no effect."""
+    settings = load_settings({"POLL_MAX": "1", "HOME": "/root", "API_TOKEN": TOKEN})
+    assert settings.poll_max == 60.0
+    assert settings.api_token is None
+
+
+BAD_VALUES = {
+    "WATCHER_API_BASE_URL": "not a url",
+    "WATCHER_PROJECTS": "../x",
+    "WATCHER_DATABASE_URL": "mysql://db.example/watcher",
+    "WATCHER_DELETE_AFTER_DOWNLOAD": "maybe",
+    "WATCHER_POLL_INITIAL": "0",
+    "WATCHER_POLL_MAX": "abc",
+    "WATCHER_MAX_CONCURRENT_REQUESTS": "0",
+    "WATCHER_MAX_CONCURRENT_DOWNLOADS": "257",
+    "WATCHER_MAX_REQUESTS_PER_SECOND": "-5",
+    "WATCHER_REQUEST_TIMEOUT": "100000",
+    "WATCHER_SHUTDOWN_GRACE": "-1",
+    "WATCHER_LOG_FORMAT": "xml",
+    "WATCHER_LOG_LEVEL": "verbose",
+    "WATCHER_HTTP_ENABLED": "perhaps",
+    "WATCHER_HTTP_PORT": "65536",
+    "WATCHER_REPLICA_ID": "",
+    "WATCHER_LEASE_SECONDS": "1",
+}
+
+
+@pytest.mark.parametrize(("variable", "value"), list(BAD_VALUES.items()))
+def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:
+    """A bad value gives a one-line ConfigError that starts with the variable's name."""
+    message = _config_error({variable: value})
+    assert message.startswith(f"{variable}: ")
+    assert "\n" not in message
+
+
+def test_every_bad_setting_gets_its_own_line() -> None:
+    """With many bad values, the error has exactly one line per bad setting."""
+    lines = _config_error({**BAD_VALUES, "WATCHER_API_TOKEN": TOKEN}).splitlines()
+    assert sorted(line.split(":", 1)[0] for line in lines) == sorted(BAD_VALUES)
+
+
+def test_bad_value_is_shown_but_cut_short() -> None:
+    """The offending value is quoted to help the operator, but a huge one is shortened."""
+    assert "(got 'verbose')" in _config_error({"WATCHER_LOG_LEVEL": "verbose"})
+    message = _config_error({"WATCHER_HTTP_PORT": "9" * 500})
+    assert "9" * 80 + "…" in message
+    assert "9" * 81 not in message
+
+
+def test_database_url_is_not_echoed() -> None:
+    """A refused database URL is not printed back: it may carry a password."""
+    message = _config_error({"WATCHER_DATABASE_URL": "mysql://watcher:hunter2@db/watcher"})
+    assert message.startswith("WATCHER_DATABASE_URL: ")
+    assert "hunter2" not in message
+
+
+def test_bad_project_list_reports_every_bad_entry() -> None:
+    """A bad ``WATCHER_PROJECTS`` names each bad entry on the variable's line."""
+    message = _config_error({"WATCHER_PROJECTS": "ok1, ../x, gif:abc, ok2, /etc/passwd"})
+    assert message.startswith("WATCHER_PROJECTS: ")
+    for bad in ("'../x'", "'gif'", "'/etc/passwd'"):
+        assert bad in message
+
+
+def test_poll_max_below_poll_initial() -> None:
+    """A maximum below the initial delay is refused, naming both variables."""
+    message = _config_error({"WATCHER_POLL_INITIAL": "10", "WATCHER_POLL_MAX": "5"})
+    assert message == "WATCHER_POLL_MAX (5) must not be below WATCHER_POLL_INITIAL (10)"
+
+
+def test_poll_max_equal_to_poll_initial_is_fine() -> None:
+    """Equal bounds (a fixed poll interval) are allowed."""
+    assert load_settings({"WATCHER_POLL_INITIAL": "3", "WATCHER_POLL_MAX": "3"}).poll_max == 3
+
+
+def test_token_is_read_from_a_file(tmp_path: Path) -> None:
+    """``WATCHER_API_TOKEN_FILE`` supplies the token, without surrounding whitespace."""
+    secret = tmp_path / "token"
+    secret.write_text(f"  {TOKEN}\n", "utf-8")
+    settings = load_settings({"WATCHER_API_TOKEN_FILE": str(secret)})
+    assert settings.require_token().get_secret_value() == TOKEN
+
+
+def test_missing_token_file(tmp_path: Path) -> None:
+    """A token file that cannot be read is reported under its variable, with the reason."""
+    missing = tmp_path / "nope"
+    message = _config_error({"WATCHER_API_TOKEN_FILE": str(missing)})
+    assert message.startswith("WATCHER_API_TOKEN_FILE: ")
+    assert str(missing) in message
+    assert "No such file" in message
+
+
+def test_empty_token_file(tmp_path: Path) -> None:
+    """A token file holding only whitespace is refused."""
+    empty = tmp_path / "token"
+    empty.write_text(" \n\n", "utf-8")
+    message = _config_error({"WATCHER_API_TOKEN_FILE": str(empty)})
+    assert message.startswith("WATCHER_API_TOKEN_FILE: ")
+    assert "empty" in message
+
+
+def test_token_and_token_file_together(tmp_path: Path) -> None:
+    """Setting both the token and its file is refused, naming both, and shows neither secret."""
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN, "utf-8")
+    message = _config_error({"WATCHER_API_TOKEN": TOKEN, "WATCHER_API_TOKEN_FILE": str(secret)})
+    assert "WATCHER_API_TOKEN " in message
+    assert "WATCHER_API_TOKEN_FILE" in message
+    assert "not both" in message
+    _assert_token_hidden(message)
+
+
+def test_require_token_without_one() -> None:
+    """Running needs a token; a missing or blank one is a ConfigError naming the variable."""
+    for environ in ({}, {"WATCHER_API_TOKEN": ""}, {"WATCHER_API_TOKEN": "   "}):
+        with pytest.raises(ConfigError, match=r"^WATCHER_API_TOKEN: required"):
+            load_settings(environ).require_token()
+
+
+def test_token_never_appears_in_repr_or_dumps(tmp_path: Path) -> None:
+    """Neither repr, str nor a JSON dump of the settings reveals the token."""
+    direct = load_settings({"WATCHER_API_TOKEN": TOKEN})
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN, "utf-8")
+    from_file = load_settings({"WATCHER_API_TOKEN_FILE": str(secret)})
+    for settings in (direct, from_file):
+        assert settings.api_token is not None
+        _assert_token_hidden(repr(settings))
+        _assert_token_hidden(str(settings))
+        _assert_token_hidden(settings.model_dump_json())
+        _assert_token_hidden(repr(settings.api_token))
+
+
+def test_token_never_appears_in_config_errors() -> None:
+    """Errors about other settings do not print the token, whatever else is wrong."""
+    message = _config_error({**BAD_VALUES, "WATCHER_API_TOKEN": TOKEN})
+    _assert_token_hidden(message)
+
+
+def test_unknown_variables_are_the_likely_typos() -> None:
+    """Only ``WATCHER_*`` names that match no setting are reported, sorted, values not shown."""
+    environ = {
+        "WATCHER_API_TOKN": TOKEN,
+        "WATCHER_POLL_MAX": "3",
+        "watcher_poll_intial": "1",
+        "WATCHER_API_TOKEN_FILE": "/run/secrets/token",
+        "PATH": "/usr/bin",
+        "WATCHERS": "x",
+    }
+    unknown = unknown_variables(environ)
+    assert unknown == ["WATCHER_API_TOKN", "watcher_poll_intial"]
+    _assert_token_hidden(repr(unknown))
+
+
+def test_unknown_variables_do_not_stop_loading() -> None:
+    """A typo'd variable is ignored by the loader (the CLI warns about it separately)."""
+    assert load_settings({"WATCHER_POLL_MAXX": "1"}).poll_max == 60.0
+
+
+def test_every_setting_has_a_variable() -> None:
+    """Each setting is reachable as ``WATCHER_<NAME>`` (so unknown_variables is exact)."""
+    environ = {f"WATCHER_{name.upper()}": "x" for name in Settings.model_fields}
+    assert unknown_variables(environ) == []
