@@ -43,6 +43,9 @@ log = structlog.get_logger(__name__)
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_BODY_BYTES = 1024 * 1024  # a project's JSON is a few KB; anything past 1 MiB is not the API
 EXCERPT_CHARS = 120
+# A Retry-After beyond this is not believed: a day-long (or infinite) pause of every call is a
+# misconfigured proxy, not a rate limit; we come back after five minutes and ask again.
+MAX_RETRY_AFTER = 300.0
 USER_AGENT = "magic-hour-watcher"
 
 RetryHook = Callable[[TransientApiError, int, float], None]
@@ -90,6 +93,7 @@ class MagicHourClient:
         on_retry: RetryHook | None = None,
         metrics: Metrics | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        user_agent: str = USER_AGENT,
     ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
@@ -100,6 +104,7 @@ class MagicHourClient:
         self._on_retry = on_retry
         self._metrics = metrics
         self._sleep = sleep
+        self._user_agent = user_agent
 
     def __repr__(self) -> str:
         return f"MagicHourClient(base_url={self._base_url!r})"
@@ -166,7 +171,7 @@ class MagicHourClient:
         headers = {
             "Authorization": f"Bearer {self._token.get_secret_value()}",
             "Accept": "application/json",
-            "User-Agent": USER_AGENT,
+            "User-Agent": self._user_agent,
         }
         async with self.throttle.slot():
             try:
@@ -182,6 +187,11 @@ class MagicHourClient:
                 raise TransientApiError(
                     f"{method} {ref}: connection failed ({type(exc).__name__})", cause="network"
                 ) from None
+            except httpx.HTTPError as exc:  # a proxy error, an undecodable body, ...
+                self._count(method, "error")
+                raise TransientApiError(
+                    f"{method} {ref}: request failed ({type(exc).__name__})", cause="http_error"
+                ) from None
         self._count(method, str(response.status_code))
         self._raise_for_status(method, ref, response, body)
         return body
@@ -195,6 +205,35 @@ class MagicHourClient:
         if self._metrics is not None:
             self._metrics.api_responses.labels(method, code).inc()
 
+    def _transient(
+        self, what: str, code: int, response: httpx.Response, body: bytes
+    ) -> TransientApiError:
+        """The error of a retryable answer; a 429 also pauses the whole client."""
+        retry_after = parse_retry_after(response.headers.get("retry-after"), now=clock.now())
+        if retry_after is not None:
+            retry_after = min(retry_after, MAX_RETRY_AFTER)
+        if code != 429:
+            return TransientApiError(
+                f"{what}: {excerpt(body)!r}",
+                status_code=code,
+                cause=f"http_{code}",
+                retry_after=retry_after,
+            )
+        if self.throttle.pause(retry_after if retry_after is not None else 1.0):
+            log.warning(
+                "api_rate_limited",
+                pause_seconds=round(self.throttle.paused_for, 3),
+                retry_after=retry_after,
+            )
+            if self._metrics is not None:
+                self._metrics.rate_limit_pauses.inc()
+        return RateLimited(
+            f"{what} (rate limited)",
+            status_code=code,
+            cause="rate_limited",
+            retry_after=retry_after,
+        )
+
     def _raise_for_status(
         self, method: str, ref: ProjectRef, response: httpx.Response, body: bytes
     ) -> None:
@@ -205,28 +244,7 @@ class MagicHourClient:
         what = f"{method} {ref}: HTTP {code}"
         message = _api_message(body)
         if code in RETRYABLE_STATUS:
-            retry_after = parse_retry_after(response.headers.get("retry-after"), now=clock.now())
-            if code == 429:
-                if self.throttle.pause(retry_after if retry_after is not None else 1.0):
-                    log.warning(
-                        "api_rate_limited",
-                        pause_seconds=round(self.throttle.paused_for, 3),
-                        retry_after=retry_after,
-                    )
-                    if self._metrics is not None:
-                        self._metrics.rate_limit_pauses.inc()
-                raise RateLimited(
-                    f"{what} (rate limited)",
-                    status_code=code,
-                    cause="rate_limited",
-                    retry_after=retry_after,
-                )
-            raise TransientApiError(
-                f"{what}: {excerpt(body)!r}",
-                status_code=code,
-                cause=f"http_{code}",
-                retry_after=retry_after,
-            )
+            raise self._transient(what, code, response, body)
         if code == 401:
             raise Unauthorized(f"{what}: the API token was refused ({message})", status_code=code)
         if code == 402:

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import httpx
 import structlog
 
-from watcher import clock
-from watcher.api import MagicHourClient
+from watcher import __version__, clock
+from watcher.api import USER_AGENT, MagicHourClient
 from watcher.backoff import PollPolicy, next_attempt
 from watcher.downloader import Downloader, finish_from_disk
 from watcher.errors import (
@@ -104,6 +104,9 @@ class Daemon:
         self.policy = PollPolicy(settings.poll_initial, settings.poll_max)
         self.render_stats = RenderStats()
         self.owner = settings.replica_id
+        # The replica is named in every request, so the far side (and the fleet test) can tell
+        # which process did what.
+        self.user_agent = f"{USER_AGENT}/{__version__} (replica {self.owner})"
         self.lease_seconds = settings.lease_seconds
         self.download_dir = settings.download_dir
         self.max_in_flight = (
@@ -182,8 +185,9 @@ class Daemon:
                 throttle=throttle,
                 on_retry=self._on_api_retry,
                 metrics=self.metrics,
+                user_agent=self.user_agent,
             )
-            self.downloader = Downloader(http)
+            self.downloader = Downloader(http, user_agent=self.user_agent)
             await self._start()
             try:
                 async with asyncio.TaskGroup() as group:

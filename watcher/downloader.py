@@ -86,9 +86,11 @@ class Downloader:
         http: httpx.AsyncClient,
         *,
         now: Callable[[], float] = clock.now,
+        user_agent: str = USER_AGENT,
     ) -> None:
         self._http = http
         self._now = now
+        self._user_agent = user_agent
 
     async def fetch(
         self, url: str, expires_at: float, final: Path, on_verified: OnVerified
@@ -99,7 +101,7 @@ class Downloader:
         final.parent.mkdir(parents=True, exist_ok=True)
         part = part_path(final)
         offset = part.stat().st_size if part.exists() else 0
-        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:
@@ -115,6 +117,8 @@ class Downloader:
                 f"the connection broke during the download ({type(exc).__name__}); "
                 "it resumes from its .part file"
             ) from None
+        except httpx.HTTPError as exc:  # a bad URL scheme, a proxy error, an undecodable body
+            raise DownloadError(f"the download failed ({type(exc).__name__})") from None
         if expected is not None and size != expected:
             raise DownloadIncomplete(f"got {size} bytes of {expected}; resuming later")
         sha256 = digest.hexdigest()

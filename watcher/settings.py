@@ -111,8 +111,8 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:
-        if not value.startswith(("sqlite:///", "memory://")):
-            raise ValueError("expected sqlite:///path/to/file.db")
+        if not value.startswith(("sqlite:///", "memory://", "postgresql://", "postgres://")):
+            raise ValueError("expected sqlite:///path/to/file.db or postgresql://user@host/db")
         return value
 
     @model_validator(mode="after")
@@ -170,9 +170,11 @@ def _read_secret_file(path: Path, variable: str) -> SecretStr:
     try:
         text = path.read_text("utf-8").strip()
     except OSError as exc:
-        raise ValueError(f"{variable}: cannot read {path}: {exc.strerror}") from None
+        # The path is not echoed: an operator who put the secret itself there must not see it
+        # printed (and logged by whatever collects the container's output).
+        raise ValueError(f"{variable}: cannot read the file it names: {exc.strerror}") from None
     if not text:
-        raise ValueError(f"{variable}: {path} is empty")
+        raise ValueError(f"{variable}: the file it names is empty")
     return SecretStr(text)
 
 

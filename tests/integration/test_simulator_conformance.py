@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import httpx
-import jsonschema  # type: ignore[import-untyped]  # no stubs in the test dependencies
+import jsonschema
 import pytest
 from magic_hour import AsyncClient, Client
 from magic_hour.types import models
@@ -23,7 +23,8 @@ from watcher.simulator import ProjectOverrides, SimConfig, Simulator, SimulatorS
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_NAME = "magic-hour-api.openapi.json"
-SPEC_PLACES = (ROOT / "spec", ROOT / "docs" / "spec", Path("/work/shared/spec"))
+# The official documents live in shared/, beside the checkout (CI lays a copy there too).
+SPEC_PLACES = (ROOT.parent / "shared" / "spec", Path("/work/shared/spec"))
 TOKEN = "mhk_live_simulator"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -13,7 +13,7 @@ import pytest
 from pydantic import SecretStr
 
 from tests.unit.fake_time import FakeClock
-from watcher.api import MAX_BODY_BYTES, MagicHourClient, parse_retry_after
+from watcher.api import MAX_BODY_BYTES, MAX_RETRY_AFTER, MagicHourClient, parse_retry_after
 from watcher.errors import (
     ApiError,
     ApiRejected,
@@ -481,3 +481,30 @@ async def test_garbage_retry_after_still_retries() -> None:
     async with harness(reply, ok()) as h:
         assert (await h.client.get_project(REF)).id == REF.id
     assert len(h.api.requests) == 2
+
+
+async def test_a_huge_retry_after_is_capped() -> None:
+    """A Retry-After of a day (or of 400 digits) pauses the client for at most MAX_RETRY_AFTER."""
+    for value in ("86400", "9" * 400):
+
+        def handler(request: httpx.Request, value: str = value) -> httpx.Response:
+            return httpx.Response(429, headers={"Retry-After": value})
+
+        throttle = Throttle(rate=1000, concurrency=4)
+
+        async def no_sleep(_: float) -> None:
+            return None
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            client = MagicHourClient(
+                http,
+                base_url="https://api.test",
+                token=SecretStr("mhk_live_x"),
+                throttle=throttle,
+                max_attempts=1,
+                sleep=no_sleep,
+            )
+            with pytest.raises(RateLimited) as caught:
+                await client.get_project(ProjectRef(Kind.IMAGE, "p1"))
+        assert caught.value.retry_after == MAX_RETRY_AFTER
+        assert throttle.paused_for <= MAX_RETRY_AFTER

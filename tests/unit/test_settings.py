@@ -183,8 +183,14 @@ def test_missing_token_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     message = _config_error({"WATCHER_API_TOKEN_FILE": str(missing)})
     assert message.startswith("WATCHER_API_TOKEN_FILE: ")
-    assert str(missing) in message
     assert "No such file" in message
+
+
+def test_a_token_put_in_the_file_variable_is_not_echoed() -> None:
+    """An operator who sets WATCHER_API_TOKEN_FILE to the token itself does not see it printed."""
+    message = _config_error({"WATCHER_API_TOKEN_FILE": "mhk_live_oops_the_token"})
+    assert message.startswith("WATCHER_API_TOKEN_FILE: ")
+    assert "mhk_live_oops_the_token" not in message
 
 
 def test_empty_token_file(tmp_path: Path) -> None:
