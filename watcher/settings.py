@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     api_base_url: pydantic.HttpUrl = pydantic.HttpUrl("https://api.magichour.ai")
     projects: str = ""
     download_dir: Path = Path("./downloads")
-    database_url: str = "sqlite:///./watcher.db"
+    # Not in the repr: a PostgreSQL URL may carry a password.
+    database_url: str = Field(default="sqlite:///./watcher.db", repr=False)
+    database_url_file: Path | None = None
     delete_after_download: bool = False
 
     poll_initial: PositiveSeconds = 2.0
@@ -131,14 +133,21 @@ class Settings(BaseSettings):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        for name in ("api_token", "control_token", "webhook_secret", "notify_secret"):
+        for name in (
+            "api_token",
+            "control_token",
+            "webhook_secret",
+            "notify_secret",
+            "database_url",
+        ):
             path = data.get(f"{name}_file")
             if path in (None, ""):
                 continue
             if data.get(name) not in (None, ""):
                 variable = f"{ENV_PREFIX}{name.upper()}"
                 raise ValueError(f"set {variable} or {variable}_FILE, not both")
-            data[name] = _read_secret_file(Path(str(path)), f"{ENV_PREFIX}{name.upper()}_FILE")
+            secret = _read_secret_file(Path(str(path)), f"{ENV_PREFIX}{name.upper()}_FILE")
+            data[name] = secret.get_secret_value() if name == "database_url" else secret
         return data
 
     @property
