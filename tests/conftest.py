@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests import pg
 from tests.support import FAST
 from watcher.simulator.config import SimConfig
 from watcher.simulator.server import SimulatorServer
@@ -31,3 +32,33 @@ def serve() -> Iterator[Callable[[SimConfig], SimulatorServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """The name of a database migrated once per session, which per-test databases copy."""
+    name = pg.unique_name("watcher_template")
+    pg.create_database(name)
+    try:
+        pg.migrate(pg.database_url(name))
+        yield name
+    finally:
+        pg.drop_database(name)
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    """The URL of a migrated PostgreSQL database of the test's own, dropped afterwards."""
+    name = pg.unique_name("watcher_test")
+    pg.create_database(name, template=pg_template)
+    yield pg.database_url(name)
+    pg.drop_database(name)
+
+
+@pytest.fixture
+def pg_empty_url() -> Iterator[str]:
+    """The URL of an empty PostgreSQL database (no migration yet), dropped afterwards."""
+    name = pg.unique_name("watcher_empty")
+    pg.create_database(name)
+    yield pg.database_url(name)
+    pg.drop_database(name)

@@ -1,4 +1,5 @@
-"""One contract for every store backend: the in-memory fake and SQLite (a real file)."""
+"""One contract for every store backend: the in-memory fake, SQLite (a real file) and PostgreSQL
+(a fresh database per test, cloned from a migrated template)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from watcher.store import (
     LeaseLost,
     NewOutput,
     OutputState,
+    PostgresStore,
     SQLiteStore,
     Store,
 )
+from watcher.store.sqlite import _Q
 
 pytestmark = pytest.mark.anyio
 
@@ -24,12 +27,16 @@ T0 = 1_000_000.0
 LEASE = 30.0
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """Each backend, opened empty."""
-    backend: Store = (
-        InMemoryStore() if request.param == "memory" else SQLiteStore(str(tmp_path / "w.db"))
-    )
+    backend: Store
+    if request.param == "memory":
+        backend = InMemoryStore()
+    elif request.param == "sqlite":
+        backend = SQLiteStore(str(tmp_path / "w.db"))
+    else:
+        backend = PostgresStore(request.getfixturevalue("pg_url"), max_size=4)
     async with backend:
         yield backend
 
@@ -56,6 +63,13 @@ async def test_track_is_idempotent(store: Store) -> None:
     assert b.tracked_at == T0
     assert b.delete_after_download is False
     assert (await store.count_by_state()) == {State.POLLING: 3}
+
+
+async def test_an_id_repeated_in_one_call_is_added_once(store: Store) -> None:
+    """An id listed twice in one track call is added the first time and existing the second."""
+    result = await store.track(refs("a", "b", "a"), now=T0, delete_after_download=False)
+    assert (result.added, result.existing) == (["a", "b"], ["a"])
+    assert (await store.count_by_state()) == {State.POLLING: 2}
 
 
 async def test_claim_returns_due_projects_in_due_order_and_leases_them(store: Store) -> None:
@@ -149,7 +163,7 @@ async def test_complete_download_save_and_delete_flow(store: Store) -> None:
 
 
 async def test_refreshed_urls_replace_pending_outputs_only(store: Store) -> None:
-    """A second record_complete refreshes URLs of pending outputs and keeps saved ones as they are."""
+    """A second record_complete refreshes URLs of pending outputs and keeps saved ones as is."""
     await store.track(refs("p1"), now=T0, delete_after_download=False)
     (claim,) = await store.claim_due(now=T0, limit=1, owner="r1", lease_seconds=LEASE)
     await store.record_complete(
@@ -185,6 +199,28 @@ async def test_retry_counts_failures_and_poll_clears_them(store: Store) -> None:
     p = await store.get("a")
     assert p is not None
     assert (p.failures, p.failure, p.polls, p.remote_status) == (0, None, 1, RemoteStatus.RENDERING)
+
+
+async def test_uncounted_retry_keeps_the_failure_count(store: Store) -> None:
+    """A retry with count_failure=False records its cause but leaves the count for quarantine."""
+    await store.track(refs("a"), now=T0, delete_after_download=False)
+    (c,) = await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+    await store.record_retry(c, now=T0, due_at=T0 + 1, failure="HTTP 503")
+    (c,) = await store.claim_due(now=T0 + 1, limit=1, owner="r", lease_seconds=LEASE)
+    await store.record_retry(c, now=T0 + 1, due_at=T0 + 2, failure="429", count_failure=False)
+    p = await store.get("a")
+    assert p is not None
+    assert (p.failures, p.failure, p.due_at, p.lease_owner) == (1, "429", T0 + 2, None)
+
+
+async def test_rate_tokens_never_exceed_what_was_asked(store: Store) -> None:
+    """take_rate_tokens grants between none and all of the tokens asked for, never more."""
+    granted = [
+        await store.take_rate_tokens(now=T0 + i / 10, rate=20, burst=5, want=want)
+        for i, want in enumerate((3, 0, 4, 1, 10))
+    ]
+    assert all(0 <= g <= w for g, w in zip(granted, (3, 0, 4, 1, 10), strict=True))
+    assert granted[0] == 3
 
 
 async def test_list_projects_paginates_by_id(store: Store) -> None:
@@ -279,8 +315,6 @@ async def test_sqlite_claims_through_the_due_index(tmp_path: Path) -> None:
     async with SQLiteStore(str(tmp_path / "w.db")) as s:
         conn = s._conn
         assert conn is not None
-        from watcher.store.sqlite import _Q
-
         for query, params in (("select_due", {"now": T0, "limit": 10}), ("next_due_at", {})):
             plan = conn.execute("EXPLAIN QUERY PLAN " + _Q[query], params).fetchall()
             details = " ".join(row["detail"] for row in plan)

@@ -1,4 +1,4 @@
-"""Durable state behind one interface: :class:`Store`, and :func:`open_store` to pick a backend
+"""Durable state behind one interface: :class:`Store`, and :func:`create_store` to pick a backend
 from ``WATCHER_DATABASE_URL``."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from watcher.store.base import (
     TrackResult,
 )
 from watcher.store.memory import InMemoryStore
+from watcher.store.postgres import PostgresStore
 from watcher.store.sqlite import SQLiteStore
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "Notification",
     "OutputRecord",
     "OutputState",
+    "PostgresStore",
     "ProjectPage",
     "ProjectRecord",
     "SQLiteStore",
@@ -37,6 +39,8 @@ __all__ = [
     "create_store",
     "sqlite_path",
 ]
+
+POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
 
 
 def sqlite_path(url: str) -> str:
@@ -50,11 +54,22 @@ def sqlite_path(url: str) -> str:
     return path
 
 
-def create_store(url: str, *, exclusive: bool = False) -> Store:
-    """Build the store that ``url`` names (``sqlite:///…`` or ``memory://``); not yet opened."""
+def create_store(
+    url: str, *, exclusive: bool = False, pool_min_size: int = 1, pool_max_size: int = 10
+) -> Store:
+    """Build the store that ``url`` names (``sqlite:///…``, ``postgresql://…``/``postgres://…``
+    or ``memory://``); not yet opened.
+
+    ``exclusive`` matters to SQLite only (PostgreSQL serves several replicas); the pool sizes to
+    PostgreSQL only.
+    """
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
         return SQLiteStore(sqlite_path(url), exclusive=exclusive)
+    if scheme in POSTGRES_SCHEMES:
+        return PostgresStore(url, min_size=pool_min_size, max_size=pool_max_size)
     if scheme == "memory":
         return InMemoryStore()
-    raise ConfigError(f"unsupported database URL scheme {scheme!r}: use sqlite:///path")
+    raise ConfigError(
+        f"unsupported database URL scheme {scheme!r}: use sqlite:///path or postgresql://host/db"
+    )

@@ -2,7 +2,8 @@
 
 A store owns the tracked projects (their state, schedule and lease) and their outputs (URL,
 target path, size, checksum, whether saved). It makes no decisions: the daemon decides, the store
-records. Backends: :mod:`watcher.store.memory` (the fake for tests), :mod:`watcher.store.sqlite`.
+records. Backends: :mod:`watcher.store.memory` (the fake for tests), :mod:`watcher.store.sqlite`
+(one daemon), :mod:`watcher.store.postgres` (any number of replicas).
 
 Work is handed out by :meth:`Store.claim_due`: it takes the active projects whose ``due_at`` has
 come, in ``due_at`` order, through an index (O(log n) per claimed project, never a scan), and
@@ -11,6 +12,9 @@ increases. Every write that ends a piece of work passes the :class:`Claim` back;
 refuses it with :class:`LeaseLost` if the lease was taken over since, so a paused worker can
 never overwrite a newer result. A worker that dies simply lets its lease run out: the project is
 due again when it does.
+
+A store shared by replicas also holds the fleet's API request budget
+(:meth:`Store.take_rate_tokens`), so ``WATCHER_MAX_REQUESTS_PER_SECOND`` bounds the whole fleet.
 """
 
 from __future__ import annotations
@@ -313,3 +317,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def flush(self) -> None:
         """Make every committed write durable against power loss (before a DELETE)."""
+
+    # --- the fleet's request budget --------------------------------------------------------------
+
+    async def take_rate_tokens(self, *, now: float, rate: float, burst: float, want: int) -> int:
+        """Take up to ``want`` tokens from the API budget every user of this store shares.
+
+        The budget is a token bucket refilled at ``rate`` tokens per second up to ``burst``;
+        ``now`` is wall-clock Unix seconds (replicas compare them, so their clocks must roughly
+        agree). Returns how many tokens were granted, from 0 to ``want``: the caller sends that
+        many requests and asks again later for the rest.
+
+        This default grants all of ``want``: a store that one daemon alone works on (SQLite,
+        memory) leaves the budget to the process's own limiter. Shared backends override it.
+        """
+        del now, rate, burst
+        return max(want, 0)

@@ -1,0 +1,505 @@
+"""The PostgreSQL store: one database shared by several daemon replicas.
+
+Statements run on a pool of psycopg 3 async connections (autocommit; statements that must commit
+together run in one explicit transaction). Replicas coordinate through the database alone:
+
+- :meth:`PostgresStore.claim_due` locks the earliest due projects with ``FOR UPDATE SKIP LOCKED``
+  through the partial index ``projects_due`` and leases them in the same statement, so two
+  replicas never claim one project, and neither waits for the other.
+- Every write that ends a piece of work is fenced by ``lease_version`` (:class:`LeaseLost`).
+- :meth:`PostgresStore.take_rate_tokens` keeps the fleet's API budget in one locked row.
+- Migrations (``sql/postgres/migrations``) run at :meth:`PostgresStore.open` under a
+  transaction-scoped advisory lock, recorded in ``schema_migrations``: replicas that start together
+  migrate one after the other, and all but the first find nothing to do.
+
+A commit is durable once it returns (``synchronous_commit`` is on by default), so
+:meth:`PostgresStore.flush` has nothing to do. Every psycopg error becomes :class:`StoreError` in
+:meth:`PostgresStore._wrap_errors`; neither messages nor ``repr`` ever show the URL's password.
+The connect timeout is libpq's (``?connect_timeout=5`` in the URL sets it).
+
+It does not own the token bucket's caller (the API client) nor any decision about what to claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import unquote
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from watcher.errors import StoreError
+from watcher.models import Kind, ProjectRef, RemoteStatus, State
+from watcher.store.base import (
+    Claim,
+    LeaseLost,
+    NewOutput,
+    Notification,
+    OutputRecord,
+    OutputState,
+    ProjectPage,
+    ProjectRecord,
+    Store,
+    TrackResult,
+)
+from watcher.store.sql import load_migrations, load_queries
+
+_Q = load_queries("postgres")
+_Conn = AsyncConnection[DictRow]
+
+# Key of the advisory lock held while migrating (the bytes of "WATCHER").
+MIGRATION_LOCK_KEY = 0x57_41_54_43_48_45_52
+# The one token bucket of the API budget.
+RATE_BUCKET = "api"
+_POOL_OPEN_TIMEOUT = 30.0
+# libpq URL: scheme://user:password@hosts/…; the password runs to the last "@" of the authority.
+_USERINFO_RE = re.compile(r"^(?P<head>[^:/?#]+://[^:@/?#]*):(?P<password>[^/?#]*)@")
+_QUERY_PASSWORD_RE = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&#]*)", re.IGNORECASE)
+_HIDDEN = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (in the authority or a ``password=`` parameter) hidden."""
+    url = _USERINFO_RE.sub(lambda m: f"{m['head']}:{_HIDDEN}@", url, count=1)
+    return _QUERY_PASSWORD_RE.sub(lambda m: f"{m['head']}{_HIDDEN}", url)
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The password(s) of ``url`` as written and as decoded, longest first."""
+    found = [m["password"] for m in (_USERINFO_RE.match(url),) if m]
+    found += [m["password"] for m in _QUERY_PASSWORD_RE.finditer(url)]
+    forms = {form for raw in found for form in (raw, unquote(raw)) if form}
+    return sorted(forms, key=len, reverse=True)
+
+
+def take_from_bucket(
+    tokens: float, updated_at: float, *, now: float, rate: float, burst: float, want: int
+) -> tuple[int, float, float]:
+    """Refill a token bucket to ``now`` and take up to ``want`` whole tokens.
+
+    Returns ``(granted, tokens_left, updated_at)``. Time never runs backwards in the bucket: a
+    replica whose clock lags behind the last update refills nothing.
+    """
+    at = max(now, updated_at)
+    available = min(burst, tokens + (at - updated_at) * rate)
+    granted = max(0, min(want, math.floor(available + 1e-9)))
+    return granted, available - granted, at
+
+
+def _project(row: DictRow) -> ProjectRecord:
+    return ProjectRecord(
+        id=row["id"],
+        kind=Kind(row["kind"]),
+        state=State(row["state"]),
+        remote_status=RemoteStatus(row["remote_status"]) if row["remote_status"] else None,
+        delete_after_download=row["delete_after_download"],
+        due_at=row["due_at"],
+        attempt=row["attempt"],
+        polls=row["polls"],
+        tracked_at=row["tracked_at"],
+        updated_at=row["updated_at"],
+        terminal_at=row["terminal_at"],
+        finished_at=row["finished_at"],
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        failure=row["failure"],
+        failures=row["failures"],
+        lease_owner=row["lease_owner"],
+        lease_version=row["lease_version"],
+    )
+
+
+def _output(row: DictRow) -> OutputRecord:
+    return OutputRecord(
+        project_id=row["project_id"],
+        index=row["idx"],
+        url=row["url"],
+        expires_at=row["expires_at"],
+        path=row["path"],
+        state=OutputState(row["state"]),
+        bytes=row["bytes"],
+        sha256=row["sha256"],
+        saved_at=row["saved_at"],
+    )
+
+
+def _notification(row: DictRow) -> Notification:
+    return Notification(
+        id=row["id"],
+        project_id=row["project_id"],
+        body=row["body"],
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        last_error=row["last_error"],
+    )
+
+
+class PostgresStore(Store):
+    """A :class:`Store` in a PostgreSQL database, for any number of replicas.
+
+    Unopened after construction; :meth:`open` migrates and fills the pool; :meth:`close` empties
+    it (the store may be opened again).
+    """
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        if not 1 <= min_size <= max_size:
+            raise ValueError(f"need 1 <= min_size <= max_size, got {min_size} and {max_size}")
+        self._url = url
+        self.display_url = redact_url(url)
+        self._secrets = _url_secrets(url)
+        self.min_size = min_size
+        self.max_size = max_size
+        self._pool: AsyncConnectionPool[_Conn] | None = None
+        self._opening = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.display_url!r})"
+
+    @property
+    def is_exclusive(self) -> bool:
+        return False
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        async with self._opening:
+            if self._pool is not None:
+                return
+            with self._wrap_errors():
+                await self._migrate()
+                pool = AsyncConnectionPool(
+                    self._url,
+                    min_size=self.min_size,
+                    max_size=self.max_size,
+                    open=False,
+                    name="watcher-store",
+                    connection_class=_Conn,
+                    kwargs={"autocommit": True, "row_factory": dict_row},
+                    check=AsyncConnectionPool.check_connection,
+                )
+                try:
+                    await pool.open(wait=True, timeout=_POOL_OPEN_TIMEOUT)
+                except BaseException:
+                    await pool.close()
+                    raise
+            self._pool = pool
+
+    async def _migrate(self) -> None:
+        """Apply the migrations this database lacks, one replica at a time."""
+        conn = await _Conn.connect(self._url, autocommit=True, row_factory=dict_row)
+        async with conn, conn.transaction():
+            await conn.execute(_Q["lock_migrations"], {"key": MIGRATION_LOCK_KEY})
+            await conn.execute(_Q["create_schema_migrations"])
+            row = await (await conn.execute(_Q["schema_version"])).fetchone()
+            current = row["version"] if row else 0
+            for version, sql in load_migrations("postgres"):
+                if version > current:
+                    await conn.execute(sql)
+                    await conn.execute(_Q["record_migration"], {"version": version})
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    @contextlib.contextmanager
+    def _wrap_errors(self) -> Iterator[None]:
+        """Turn psycopg's errors into :class:`StoreError`, with any password scrubbed out.
+
+        When the driver's message held the password (libpq quotes a malformed URL back), the
+        original exception is not chained, so no traceback can show it.
+        """
+        try:
+            yield
+        except psycopg.Error as exc:
+            original = str(exc).strip()
+            message = self._scrub(original)
+            error = StoreError(f"PostgreSQL error on {self.display_url}: {message}")
+            if message != original:
+                raise error from None
+            raise error from exc
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, _HIDDEN)
+        return text
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, *, transaction: bool = False) -> AsyncIterator[_Conn]:
+        """A pooled connection; with ``transaction``, its statements commit together or not at
+        all (an exception rolls them back)."""
+        pool = self._pool
+        if pool is None:
+            raise StoreError("the store is not open")
+        with self._wrap_errors():
+            async with pool.connection() as conn:
+                if not transaction:
+                    yield conn
+                    return
+                async with conn.transaction():
+                    yield conn
+
+    async def _all(self, query: str, **params: object) -> list[DictRow]:
+        async with self._connection() as conn:
+            return await (await conn.execute(_Q[query], params)).fetchall()
+
+    async def _one(self, query: str, **params: object) -> DictRow | None:
+        async with self._connection() as conn:
+            return await (await conn.execute(_Q[query], params)).fetchone()
+
+    async def _count(self, query: str, **params: object) -> int:
+        """Run a write; return how many rows it touched."""
+        async with self._connection() as conn:
+            return (await conn.execute(_Q[query], params)).rowcount
+
+    @staticmethod
+    async def _fenced(conn: _Conn, query: str, claim: Claim, **params: object) -> None:
+        cursor = await conn.execute(_Q[query], {"id": claim.id, "version": claim.version, **params})
+        if cursor.rowcount != 1:
+            raise LeaseLost(f"lease on project {claim.id} was lost")
+
+    async def ping(self) -> None:
+        await self._one("ping")
+
+    # --- tracking -------------------------------------------------------------------------------
+
+    async def track(
+        self, refs: list[ProjectRef], *, now: float, delete_after_download: bool
+    ) -> TrackResult:
+        rows = await self._all(
+            "insert_projects",
+            ids=[ref.id for ref in refs],
+            kinds=[ref.kind.value for ref in refs],
+            delete_after_download=delete_after_download,
+            now=now,
+        )
+        new = {row["id"] for row in rows}
+        result = TrackResult()
+        for ref in refs:
+            if ref.id in new:
+                new.discard(ref.id)  # a repeated id is new once, then already tracked
+                result.added.append(ref.id)
+            else:
+                result.existing.append(ref.id)
+        return result
+
+    async def untrack(self, project_id: str) -> bool:
+        return await self._count("delete_project", id=project_id) == 1
+
+    async def get(self, project_id: str) -> ProjectRecord | None:
+        row = await self._one("get_project", id=project_id)
+        return _project(row) if row is not None else None
+
+    async def list_projects(
+        self, *, state: State | None = None, limit: int = 100, cursor: str | None = None
+    ) -> ProjectPage:
+        rows = await self._all(
+            "list_projects", state=state.value if state else None, cursor=cursor, limit=limit + 1
+        )
+        projects = [_project(r) for r in rows[:limit]]
+        return ProjectPage(projects, projects[-1].id if len(rows) > limit else None)
+
+    async def count_by_state(self) -> dict[State, int]:
+        return {State(r["state"]): r["n"] for r in await self._all("count_by_state")}
+
+    async def outputs(self, project_id: str) -> list[OutputRecord]:
+        return [_output(r) for r in await self._all("outputs", project_id=project_id)]
+
+    # --- scheduling -----------------------------------------------------------------------------
+
+    async def claim_due(
+        self, *, now: float, limit: int, owner: str, lease_seconds: float
+    ) -> list[Claim]:
+        rows = await self._all(
+            "claim_due", now=now, limit=limit, owner=owner, until=now + lease_seconds
+        )
+        return [Claim(record, record.lease_version) for record in map(_project, rows)]
+
+    async def next_due_at(self) -> float | None:
+        row = await self._one("next_due_at")
+        return None if row is None else row["due_at"]
+
+    async def release_leases(self, *, now: float, owner: str | None = None) -> int:
+        return await self._count("release_leases", now=now, owner=owner)
+
+    async def renew(self, claim: Claim, *, now: float, lease_seconds: float) -> bool:
+        touched = await self._count(
+            "renew", id=claim.id, version=claim.version, until=now + lease_seconds
+        )
+        return touched == 1
+
+    async def expedite(self, project_id: str, *, now: float) -> bool:
+        async with self._connection(transaction=True) as conn:
+            await conn.execute(_Q["expedite"], {"id": project_id, "now": now})
+            active = await (await conn.execute(_Q["is_active"], {"id": project_id})).fetchone()
+        return active is not None
+
+    # --- fenced writes --------------------------------------------------------------------------
+
+    async def _write(
+        self, query: str, claim: Claim, *, notification: str | None = None, **params: object
+    ) -> None:
+        async with self._connection(transaction=True) as conn:
+            await self._fenced(conn, query, claim, **params)
+            if notification is not None:
+                await conn.execute(
+                    _Q["enqueue_notification"],
+                    {"project_id": claim.id, "body": notification, "now": params["now"]},
+                )
+
+    async def record_poll(
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        remote_status: RemoteStatus,
+        attempt: int,
+        due_at: float,
+    ) -> None:
+        await self._write(
+            "record_poll",
+            claim,
+            now=now,
+            remote_status=remote_status.value,
+            attempt=attempt,
+            due_at=due_at,
+        )
+
+    async def record_retry(
+        self, claim: Claim, *, now: float, due_at: float, failure: str, count_failure: bool = True
+    ) -> None:
+        await self._write(
+            "record_retry", claim, now=now, due_at=due_at, failure=failure, count=int(count_failure)
+        )
+
+    async def record_complete(
+        self, claim: Claim, *, now: float, due_at: float, outputs: list[NewOutput]
+    ) -> list[OutputRecord]:
+        async with self._connection(transaction=True) as conn:
+            await self._fenced(conn, "record_complete", claim, now=now, due_at=due_at)
+            for new in outputs:
+                await conn.execute(
+                    _Q["upsert_output"],
+                    {
+                        "project_id": claim.id,
+                        "idx": new.index,
+                        "url": new.url,
+                        "expires_at": new.expires_at,
+                        "path": new.path,
+                    },
+                )
+            rows = await (await conn.execute(_Q["outputs"], {"project_id": claim.id})).fetchall()
+        return [_output(r) for r in rows]
+
+    async def _output_write(self, query: str, claim: Claim, **params: object) -> None:
+        async with self._connection(transaction=True) as conn:
+            held = await conn.execute(_Q["check_lease"], {"id": claim.id, "version": claim.version})
+            if await held.fetchone() is None:
+                raise LeaseLost(f"lease on project {claim.id} was lost")
+            await conn.execute(_Q[query], {"project_id": claim.id, **params})
+
+    async def record_output_verified(
+        self, claim: Claim, *, index: int, size: int, sha256: str
+    ) -> None:
+        await self._output_write("output_verified", claim, idx=index, bytes=size, sha256=sha256)
+
+    async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
+        await self._output_write("output_saved", claim, idx=index, now=now)
+
+    async def reset_output(self, project_id: str, index: int) -> None:
+        await self._count("reset_output", project_id=project_id, idx=index)
+
+    async def record_saved(
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        due_at: float,
+        delete_next: bool,
+        notification: str | None = None,
+    ) -> None:
+        state = State.DELETING if delete_next else State.SAVED
+        await self._write(
+            "record_saved",
+            claim,
+            notification=None if delete_next else notification,
+            now=now,
+            due_at=due_at,
+            state=state.value,
+        )
+
+    async def record_final(
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        state: State,
+        remote_status: RemoteStatus | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        failure: str | None = None,
+        notification: str | None = None,
+    ) -> None:
+        await self._write(
+            "record_final",
+            claim,
+            notification=notification,
+            now=now,
+            state=state.value,
+            remote_status=remote_status.value if remote_status else None,
+            error_code=error_code,
+            error_message=error_message,
+            failure=failure,
+            terminal=remote_status is not None and remote_status.is_terminal,
+            polled=int(remote_status is not None),
+        )
+
+    async def pending_outputs(self) -> list[OutputRecord]:
+        return [_output(r) for r in await self._all("pending_outputs")]
+
+    # --- the notification outbox ----------------------------------------------------------------
+
+    async def claim_notifications(
+        self, *, now: float, limit: int, lease_seconds: float
+    ) -> list[Notification]:
+        rows = await self._all(
+            "claim_notifications", now=now, limit=limit, until=now + lease_seconds
+        )
+        return [_notification(r) for r in rows]
+
+    async def notification_sent(self, notification_id: int, *, now: float) -> None:
+        await self._count("notification_sent", id=notification_id, now=now)
+
+    async def notification_failed(self, notification_id: int, *, due_at: float, error: str) -> None:
+        await self._count("notification_failed", id=notification_id, due_at=due_at, error=error)
+
+    async def flush(self) -> None:
+        """Nothing to do: a PostgreSQL commit is durable when it returns."""
+
+    # --- the fleet's request budget -------------------------------------------------------------
+
+    async def take_rate_tokens(self, *, now: float, rate: float, burst: float, want: int) -> int:
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"need rate > 0 and burst >= 1, got {rate} and {burst}")
+        if want <= 0:
+            return 0
+        params: dict[str, Any] = {"name": RATE_BUCKET, "burst": burst, "now": now}
+        async with self._connection(transaction=True) as conn:
+            await conn.execute(_Q["ensure_rate_bucket"], params)
+            row = await (await conn.execute(_Q["lock_rate_bucket"], params)).fetchone()
+            if row is None:  # pragma: no cover - the row was inserted above in this transaction
+                raise StoreError("the rate budget row is missing")
+            granted, tokens, at = take_from_bucket(
+                row["tokens"], row["updated_at"], now=now, rate=rate, burst=burst, want=want
+            )
+            await conn.execute(
+                _Q["update_rate_bucket"], {"name": RATE_BUCKET, "tokens": tokens, "updated_at": at}
+            )
+        return granted
