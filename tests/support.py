@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from watcher.settings import Settings, load_settings
@@ -41,3 +42,10 @@ def watcher_env(server: SimulatorServer, root: Path, **extra: str) -> dict[str, 
 def watcher_settings(server: SimulatorServer, root: Path, **extra: str) -> Settings:
     """Settings for an in-process daemon watching ``server``."""
     return load_settings(watcher_env(server, root, **extra))
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a process whose stdout and stderr go to ``log``: a pipe that nobody reads while the
+    process runs fills up and blocks it at its next log line."""
+    with log.open("ab") as out:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)

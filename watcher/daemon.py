@@ -69,6 +69,7 @@ DISK_FULL_RETRY_SECONDS = 60.0
 IDLE_CHECK_SECONDS = 1.0
 MAX_DOWNLOAD_FAILURES = 8
 MAX_URL_REFRESHES = 3
+MAX_INTERRUPTIONS = 3
 
 EXIT_OK = 0
 EXIT_NOT_AS_CONFIGURED = 1
@@ -177,6 +178,7 @@ class Daemon:
             throttle = Throttle(
                 rate=self.settings.max_requests_per_second,
                 concurrency=self.settings.max_concurrent_requests,
+                shared=self._fleet_budget if self.store.shares_rate_budget else None,
             )
             self.api = MagicHourClient(
                 http,
@@ -205,6 +207,12 @@ class Daemon:
                 with contextlib.suppress(StoreError):
                     await self.store.release_leases(now=clock.now(), owner=self.owner)
             return await self._outcome()
+
+    async def _fleet_budget(self, want: int) -> int:
+        rate = self.settings.max_requests_per_second
+        return await self.store.take_rate_tokens(
+            now=clock.now(), rate=rate, burst=max(1.0, rate), want=want
+        )
 
     async def _start(self) -> None:
         now = clock.now()
@@ -364,7 +372,14 @@ class Daemon:
         p = claim.project
         try:
             with structlog.contextvars.bound_contextvars(project_id=p.id, kind=p.kind.value):
-                if p.state == State.POLLING:
+                if p.interruptions >= MAX_INTERRUPTIONS:
+                    await self._finish(
+                        claim,
+                        State.QUARANTINED,
+                        failure=f"quarantined: its work was interrupted {p.interruptions} times "
+                        "in a row (a replica died or stalled while holding it)",
+                    )
+                elif p.state == State.POLLING:
                     await self._poll(claim)
                 elif p.state == State.DOWNLOADING:
                     await self._download(claim, await self.store.outputs(p.id))
@@ -681,6 +696,8 @@ class Daemon:
             )
         elif state == State.FAILED:
             log.error("project_failed", **fields, cause=failure)
+        elif state == State.QUARANTINED:
+            log.error("project_quarantined", **fields, cause=failure)
         elif state == State.DELETED:
             log.info("project_deleted", **fields, already_gone=already_gone)
         else:

@@ -58,7 +58,8 @@ class State(enum.StrEnum):
     ``deleting`` (outputs saved; a DELETE is due). Final: ``saved`` (every output on disk),
     ``deleted`` (saved, then deleted remotely), ``error`` and ``canceled`` (the API's terminal
     statuses), ``not_found`` (the API has no such project), ``failed`` (outputs could no longer be
-    fetched; the cause is recorded).
+    fetched; the cause is recorded), ``quarantined`` (its work kept being interrupted: a replica
+    died or stalled on it again and again; set aside so it cannot take the fleet down).
     """
 
     POLLING = "polling"
@@ -70,6 +71,7 @@ class State(enum.StrEnum):
     CANCELED = "canceled"
     NOT_FOUND = "not_found"
     FAILED = "failed"
+    QUARANTINED = "quarantined"
 
     @property
     def is_final(self) -> bool:

@@ -1,6 +1,9 @@
 """The client-wide brake on API calls: a request-rate budget, a concurrency cap, and the pause
 after a 429.
 
+With ``shared`` (several replicas on PostgreSQL), every call also takes a token from the fleet's
+budget in the store, so ``rate`` holds for the fleet, not per replica.
+
 A 429 slows the whole client, not only the project that got it: every call waits until the
 server's ``Retry-After`` has passed, and afterwards the rate climbs back from a tenth of the
 budget to all of it over ``ramp_seconds``, so a fleet of waiting polls does not stampede the API
@@ -16,8 +19,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from watcher import clock
+from watcher.errors import StoreError
 
 RESUME_FRACTION = 0.1
+# With a fleet-wide budget, tokens are taken from the store this many seconds' worth at a time.
+SHARED_BATCH_SECONDS = 0.1
+
+SharedBudget = Callable[[int], Awaitable[int]]
+"""Ask the fleet's budget for up to n tokens; returns how many were granted."""
 # Float rounding: after sleeping exactly the deficit, the refill can come out a hair under one
 # token; without this slack an exact (injected) clock would loop on ever tinier sleeps.
 TOKEN_SLACK = 1e-6
@@ -35,8 +44,12 @@ class Throttle:
         ramp_seconds: float = 10.0,
         now: Callable[[], float] = clock.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        shared: SharedBudget | None = None,
     ) -> None:
         self.rate = rate
+        self._shared = shared
+        self._shared_tokens = 0
+        self._shared_batch = max(1, int(rate * SHARED_BATCH_SECONDS))
         self.ramp_seconds = ramp_seconds
         self._now = now
         self._sleep = sleep
@@ -86,9 +99,27 @@ class Throttle:
                 self._tokens = min(self._capacity, self._tokens + (at - self._stamp) * rate)
                 self._stamp = at
                 if self._tokens >= 1.0 - TOKEN_SLACK:
+                    if not await self._take_shared():
+                        # The fleet spent the budget: ask again when a batch may have refilled.
+                        await self._sleep(self._shared_batch / rate)
+                        continue
                     self._tokens = max(0.0, self._tokens - 1.0)
                     return
                 await self._sleep((1.0 - self._tokens) / rate)
+
+    async def _take_shared(self) -> bool:
+        """One token of the fleet's budget (always granted without a shared budget)."""
+        if self._shared is None:
+            return True
+        if self._shared_tokens < 1:
+            try:
+                self._shared_tokens += await self._shared(self._shared_batch)
+            except StoreError:
+                return True  # the database blinked: this replica's own limit still holds
+        if self._shared_tokens < 1:
+            return False
+        self._shared_tokens -= 1
+        return True
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

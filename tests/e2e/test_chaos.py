@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import watcher_env
+from tests.support import spawn, watcher_env
 from watcher.models import Kind, RemoteStatus
 from watcher.simulator.config import Faults, SimConfig
 from watcher.simulator.server import SimulatorServer
@@ -99,15 +99,13 @@ def test_kill_9_under_every_fault_loses_nothing(serve: Serve, tmp_path: Path) ->
     rng = random.Random(99)
     transcripts: list[str] = []
 
-    for _ in range(3):
-        daemon = subprocess.Popen(
-            [*WATCHER, "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+    for run in range(3):
+        log = tmp_path / f"run{run}.log"
+        daemon = spawn([*WATCHER, "run"], env, log)
         time.sleep(rng.uniform(1.0, 3.0))
         daemon.send_signal(signal.SIGKILL)
-        out, err = daemon.communicate(timeout=10)
-        assert daemon.returncode == -signal.SIGKILL
-        transcripts += [out, err]
+        assert daemon.wait(timeout=10) == -signal.SIGKILL
+        transcripts.append(log.read_text())
 
     final = subprocess.run(
         [*WATCHER, "run", "--until-done"],

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from watcher.daemon import Daemon
-from watcher.models import State
+from watcher.models import Kind, ProjectRef, State
 from watcher.settings import Settings, load_settings
 from watcher.store import InMemoryStore, SQLiteStore
 
@@ -245,3 +246,32 @@ async def test_payment_required_pauses_polling_with_one_clear_line(tmp_path: Pat
     assert daemon.payment_required
     # The calls already claimed wait out the pause in the client instead of being sent.
     assert len(requests) == 1
+
+
+async def test_a_project_whose_work_keeps_being_interrupted_is_quarantined(
+    tmp_path: Path,
+) -> None:
+    """Three leases in a row that ran out while held (a poison project that kills replicas)
+    set the project aside as quarantined, with the cause, before it is tried again."""
+    api = FakeApi()
+    api.bodies["p1"] = json.dumps(project("p1", [f"{CDN}/p1/out.png"])).encode()
+    store = InMemoryStore()
+    start = time.time() - 1000
+    await store.track([ProjectRef(Kind.IMAGE, "p1")], now=start, delete_after_download=False)
+    for n in range(4):  # the first claim, then three take-overs of a lease that ran out
+        await store.claim_due(now=start + 100 * n, limit=1, owner=f"ghost{n}", lease_seconds=10)
+    daemon = Daemon(
+        settings_for(tmp_path, ""),
+        store,
+        until_done=True,
+        transport=httpx.MockTransport(api.handler),
+    )
+    with capture_logs() as logs:
+        outcome = await asyncio.wait_for(daemon.run(), 10)
+    assert outcome.counts == {State.QUARANTINED: 1}
+    record = await store.get("p1")
+    assert record is not None
+    assert record.failure is not None
+    assert "interrupted" in record.failure
+    assert [e["event"] for e in logs if e.get("project_id") == "p1"] == ["project_quarantined"]
+    assert api.requests == []

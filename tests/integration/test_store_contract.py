@@ -320,3 +320,22 @@ async def test_sqlite_claims_through_the_due_index(tmp_path: Path) -> None:
             details = " ".join(row["detail"] for row in plan)
             assert "projects_due" in details, details
             assert "TEMP B-TREE" not in details, details
+
+
+async def test_a_lease_that_runs_out_while_held_counts_as_an_interruption(store: Store) -> None:
+    """Taking over an expired lease counts an interruption; progress resets the count."""
+    await store.track(refs("a"), now=T0, delete_after_download=False)
+    (first,) = await store.claim_due(now=T0, limit=1, owner="r1", lease_seconds=LEASE)
+    assert first.project.interruptions == 0
+    (second,) = await store.claim_due(now=T0 + LEASE, limit=1, owner="r2", lease_seconds=LEASE)
+    assert second.project.interruptions == 1
+    (third,) = await store.claim_due(now=T0 + 2 * LEASE, limit=1, owner="r3", lease_seconds=LEASE)
+    assert third.project.interruptions == 2
+    await store.record_poll(
+        third, now=T0 + 61, remote_status=RemoteStatus.QUEUED, attempt=0, due_at=T0 + 62
+    )
+    (fourth,) = await store.claim_due(now=T0 + 62, limit=1, owner="r1", lease_seconds=LEASE)
+    assert fourth.project.interruptions == 0
+    record = await store.get("a")
+    assert record is not None
+    assert record.interruptions == 0

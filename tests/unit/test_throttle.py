@@ -8,7 +8,8 @@ import itertools
 import pytest
 
 from tests.unit.fake_time import FakeClock
-from watcher.throttle import RESUME_FRACTION, Throttle
+from watcher.errors import StoreError
+from watcher.throttle import RESUME_FRACTION, SHARED_BATCH_SECONDS, Throttle
 
 pytestmark = pytest.mark.anyio
 
@@ -180,3 +181,57 @@ async def test_slot_is_returned_when_the_call_fails() -> None:
     async with asyncio.timeout(1):
         async with throttle.slot():
             pass
+
+
+class FleetBucket:
+    """A fake shared budget: a token bucket on the same fake clock, shared by several throttles."""
+
+    def __init__(self, clock: FakeClock, rate: float) -> None:
+        self.clock, self.rate = clock, rate
+        self.tokens, self.stamp = rate, clock.now()
+        self.asked = 0
+
+    async def take(self, want: int) -> int:
+        self.asked += 1
+        now = self.clock.now()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        granted = min(want, int(self.tokens))
+        self.tokens -= granted
+        return granted
+
+
+async def test_a_shared_budget_holds_for_the_whole_fleet() -> None:
+    """Three replicas sharing a budget of 20/s admit about 20/s together, not 60/s."""
+    clock = FakeClock(start=0.0)
+    fleet = FleetBucket(clock, rate=20)
+    replicas = [
+        Throttle(rate=20, concurrency=100, now=clock.now, sleep=clock.sleep, shared=fleet.take)
+        for _ in range(3)
+    ]
+    admitted: list[float] = []
+
+    async def run(throttle: Throttle) -> None:
+        while clock.now() < 10.0:
+            async with throttle.slot():
+                admitted.append(clock.now())
+
+    await asyncio.gather(*(run(t) for t in replicas))
+    in_window = [t for t in admitted if t < 10.0]
+    assert len(in_window) <= 20 * 10 + 20 + 3 * 2  # rate x time + one burst + batches in hand
+    assert len(in_window) >= 20 * 10 * 0.8
+    # The store is asked about once per batch interval per replica, not once per call.
+    assert fleet.asked <= 3 * 10 / SHARED_BATCH_SECONDS + 10
+
+
+async def test_a_failing_shared_budget_falls_back_to_the_local_limit() -> None:
+    """If the store cannot answer, the replica keeps to its own budget instead of stopping."""
+
+    async def broken(want: int) -> int:
+        raise StoreError("database unreachable")
+
+    clock = FakeClock(start=0.0)
+    throttle = Throttle(rate=5, concurrency=10, now=clock.now, sleep=clock.sleep, shared=broken)
+    times = await _admit(throttle, clock, 10)
+    assert times[:5] == [0.0] * 5
+    assert times[-1] == pytest.approx(1.0)

@@ -48,9 +48,9 @@ class Event:
     """One request the simulator saw; ``seq`` and ``at`` are stamped by :meth:`Simulator.record`.
 
     ``status_code`` is ``None`` when the connection was dropped without a response.
-    ``completed``, ``bytes_sent`` and ``authorization_sent`` are set for downloads only;
-    ``completed`` and ``bytes_sent`` once the body has ended (``bytes_sent`` stays ``None`` while
-    it streams; ``completed`` is ``None`` for HEAD).
+    ``completed``, ``bytes_sent``, ``ended_at`` and ``authorization_sent`` are set for downloads
+    only; the first three once the body has ended (``None`` while it streams; ``completed`` is
+    ``None`` for HEAD).
     """
 
     method: str
@@ -62,6 +62,7 @@ class Event:
     range: str | None = None
     completed: bool | None = None
     bytes_sent: int | None = None
+    ended_at: float | None = None
     authorization_sent: bool | None = None
     fault: str | None = None
     user_agent: str | None = None
@@ -82,6 +83,7 @@ class Event:
             "range": self.range,
             "completed": self.completed,
             "bytes_sent": self.bytes_sent,
+            "ended_at": self.ended_at,
             "authorization_sent": self.authorization_sent,
             "fault": self.fault,
             "user_agent": self.user_agent,
@@ -397,7 +399,12 @@ class Simulator:
     def finish_download(self, seq: int, *, completed: bool | None, bytes_sent: int) -> None:
         """Record how the body of the download logged as ``seq`` ended."""
         with self._lock:
-            event = replace(self._events[seq - 1], completed=completed, bytes_sent=bytes_sent)
+            event = replace(
+                self._events[seq - 1],
+                completed=completed,
+                bytes_sent=bytes_sent,
+                ended_at=self._clock(),
+            )
             self._events[seq - 1] = event
 
     def events(self) -> list[Event]:

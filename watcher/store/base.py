@@ -67,6 +67,7 @@ class ProjectRecord:
     failures: int = 0
     lease_owner: str | None = None
     lease_version: int = 0
+    interruptions: int = 0
 
     @property
     def ref(self) -> ProjectRef:
@@ -149,6 +150,11 @@ class Store(abc.ABC):
     def is_exclusive(self) -> bool:
         """Whether only this process can be working on the store (so every lease in it is a
         leftover of ours and can be released at start-up)."""
+        return False
+
+    @property
+    def shares_rate_budget(self) -> bool:
+        """Whether :meth:`take_rate_tokens` is a budget shared with other processes."""
         return False
 
     async def __aenter__(self) -> Self:

@@ -114,6 +114,7 @@ class InMemoryStore(Store):
                     due_at=now + lease_seconds,
                     lease_owner=owner,
                     lease_version=p.lease_version + 1,
+                    interruptions=p.interruptions + (p.lease_owner is not None),
                 )
                 self.projects[p.id] = leased
                 claims.append(Claim(leased, leased.lease_version))
@@ -178,6 +179,7 @@ class InMemoryStore(Store):
             lease_owner=None,
             failures=0,
             failure=None,
+            interruptions=0,
         )
 
     async def record_retry(
@@ -191,6 +193,7 @@ class InMemoryStore(Store):
             failure=failure,
             failures=p.failures + (1 if count_failure else 0),
             lease_owner=None,
+            interruptions=0,
         )
 
     async def record_complete(
@@ -218,6 +221,7 @@ class InMemoryStore(Store):
             polls=p.polls + 1,
             terminal_at=p.terminal_at if p.terminal_at is not None else now,
             due_at=due_at,
+            interruptions=0,
         )
         return await self.outputs(p.id)
 

@@ -113,6 +113,7 @@ def _project(row: DictRow) -> ProjectRecord:
         failures=row["failures"],
         lease_owner=row["lease_owner"],
         lease_version=row["lease_version"],
+        interruptions=row["interruptions"],
     )
 
 
@@ -484,6 +485,10 @@ class PostgresStore(Store):
         """Nothing to do: a PostgreSQL commit is durable when it returns."""
 
     # --- the fleet's request budget -------------------------------------------------------------
+
+    @property
+    def shares_rate_budget(self) -> bool:
+        return True
 
     async def take_rate_tokens(self, *, now: float, rate: float, burst: float, want: int) -> int:
         if rate <= 0 or burst < 1:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import os
 import sqlite3
@@ -66,6 +67,7 @@ def _project(row: sqlite3.Row) -> ProjectRecord:
         failures=row["failures"],
         lease_owner=row["lease_owner"],
         lease_version=row["lease_version"],
+        interruptions=row["interruptions"],
     )
 
 
@@ -266,8 +268,14 @@ class SQLiteStore(Store):
                         {"id": row["id"], "until": now + lease_seconds, "owner": owner},
                     )
                     record = _project(row)
-                    version = record.lease_version + 1
-                    claims.append(Claim(record, version))
+                    taken_over = record.lease_owner is not None  # the lease ran out while held
+                    record = dataclasses.replace(
+                        record,
+                        lease_owner=owner,
+                        lease_version=record.lease_version + 1,
+                        interruptions=record.interruptions + taken_over,
+                    )
+                    claims.append(Claim(record, record.lease_version))
             return claims
 
         return await self._run(work)
@@ -490,5 +498,7 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def _split_statements(sql: str) -> list[str]:
-    """Split a migration into statements (they contain no ``;`` inside literals)."""
-    return [s.strip() for s in sql.split(";") if s.strip()]
+    """Split a migration into statements: comment lines dropped, then split at ``;`` (our
+    migrations have none inside literals)."""
+    code = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in code.split(";") if s.strip()]

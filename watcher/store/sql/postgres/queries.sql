@@ -56,7 +56,8 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 ), leased AS (
     UPDATE projects AS p
-    SET due_at = %(until)s, lease_owner = %(owner)s, lease_version = p.lease_version + 1
+    SET due_at = %(until)s, lease_owner = %(owner)s, lease_version = p.lease_version + 1,
+        interruptions = p.interruptions + (p.lease_owner IS NOT NULL)::integer
     FROM due
     WHERE p.id = due.id
     RETURNING p.*, due.due_at AS was_due
@@ -88,19 +89,21 @@ WHERE id = %(id)s AND state IN ('polling', 'downloading', 'deleting')
 -- name: record_poll
 UPDATE projects
 SET remote_status = %(remote_status)s, attempt = %(attempt)s, due_at = %(due_at)s,
-    polls = polls + 1, updated_at = %(now)s, lease_owner = NULL, failures = 0, failure = NULL
+    polls = polls + 1, updated_at = %(now)s, lease_owner = NULL, failures = 0, failure = NULL,
+    interruptions = 0
 WHERE id = %(id)s AND lease_version = %(version)s
 
 -- name: record_retry
 UPDATE projects
 SET due_at = %(due_at)s, failure = %(failure)s, failures = failures + %(count)s,
-    updated_at = %(now)s, lease_owner = NULL
+    updated_at = %(now)s, lease_owner = NULL, interruptions = 0
 WHERE id = %(id)s AND lease_version = %(version)s
 
 -- name: record_complete
 UPDATE projects
 SET state = 'downloading', remote_status = 'complete', polls = polls + 1,
-    terminal_at = coalesce(terminal_at, %(now)s), due_at = %(due_at)s, updated_at = %(now)s
+    terminal_at = coalesce(terminal_at, %(now)s), due_at = %(due_at)s, updated_at = %(now)s,
+    interruptions = 0
 WHERE id = %(id)s AND lease_version = %(version)s
 
 -- name: upsert_output

@@ -29,7 +29,8 @@ LIMIT :limit
 
 -- name: lease_project
 UPDATE projects
-SET due_at = :until, lease_owner = :owner, lease_version = lease_version + 1
+SET due_at = :until, lease_owner = :owner, lease_version = lease_version + 1,
+    interruptions = interruptions + (lease_owner IS NOT NULL)
 WHERE id = :id
 
 -- name: next_due_at
@@ -56,19 +57,21 @@ SELECT 1 FROM projects WHERE id = :id AND state IN ('polling', 'downloading', 'd
 -- name: record_poll
 UPDATE projects
 SET remote_status = :remote_status, attempt = :attempt, due_at = :due_at,
-    polls = polls + 1, updated_at = :now, lease_owner = NULL, failures = 0, failure = NULL
+    polls = polls + 1, updated_at = :now, lease_owner = NULL, failures = 0, failure = NULL,
+    interruptions = 0
 WHERE id = :id AND lease_version = :version
 
 -- name: record_retry
 UPDATE projects
 SET due_at = :due_at, failure = :failure, failures = failures + :count,
-    updated_at = :now, lease_owner = NULL
+    updated_at = :now, lease_owner = NULL, interruptions = 0
 WHERE id = :id AND lease_version = :version
 
 -- name: record_complete
 UPDATE projects
 SET state = 'downloading', remote_status = 'complete', polls = polls + 1,
-    terminal_at = coalesce(terminal_at, :now), due_at = :due_at, updated_at = :now
+    terminal_at = coalesce(terminal_at, :now), due_at = :due_at, updated_at = :now,
+    interruptions = 0
 WHERE id = :id AND lease_version = :version
 
 -- name: upsert_output
