@@ -13,6 +13,9 @@ Package map (one module per responsibility):
 - ``downloader``   streaming, verified, resumable downloads
 - ``store``        the durable state behind one interface (memory, SQLite)
 - ``daemon``       the wiring: poll, download and delete loops, shutdown
+- ``http``         the control plane: tracking API, health, metrics, webhook receiver (uvicorn)
+- ``webhooks``     signing and verifying webhook events, both ways
+- ``notify``       delivering the notification outbox to ``WATCHER_NOTIFY_URL``
 - ``simulator``    a local Magic Hour API for demos and tests
 - ``cli``          the ``watcher`` command
 """

@@ -14,16 +14,18 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 
-from watcher import __version__, clock, logs
+from watcher import __version__, clock, logs, notify
 from watcher.daemon import Daemon, Outcome
 from watcher.errors import ConfigError, InvalidProjectId, WatcherError
 from watcher.models import State, parse_kind, parse_project_spec
 from watcher.settings import Settings, load_settings, unknown_variables
 from watcher.store import OutputRecord, ProjectRecord, Store, create_store
 from watcher.views import project_json
+from watcher.webhooks import configured
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -58,12 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["true", "false"],
         help="override WATCHER_DELETE_AFTER_DOWNLOAD for these projects",
     )
+    _add_url_argument(track)
     track.set_defaults(func=cmd_track)
 
     status = sub.add_parser("status", help="show tracked projects")
     status.add_argument("--json", action="store_true", help="one JSON document on stdout")
     status.add_argument("--state", help="only projects in this state")
     status.add_argument("--limit", type=int, default=100, help="at most this many rows (100)")
+    _add_url_argument(status)
     status.set_defaults(func=cmd_status)
 
     from watcher.simulator import cli as simulator_cli  # noqa: PLC0415 - keep start-up light
@@ -77,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7, help="simulator seed (7)")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _add_url_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        help="a running watcher's API, e.g. http://127.0.0.1:8080 (token: WATCHER_CONTROL_TOKEN);"
+        " without it, the database of WATCHER_DATABASE_URL is used directly",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,7 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _settings() -> Settings:
     settings = load_settings()
-    for secret in (settings.api_token, settings.control_token):
+    secrets = (
+        settings.api_token,
+        settings.control_token,
+        settings.webhook_secret,
+        settings.notify_secret,
+    )
+    for secret in secrets:
         logs.register_secret(secret.get_secret_value() if secret else None)
     return settings
 
@@ -108,14 +126,30 @@ def _settings() -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``watcher run``."""
+    """``watcher run``: the daemon, its HTTP server and its notifier."""
+    from watcher.http import HttpServer, check_settings  # noqa: PLC0415 - only run serves HTTP
+
     settings = _settings()
     settings.require_token()
+    check_settings(settings)
+    notify.check_settings(settings)
     logs.configure(settings.log_level, settings.log_format)
     for name in unknown_variables():
         log.warning("unknown_setting", variable=name, hint="not a WATCHER_* setting; a typo?")
     store = create_store(settings.database_url, exclusive=True)
-    outcome = asyncio.run(run_daemon(Daemon(settings, store, until_done=args.until_done)))
+    daemon = Daemon(settings, store, until_done=args.until_done)
+    server = None
+    if settings.http_enabled:
+        server = HttpServer.bind(settings.http_host, settings.http_port)
+        daemon.side_tasks.append(server.run)
+    notifier = notify.Notifier.from_settings(settings)
+    if notifier is not None:
+        daemon.side_tasks.append(notifier.run)
+    try:
+        outcome = asyncio.run(run_daemon(daemon))
+    finally:
+        if server is not None:
+            server.close()
     return outcome.exit_code if args.until_done else 0
 
 
@@ -144,15 +178,21 @@ async def run_daemon(daemon: Daemon) -> Outcome:
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    """``watcher track``: add ids to the store directly (a running daemon picks them up)."""
+    """``watcher track``: add ids through a running daemon's API (``--url``), or to the store
+    directly (a running daemon picks them up)."""
     settings = _settings()
     kind = parse_kind(args.kind)
     refs = [parse_project_spec(raw, kind) for raw in args.ids]
-    delete = (
-        settings.delete_after_download
-        if args.delete_after_download is None
-        else args.delete_after_download == "true"
-    )
+    override = None if args.delete_after_download is None else args.delete_after_download == "true"
+    if args.url:
+        from watcher.http.client import ControlClient  # noqa: PLC0415 - keep start-up light
+
+        with ControlClient(args.url, configured(settings.control_token)) as client:
+            for ref in refs:
+                created, _ = client.track(ref, delete_after_download=override)
+                print(f"{'tracked' if created else 'already tracked'} {ref.id}")
+        return 0
+    delete = settings.delete_after_download if override is None else override
 
     async def work() -> tuple[list[str], list[str]]:
         async with create_store(settings.database_url) as store:
@@ -177,23 +217,33 @@ async def _collect(
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """``watcher status``: a table (or JSON) of tracked projects."""
+    """``watcher status``: a table (or JSON) of tracked projects, from a running daemon's API
+    (``--url``) or from the store."""
     settings = _settings()
-    state = State(args.state) if args.state else None
+    if args.state:
+        try:
+            State(args.state)
+        except ValueError:
+            names = ", ".join(s.value for s in State)
+            raise ConfigError(f"--state: unknown state {args.state!r}: one of {names}") from None
+    if args.url:
+        from watcher.http.client import ControlClient  # noqa: PLC0415 - keep start-up light
 
-    async def work() -> tuple[dict[State, int], list[tuple[ProjectRecord, list[OutputRecord]]]]:
-        async with create_store(settings.database_url) as store:
-            return await _collect(store, state, args.limit)
+        with ControlClient(args.url, configured(settings.control_token)) as client:
+            doc = client.status(state=args.state, limit=args.limit)
+    else:
+        state = State(args.state) if args.state else None
 
-    counts, rows = asyncio.run(work())
-    if args.json:
+        async def work() -> tuple[dict[State, int], list[tuple[ProjectRecord, list[OutputRecord]]]]:
+            async with create_store(settings.database_url) as store:
+                return await _collect(store, state, args.limit)
+
+        counts, rows = asyncio.run(work())
         doc = {
             "counts": {s.value: n for s, n in sorted(counts.items())},
             "projects": [project_json(p, o) for p, o in rows],
         }
-        print(json.dumps(doc, indent=2))
-        return 0
-    print(render_table(counts, rows))
+    print(json.dumps(doc, indent=2) if args.json else render_status(doc))
     return 0
 
 
@@ -201,19 +251,32 @@ def render_table(
     counts: dict[State, int], rows: list[tuple[ProjectRecord, list[OutputRecord]]]
 ) -> str:
     """A readable table of projects, with a summary line of counts by state."""
-    summary = ", ".join(f"{s.value} {n}" for s, n in sorted(counts.items())) or "no projects"
+    return render_status(
+        {
+            "counts": {s.value: n for s, n in sorted(counts.items())},
+            "projects": [project_json(p, o) for p, o in rows],
+        }
+    )
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    """The table of a ``status --json`` document (as the store or the control API gives it)."""
+    counts: dict[str, int] = doc["counts"]
+    summary = ", ".join(f"{s} {n}" for s, n in sorted(counts.items())) or "no projects"
     header = ("ID", "KIND", "STATE", "REMOTE", "POLLS", "SAVED", "NOTE")
     lines = [header]
-    for p, outputs in rows:
-        saved = sum(1 for o in outputs if o.state.value == "saved")
-        note = p.failure or (f"{p.error_code}: {p.error_message}" if p.error_code else "")
+    for p in doc["projects"]:
+        outputs = p["outputs"]
+        saved = sum(1 for o in outputs if o["state"] == "saved")
+        error = p["error"]
+        note = p["failure"] or (f"{error['code']}: {error['message']}" if error else "")
         lines.append(
             (
-                p.id,
-                p.kind.value,
-                p.state.value,
-                p.remote_status.value if p.remote_status else "-",
-                str(p.polls),
+                p["id"],
+                p["kind"],
+                p["state"],
+                p["remote_status"] or "-",
+                str(p["polls"]),
                 f"{saved}/{len(outputs)}" if outputs else "-",
                 note[:60],
             )

@@ -75,3 +75,22 @@ class Metrics:
         self.in_flight = Gauge(
             "watcher_work_in_flight", "Projects being polled, downloaded or deleted.", registry=r
         )
+        self.webhooks = Counter(
+            "watcher_webhooks",
+            "Magic Hour webhook deliveries by result: expedited, tracked, ignored, invalid, "
+            "rejected.",
+            ["result"],
+            registry=r,
+        )
+        self.notifications = Counter(
+            "watcher_notifications",
+            "Deliveries to WATCHER_NOTIFY_URL by result: sent, failed.",
+            ["result"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "watcher_http_requests",
+            "Requests to the watcher's own HTTP server by route and status code.",
+            ["route", "code"],
+            registry=r,
+        )

@@ -1,0 +1,481 @@
+"""The control plane's HTTP app: the tracking API, health, metrics and the webhook receiver.
+
+:func:`create_app` builds a Starlette app around a running :class:`~watcher.daemon.Daemon`:
+
+- ``/v1/projects`` (bearer auth with ``WATCHER_CONTROL_TOKEN`` when one is set): track, list,
+  show and stop tracking projects. Stopping tracking never deletes anything remotely.
+- ``/healthz`` (the loop answers), ``/readyz`` (store reachable, API token not refused, not
+  shutting down), ``/metrics`` (Prometheus text) and ``/openapi.json``: no auth.
+- ``/webhooks/magic-hour``: Magic Hour's signed events; a verified event makes its project due
+  at once (or tracks it, with ``WATCHER_WEBHOOK_AUTO_TRACK``). The GET itself is left to the
+  daemon's dispatch loop, so the answer is immediate. Without ``WATCHER_WEBHOOK_SECRET`` the
+  route answers 404 ``webhooks_disabled``.
+
+Every error is JSON ``{"error": <code>, "message": <text>}``. Request bodies are capped
+(:data:`MAX_BODY_BYTES`, :data:`MAX_WEBHOOK_BYTES`). Each request is logged at debug as
+``http_request`` and counted in ``watcher_http_requests``. This module does not listen on a
+socket (see :mod:`watcher.http.server`) and does not sign anything itself (see
+:mod:`watcher.webhooks`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from watcher import clock
+from watcher.errors import InvalidProjectId, StoreError, WatcherError
+from watcher.http.openapi import openapi_document
+from watcher.models import ProjectRef, State, parse_kind, validate_project_id
+from watcher.views import project_json
+from watcher.webhooks import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    InvalidEvent,
+    SignatureRejected,
+    WebhookEvent,
+    configured,
+    parse_event,
+    verify,
+)
+
+if TYPE_CHECKING:
+    from watcher.daemon import Daemon
+    from watcher.metrics import Metrics
+
+log = structlog.get_logger("watcher")
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_WEBHOOK_BYTES = 256 * 1024
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+STORE_PING_SECONDS = 2.0
+RELEASE_CHECK_SECONDS = 0.2
+TRACK_FIELDS = frozenset({"id", "kind", "delete_after_download"})
+LIST_PARAMETERS = frozenset({"status", "limit", "cursor"})
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class ApiProblem(WatcherError):
+    """A request the control API refuses: its HTTP status, a stable code and a clear message."""
+
+    def __init__(
+        self, status: int, error: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.headers = headers
+
+
+def problem(
+    status: int, error: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The JSON error response every failure of this API uses."""
+    return JSONResponse({"error": error, "message": message}, status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 beyond ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiProblem(
+            413, "body_too_large", f"the body is {declared} bytes; at most {limit} are accepted"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiProblem(
+                    413, "body_too_large", f"the body exceeds {limit} bytes; it was not read"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiProblem(400, "client_disconnected", "the client went away mid-body") from None
+    return b"".join(chunks)
+
+
+def _project_id(raw: str) -> str:
+    try:
+        return validate_project_id(raw)
+    except InvalidProjectId as exc:
+        raise ApiProblem(400, "invalid_id", str(exc)) from None
+
+
+class _Handlers:
+    """The endpoints, bound to one daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.store = daemon.store
+        self.settings = daemon.settings
+        self.metrics = daemon.metrics
+        self.control_token = configured(daemon.settings.control_token)
+        self.webhook_secret = configured(daemon.settings.webhook_secret)
+        self.openapi = openapi_document()
+
+    # --- auth ----------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.control_token is None:
+            return
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        given = value.strip().encode("utf-8", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given, self.control_token.encode("utf-8")
+        ):
+            raise ApiProblem(
+                401,
+                "unauthorized",
+                "a valid bearer token is required (the value of WATCHER_CONTROL_TOKEN)",
+                headers={"WWW-Authenticate": 'Bearer realm="watcher"'},
+            )
+
+    # --- health, metrics, the document -----------------------------------------------------------
+
+    async def healthz(self, _request: Request) -> Response:
+        """The event loop answers: the process is alive."""
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, _request: Request) -> Response:
+        """Ready to work: store reachable, API token not refused, not shutting down."""
+        problems: list[str] = []
+        try:
+            await asyncio.wait_for(self.store.ping(), STORE_PING_SECONDS)
+            store = "ok"
+        except (StoreError, TimeoutError) as exc:
+            store = "unreachable"
+            problems.append(f"the store does not answer: {str(exc) or 'timed out'}")
+        if self.daemon.unauthorized:
+            problems.append("the Magic Hour API refused the token (check WATCHER_API_TOKEN)")
+        if self.daemon.stopping:
+            problems.append("the watcher is shutting down")
+        body = {
+            "ready": not problems,
+            "checks": {
+                "store": store,
+                "api_credentials": "refused" if self.daemon.unauthorized else "ok",
+                "shutting_down": self.daemon.stopping,
+            },
+            "problems": problems,
+        }
+        return JSONResponse(body, 200 if not problems else 503)
+
+    async def metrics_text(self, _request: Request) -> Response:
+        """Every metric in the Prometheus text format, gauges refreshed from the store."""
+        await refresh_gauges(self.daemon)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi_json(self, _request: Request) -> Response:
+        """The OpenAPI document of this API."""
+        return JSONResponse(self.openapi)
+
+    # --- the tracking API ------------------------------------------------------------------------
+
+    async def track(self, request: Request) -> Response:
+        """``POST /v1/projects``: track one project (201), or say it already is (200)."""
+        self._authorize(request)
+        ref, delete = self._track_request(await read_body(request, MAX_BODY_BYTES))
+        existing = await self.store.get(ref.id)
+        if existing is not None and existing.kind != ref.kind:
+            raise ApiProblem(
+                409,
+                "kind_conflict",
+                f"project {ref.id} is already tracked as {existing.kind.value}, "
+                f"not {ref.kind.value}",
+            )
+        created = False
+        if existing is None:
+            added = await self.daemon.track([ref], delete_after_download=delete)
+            created = ref.id in added
+        record = await self.store.get(ref.id)
+        if record is None:  # stopped being tracked in between: a race with DELETE
+            raise ApiProblem(409, "conflict", f"project {ref.id} was untracked meanwhile")
+        body = project_json(record, await self.store.outputs(ref.id))
+        headers = {"Location": f"/v1/projects/{ref.id}"}
+        return JSONResponse(body, 201 if created else 200, headers=headers)
+
+    def _track_request(self, raw: bytes) -> tuple[ProjectRef, bool]:
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiProblem(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ApiProblem(400, "invalid_request", 'expected a JSON object {"id", "kind"}')
+        unknown = sorted(set(data) - TRACK_FIELDS)
+        if unknown:
+            raise ApiProblem(
+                400,
+                "invalid_request",
+                f"unknown fields: {', '.join(unknown)} (expected id, kind, delete_after_download)",
+            )
+        raw_id, raw_kind = data.get("id"), data.get("kind")
+        if not isinstance(raw_id, str):
+            raise ApiProblem(400, "invalid_id", '"id" is required and must be a string')
+        if not isinstance(raw_kind, str):
+            raise ApiProblem(400, "invalid_kind", '"kind" is required: image, video or audio')
+        try:
+            kind = parse_kind(raw_kind)
+        except InvalidProjectId as exc:
+            raise ApiProblem(400, "invalid_kind", str(exc)) from None
+        delete = data.get("delete_after_download", self.settings.delete_after_download)
+        if not isinstance(delete, bool):
+            raise ApiProblem(
+                400, "invalid_request", '"delete_after_download" must be true or false'
+            )
+        return ProjectRef(kind, _project_id(raw_id)), delete
+
+    async def show(self, request: Request) -> Response:
+        """``GET /v1/projects/{id}``."""
+        self._authorize(request)
+        pid = _project_id(request.path_params["id"])
+        record = await self.store.get(pid)
+        if record is None:
+            raise ApiProblem(404, "not_tracked", f"project {pid} is not tracked")
+        return JSONResponse(project_json(record, await self.store.outputs(pid)))
+
+    async def list_projects(self, request: Request) -> Response:
+        """``GET /v1/projects?status=&limit=&cursor=``: a page in id order, and counts."""
+        self._authorize(request)
+        state, limit, cursor = _page_parameters(request)
+        page = await self.store.list_projects(state=state, limit=limit, cursor=cursor)
+        counts = await self.store.count_by_state()
+        projects = [project_json(p, await self.store.outputs(p.id)) for p in page.projects]
+        return JSONResponse(
+            {
+                "projects": projects,
+                "next_cursor": page.next_cursor,
+                "counts": {s.value: n for s, n in sorted(counts.items())},
+            }
+        )
+
+    async def untrack(self, request: Request) -> Response:
+        """``DELETE /v1/projects/{id}``: forget the project here; nothing is deleted remotely."""
+        self._authorize(request)
+        pid = _project_id(request.path_params["id"])
+        if not await self.store.untrack(pid):
+            raise ApiProblem(404, "not_tracked", f"project {pid} is not tracked")
+        log.info("project_untracked", project_id=pid)
+        return Response(status_code=204)
+
+    # --- webhooks in ------------------------------------------------------------------------------
+
+    async def webhook(self, request: Request) -> Response:
+        """``POST /webhooks/magic-hour``: verify, then make the project due now."""
+        if self.webhook_secret is None:
+            raise ApiProblem(
+                404, "webhooks_disabled", "webhooks are off: set WATCHER_WEBHOOK_SECRET to use them"
+            )
+        body = await read_body(request, MAX_WEBHOOK_BYTES)
+        try:
+            verify(
+                self.webhook_secret,
+                body,
+                signature=request.headers.get(SIGNATURE_HEADER),
+                timestamp=request.headers.get(TIMESTAMP_HEADER),
+                now=clock.now(),
+            )
+        except SignatureRejected as exc:
+            self.metrics.webhooks.labels("rejected").inc()
+            log.warning("webhook_rejected", reason=exc.reason, detail=str(exc))
+            raise ApiProblem(401, "invalid_signature", str(exc)) from None
+        try:
+            event = parse_event(body)
+        except InvalidEvent as exc:
+            self.metrics.webhooks.labels("invalid").inc()
+            log.warning("webhook_rejected", reason="invalid_event", detail=str(exc))
+            raise ApiProblem(400, "invalid_event", str(exc)) from None
+        action, note, follow_up = await self._act_on(event)
+        self.metrics.webhooks.labels(action).inc()
+        log.info(
+            "webhook_received",
+            type=event.type,
+            project_id=event.project_id,
+            action=action,
+            note=note,
+        )
+        background = (
+            BackgroundTask(self._expedite_when_released, event.project_id)
+            if follow_up and event.project_id
+            else None
+        )
+        return JSONResponse({"action": action, "note": note}, background=background)
+
+    async def _act_on(self, event: WebhookEvent) -> tuple[str, str | None, bool]:
+        """What the event changes: (action, note, whether to expedite once the lease ends)."""
+        if event.kind is None or event.project_id is None:
+            return "ignored", "not a project event the watcher knows", False
+        record = await self.store.get(event.project_id)
+        if record is None:
+            if not self.settings.webhook_auto_track:
+                return "ignored", "not tracked (WATCHER_WEBHOOK_AUTO_TRACK is off)", False
+            ref = ProjectRef(event.kind, event.project_id)
+            delete = self.settings.delete_after_download
+            await self.daemon.track([ref], delete_after_download=delete)
+            return "tracked", None, False
+        if record.state.is_final:
+            return "ignored", f"already final ({record.state.value})", False
+        await self.store.expedite(record.id, now=clock.now())
+        self.daemon.wake()
+        if record.state == State.POLLING and record.lease_owner is not None:
+            # A GET is in flight and may have been answered before the change: poll once more
+            # as soon as that work releases the project, instead of after a long backoff.
+            return "expedited", "a poll is in flight; another follows it", True
+        return "expedited", None, False
+
+    async def _expedite_when_released(self, project_id: str) -> None:
+        deadline = clock.monotonic() + self.daemon.lease_seconds
+        while not self.daemon.stopping and clock.monotonic() < deadline:
+            await asyncio.sleep(RELEASE_CHECK_SECONDS)
+            record = await self.store.get(project_id)
+            if record is None or record.state != State.POLLING:
+                return
+            if record.lease_owner is None:
+                await self.store.expedite(project_id, now=clock.now())
+                self.daemon.wake()
+                return
+
+
+def _page_parameters(request: Request) -> tuple[State | None, int, str | None]:
+    params = request.query_params
+    unknown = sorted(set(params.keys()) - LIST_PARAMETERS)
+    if unknown:
+        raise ApiProblem(
+            400,
+            "invalid_parameter",
+            f"unknown query parameters: {', '.join(unknown)} (expected status, limit, cursor)",
+        )
+    state = None
+    if params.get("status"):
+        try:
+            state = State(params["status"])
+        except ValueError:
+            names = ", ".join(s.value for s in State)
+            raise ApiProblem(
+                400, "invalid_parameter", f"unknown status {params['status']!r}: one of {names}"
+            ) from None
+    raw_limit = params.get("limit", str(DEFAULT_PAGE))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+        raise ApiProblem(
+            400, "invalid_parameter", f"limit must be a whole number from 1 to {MAX_PAGE}"
+        )
+    cursor = params.get("cursor") or None
+    if cursor is not None:
+        try:
+            validate_project_id(cursor)
+        except InvalidProjectId:
+            raise ApiProblem(
+                400, "invalid_parameter", "cursor is not one this API handed out"
+            ) from None
+    return state, int(raw_limit), cursor
+
+
+async def refresh_gauges(daemon: Daemon) -> None:
+    """Set the gauges read at scrape time: projects by state, and the rate-limit pause left."""
+    counts = await daemon.store.count_by_state()
+    for state in State:
+        daemon.metrics.projects.labels(state.value).set(counts.get(state, 0))
+    paused = daemon.api.throttle.paused_for if daemon.api is not None else 0.0
+    daemon.metrics.rate_limit_paused.set(paused)
+
+
+async def _http_exception(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)  # noqa: S101 - registered for HTTPException only
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    headers = dict(exc.headers) if exc.headers else None
+    return problem(exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail, headers)
+
+
+async def _api_problem(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiProblem)  # noqa: S101 - registered for ApiProblem only
+    return problem(exc.status, exc.error, str(exc), exc.headers)
+
+
+class _Observe:
+    """ASGI middleware: logs ``http_request``, counts it, and turns a crash into a JSON 500."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: dict[object, str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = clock.monotonic()
+        status = 500
+        responded = False
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, responded
+            if message["type"] == "http.response.start":
+                status, responded = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        except Exception:
+            log.exception("http_error", method=scope["method"], path=scope["path"])
+            if not responded:
+                status = 500
+                response = problem(500, "internal_error", "internal error; see the watcher's log")
+                await response(scope, receive, send)
+        finally:
+            route = self.routes.get(scope.get("endpoint"), "unmatched")
+            self.metrics.http_requests.labels(route, str(status)).inc()
+            log.debug(
+                "http_request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                elapsed_ms=round((clock.monotonic() - started) * 1000, 1),
+            )
+
+
+def create_app(daemon: Daemon) -> Starlette:
+    """The control plane's app, serving ``daemon``."""
+    h = _Handlers(daemon)
+    routes = [
+        Route("/healthz", h.healthz, methods=["GET"]),
+        Route("/readyz", h.readyz, methods=["GET"]),
+        Route("/metrics", h.metrics_text, methods=["GET"]),
+        Route("/openapi.json", h.openapi_json, methods=["GET"]),
+        Route("/v1/projects", h.list_projects, methods=["GET"]),
+        Route("/v1/projects", h.track, methods=["POST"]),
+        Route("/v1/projects/{id}", h.show, methods=["GET"]),
+        Route("/v1/projects/{id}", h.untrack, methods=["DELETE"]),
+        Route("/webhooks/magic-hour", h.webhook, methods=["POST"]),
+    ]
+    labels: dict[object, str] = {route.endpoint: route.path for route in routes}
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_exception, ApiProblem: _api_problem},
+    )
+    app.add_middleware(_Observe, metrics=daemon.metrics, routes=labels)
+    return app
+
+
+def route_table(app: Starlette) -> set[tuple[str, str]]:
+    """Every (path, method) the app serves, HEAD aside: what the OpenAPI document must cover."""
+    table: set[tuple[str, str]] = set()
+    for route in app.routes:
+        if isinstance(route, Route):
+            table.update((route.path, m) for m in route.methods or () if m != "HEAD")
+    return table
