@@ -700,13 +700,12 @@ class Daemon:
             log.error("project_quarantined", **fields, cause=failure)
         elif state == State.DELETED:
             log.info("project_deleted", **fields, already_gone=already_gone)
+        elif state == State.CANCELED:
+            log.info("project_canceled", **fields)
+        elif state == State.NOT_FOUND:
+            log.info("project_not_found", **fields, note=failure)
         else:
-            event = {
-                State.CANCELED: "project_canceled",
-                State.NOT_FOUND: "project_not_found",
-                State.SAVED: "project_saved",
-            }[state]
-            log.info(event, **fields, note=failure)
+            log.info("project_saved", **fields, note=failure)
 
     def _remove_parts_sync(self, kind: str, project_id: str) -> None:
         folder = self.download_dir / kind / project_id
