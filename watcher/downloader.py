@@ -27,6 +27,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
@@ -35,6 +36,8 @@ from watcher.errors import DiskFull, DownloadError, DownloadIncomplete, Download
 from watcher.paths import part_path
 
 CHUNK_SIZE = 1024 * 1024
+BATCH_BYTES = 1024 * 1024
+WRITEBACK_BYTES = 8 * 1024 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 USER_AGENT = "magic-hour-watcher"
 
@@ -164,20 +167,83 @@ class Downloader:
             with part.open("r+b" if offset else "wb") as f:
                 f.seek(offset)
                 f.truncate()
-                # As received, not re-chunked: the bytes of a body cut short still reach the .part.
+                sink = _Sink(f, digest, offset)
                 # A 416 (the .part is already whole) carries an error page, not bytes of the file.
                 if response.status_code != 416:
-                    async for chunk in response.aiter_bytes():
-                        f.write(chunk)
-                        digest.update(chunk)
-                        size += len(chunk)
-                f.flush()
-                await asyncio.to_thread(os.fsync, f.fileno())
+                    size += await _stream_to_sink(response, sink)
+                await asyncio.to_thread(sink.sync)
         except OSError as exc:
             if exc.errno in {errno.ENOSPC, errno.EDQUOT}:
                 part.unlink(missing_ok=True)  # noqa: ASYNC240 - frees space at once
             raise _disk_error(exc, part) from None
         return size, digest
+
+
+class _Sink:
+    """The open ``.part`` file and the running digest of its bytes.
+
+    Written from one thread at a time. Every ``WRITEBACK_BYTES`` it asks the kernel to start
+    writing the pages already written back to disk and to drop them from the page cache
+    (``POSIX_FADV_DONTNEED``): the final ``fsync`` then waits for little, and a large output does
+    not push everything else out of memory.
+    """
+
+    def __init__(self, f: BinaryIO, digest: hashlib._Hash, offset: int) -> None:
+        self._f = f
+        self._digest = digest
+        self._written = offset
+        self._advised = offset
+
+    def absorb(self, chunks: list[bytes]) -> None:
+        """Write ``chunks`` as received (not re-chunked) and add them to the digest."""
+        for chunk in chunks:
+            self._f.write(chunk)
+            self._digest.update(chunk)
+            self._written += len(chunk)
+        if self._written - self._advised >= WRITEBACK_BYTES:
+            self._f.flush()
+            _start_writeback(self._f.fileno(), self._advised, self._written - self._advised)
+            self._advised = self._written
+
+    def sync(self) -> None:
+        """Flush and ``fsync`` the file."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+
+def _start_writeback(fd: int, start: int, length: int) -> None:
+    if hasattr(os, "posix_fadvise"):  # not on macOS; the final fsync does it all there
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+
+
+async def _stream_to_sink(response: httpx.Response, sink: _Sink) -> int:
+    """Receive the body on the event loop while a worker thread writes and hashes it.
+
+    Chunks are handed over in batches of about ``BATCH_BYTES`` with at most one batch in flight, so
+    receiving overlaps writing and hashing (both release the GIL) and memory stays at about two
+    batches whatever the file's size. A batch already received is written even when the body is
+    cut short or the task is cancelled: those bytes stay in the ``.part`` for resuming.
+    """
+    received = 0
+    batch: list[bytes] = []
+    batched = 0
+    in_flight: asyncio.Future[None] | None = None
+    try:
+        async for chunk in response.aiter_bytes():
+            batch.append(chunk)
+            batched += len(chunk)
+            received += len(chunk)
+            if batched >= BATCH_BYTES:
+                if in_flight is not None:
+                    await in_flight
+                in_flight = asyncio.ensure_future(asyncio.to_thread(sink.absorb, batch))
+                batch, batched = [], 0
+    finally:
+        if in_flight is not None:
+            # A thread cannot be interrupted: let it finish before the file is touched again.
+            await asyncio.shield(in_flight)
+        sink.absorb(batch)
+    return received
 
 
 def _commit(part: Path, final: Path) -> None:

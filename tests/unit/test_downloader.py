@@ -234,6 +234,57 @@ async def test_broken_download_resumes_where_it_stopped(final: Path) -> None:
     assert verified.calls == [(len(BODY), SHA)]
 
 
+LARGE = hashlib.sha256(b"seed").digest() * (3 * 1024 * 1024 // 32 + 77)  # 3 MiB + 2464 bytes
+
+
+async def in_chunks(data: bytes, size: int, error: Exception | None = None) -> AsyncIterator[bytes]:
+    """A body stream of ``size``-byte chunks, failing at the end if ``error`` is given."""
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+    if error is not None:
+        raise error
+
+
+async def test_a_body_of_many_batches_is_written_in_order(final: Path) -> None:
+    """A body larger than a writer batch arrives whole, in order, with the digest of its bytes."""
+    cdn = FakeCdn(
+        lambda _request: httpx.Response(
+            200, headers={"Content-Length": str(len(LARGE))}, content=in_chunks(LARGE, 65_536)
+        )
+    )
+    verified = Verified(final)
+    async with downloader(cdn) as d:
+        saved = await d.fetch(URL, LATER, final, verified)
+    assert final.read_bytes() == LARGE
+    assert saved.sha256 == hashlib.sha256(LARGE).hexdigest()
+    assert verified.calls == [(len(LARGE), saved.sha256)]
+
+
+async def test_a_cut_after_several_batches_keeps_every_byte_received(final: Path) -> None:
+    """Batches written, the batch in flight and the unwritten tail all reach the .part."""
+    received = LARGE[: 2 * 1024 * 1024 + 4_321]
+
+    def cut_then_whole(request: httpx.Request) -> httpx.Response:
+        if "range" in request.headers:
+            return serve(request, LARGE)
+        error = httpx.ReadError("reset")
+        return httpx.Response(
+            200,
+            headers={"Content-Length": str(len(LARGE))},
+            content=in_chunks(received, 50_000, error),
+        )
+
+    cdn = FakeCdn(cut_then_whole)
+    async with downloader(cdn) as d:
+        with pytest.raises(DownloadIncomplete):
+            await d.fetch(URL, LATER, final, Verified(final))
+        assert part_path(final).read_bytes() == received
+        saved = await d.fetch(URL, LATER, final, Verified(final))
+    assert cdn.requests[1].headers["range"] == f"bytes={len(received)}-"
+    assert saved.resumed_from == len(received)
+    assert final.read_bytes() == LARGE
+
+
 # --- resuming ----------------------------------------------------------------------------------
 
 
