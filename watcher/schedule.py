@@ -7,7 +7,9 @@ render durations of each kind (seconds from tracking a project to seeing it term
 - *before the usual window* (younger than the 2nd percentile): not at all, waking when the window
   opens (at most ``POLL_MAX`` later);
 - *inside the window* (2nd to 98th percentile): densely, every ``POLL_INITIAL`` seconds scaled by
-  kind (with 25 % jitter), so a finished render is seen within about one interval;
+  kind (with 10 % jitter: enough to spread projects tracked together, little enough that the
+  mean interval stays close to the lag it bounds), so a finished render is seen within about
+  one interval;
 - *past the window*: with a delay that grows in proportion to the overrun (half of it, between the
   dense interval and ``POLL_MAX``), so a very long render costs a logarithmic number of polls.
 
@@ -32,6 +34,7 @@ LOW_QUANTILE = 0.02
 HIGH_QUANTILE = 0.98
 COLD_WINDOW = 30.0
 JITTER = 0.25
+DENSE_JITTER = 0.1
 OVERRUN_FACTOR = 0.5
 DRAFT_FACTOR = 4.0
 
@@ -89,6 +92,6 @@ def next_poll_delay(
     if age + dense < low:
         return min(low - age, policy.maximum)
     if age <= high:
-        return rng.uniform(dense * (1 - JITTER), dense)
+        return rng.uniform(dense * (1 - DENSE_JITTER), dense)
     overrun = min(policy.maximum, max(dense, (age - high) * OVERRUN_FACTOR))
     return rng.uniform(max(dense, overrun * (1 - JITTER)), overrun)
