@@ -52,10 +52,10 @@ from watcher.errors import (
     Unauthorized,
 )
 from watcher.metrics import Metrics
-from watcher.models import ProjectRef, ProjectSnapshot, RemoteStatus, State
+from watcher.models import Kind, ProjectRef, ProjectSnapshot, RemoteStatus, State
 from watcher.paths import PART_SUFFIX, output_relpath, resolve_inside
 from watcher.priority import PriorityGate
-from watcher.schedule import RenderStats, next_poll_delay
+from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats, next_poll_delay
 from watcher.settings import Settings
 from watcher.store import Claim, LeaseLost, NewOutput, OutputRecord, OutputState, Store
 from watcher.throttle import Throttle
@@ -196,6 +196,7 @@ class Daemon:
                     loops = [
                         group.create_task(self._dispatch_loop()),
                         group.create_task(self._renew_loop()),
+                        *self._fleet_loops(group),
                         *(group.create_task(starter(self)) for starter in self.side_tasks),
                     ]
                     self.started.set()
@@ -222,6 +223,7 @@ class Daemon:
         refs = self.settings.project_refs
         added = await self.track(refs, delete_after_download=self.settings.delete_after_download)
         swept = await asyncio.to_thread(self._sweep_parts_sync, await self._active_ids())
+        learned = await self._learn()
         log.info(
             "daemon_started",
             replica=self.owner,
@@ -230,8 +232,28 @@ class Daemon:
             projects_added=len(added),
             leases_released=released,
             parts_removed=swept,
+            render_samples=learned,
             until_done=self.until_done,
         )
+
+    async def _learn(self) -> dict[str, int]:
+        """Load the latest render durations of every kind from the store; how many per kind."""
+        for kind in Kind:
+            durations = await self.store.render_durations(kind, limit=SAMPLE_SIZE)
+            self.render_stats.load(kind, durations)
+        return {kind.value: self.render_stats.count(kind) for kind in Kind}
+
+    def _fleet_loops(self, group: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        return [] if self.store.is_exclusive else [group.create_task(self._learn_loop())]
+
+    async def _learn_loop(self) -> None:
+        """On a shared store, learn from every replica's renders, not only this one's."""
+        while not self.stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), RELOAD_SECONDS)
+            if not self.stopping:
+                with contextlib.suppress(StoreError):
+                    await self._learn()
 
     async def track(self, refs: Iterable[ProjectRef], *, delete_after_download: bool) -> list[str]:
         """Track ``refs`` (idempotent); returns the ids that were new."""

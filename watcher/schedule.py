@@ -13,8 +13,10 @@ render durations of each kind (seconds from tracking a project to seeing it term
 - *past the window*: with a delay that grows in proportion to the overrun (half of it, between the
   dense interval and ``POLL_MAX``), so a very long render costs a logarithmic number of polls.
 
-Until a kind has ``MIN_SAMPLES`` durations, the window is taken to be the first ``COLD_WINDOW``
-seconds (scaled by kind): watch closely while nothing is known, back off after.
+The durations are read back from the store at start-up, so a restart does not start cold, and
+reloaded every ``RELOAD_SECONDS`` from a shared store, so every replica of a fleet learns from all
+renders. Until a kind has ``MIN_SAMPLES`` durations, the window is taken to be the first
+``COLD_WINDOW`` seconds (scaled by kind): watch closely while nothing is known, back off after.
 
 Everything here is pure: the caller passes ``age`` and a random source.
 """
@@ -30,6 +32,7 @@ from watcher.models import Kind, RemoteStatus
 
 MIN_SAMPLES = 12
 SAMPLE_SIZE = 512
+RELOAD_SECONDS = 60.0
 LOW_QUANTILE = 0.02
 HIGH_QUANTILE = 0.98
 COLD_WINDOW = 30.0
@@ -57,6 +60,13 @@ class RenderStats:
             del ordered[bisect.bisect_left(ordered, oldest)]
         recent.append(seconds)
         bisect.insort(ordered, seconds)
+
+    def load(self, kind: Kind, durations: list[float]) -> None:
+        """Replace ``kind``'s durations with ``durations`` (oldest first; the latest are kept)."""
+        recent = self._recent[kind]
+        recent.clear()
+        recent.extend(d for d in durations if d >= 0)
+        self._sorted[kind] = sorted(recent)
 
     def count(self, kind: Kind) -> int:
         """How many durations of ``kind`` are known."""

@@ -183,3 +183,33 @@ async def test_not_found_and_unauthorized_end_clearly(serve: Serve, tmp_path: Pa
     gets = [e for e in server.simulator.events() if e.what == "get" and e.status_code == 401]
     assert len(gets) == 1
     assert "mhk_live_wrong" not in repr(logs)
+
+
+async def test_a_restart_keeps_what_the_schedule_learned(serve: Serve, tmp_path: Path) -> None:
+    """Render durations learned before a restart are read back from the store at start-up."""
+    server = serve(
+        SimConfig(
+            seed=8,
+            queued_seconds=(0.2, 0.4),
+            rendering_seconds=(0.3, 0.8),
+            error_rate=0.0,
+            cancel_rate=0.0,
+            output_bytes=(1_000, 2_000),
+        )
+    )
+    specs = create_mixed(server.simulator, 15, 1, 3)
+    settings = watcher_settings(server, tmp_path, projects=" ".join(specs))
+    db = str(tmp_path / "watcher.db")
+    first = Daemon(settings, SQLiteStore(db, exclusive=True), until_done=True)
+    assert (await run_daemon(first)).exit_code == 0
+    learned = {kind: first.render_stats.count(kind) for kind in Kind}
+    assert learned[Kind.IMAGE] >= 12  # enough for a window: the next start is not cold
+    assert learned[Kind.AUDIO] >= 1
+
+    second = Daemon(settings, SQLiteStore(db, exclusive=True), until_done=True)
+    with capture_logs() as logs:
+        assert (await run_daemon(second)).exit_code == 0
+    assert {kind: second.render_stats.count(kind) for kind in Kind} == learned
+    assert second.render_stats.window(Kind.IMAGE) == first.render_stats.window(Kind.IMAGE)
+    (started,) = [e for e in logs if e["event"] == "daemon_started"]
+    assert started["render_samples"] == {k.value: n for k, n in learned.items()}

@@ -311,14 +311,18 @@ async def test_a_notification_is_not_queued_when_the_write_is_fenced(store: Stor
 
 
 async def test_sqlite_claims_through_the_due_index(tmp_path: Path) -> None:
-    """The claim query is an index search on projects_due, never a scan of every row."""
+    """The claim and learning queries are index searches, never a scan of every row."""
     async with SQLiteStore(str(tmp_path / "w.db")) as s:
         conn = s._conn
         assert conn is not None
-        for query, params in (("select_due", {"now": T0, "limit": 10}), ("next_due_at", {})):
+        for query, params, index in (
+            ("select_due", {"now": T0, "limit": 10}, "projects_due"),
+            ("next_due_at", {}, "projects_due"),
+            ("render_durations", {"kind": "image", "limit": 512}, "projects_terminal"),
+        ):
             plan = conn.execute("EXPLAIN QUERY PLAN " + _Q[query], params).fetchall()
             details = " ".join(row["detail"] for row in plan)
-            assert "projects_due" in details, details
+            assert index in details, details
             assert "TEMP B-TREE" not in details, details
 
 
@@ -339,3 +343,38 @@ async def test_a_lease_that_runs_out_while_held_counts_as_an_interruption(store:
     record = await store.get("a")
     assert record is not None
     assert record.interruptions == 0
+
+
+async def test_render_durations_are_the_latest_renders_seen_in_progress(store: Store) -> None:
+    """Durations come per kind, oldest first, only from projects polled before they ended."""
+    await store.track(refs("a", "b", "c"), now=T0, delete_after_download=False)
+    await store.track(refs("v", kind=Kind.VIDEO), now=T0, delete_after_download=False)
+    first = {
+        c.id: c for c in await store.claim_due(now=T0, limit=4, owner="r", lease_seconds=LEASE)
+    }
+    for pid in ("a", "c", "v"):  # seen rendering once
+        await store.record_poll(
+            first[pid], now=T0 + 1, remote_status=RemoteStatus.RENDERING, attempt=0, due_at=T0 + 2
+        )
+    claims = {
+        c.id: c for c in await store.claim_due(now=T0 + 2, limit=4, owner="r", lease_seconds=LEASE)
+    }
+    await store.record_complete(
+        claims["a"], now=T0 + 5, due_at=T0 + 99, outputs=[new_output(0, "a")]
+    )
+    await store.record_complete(
+        first["b"], now=T0 + 2, due_at=T0 + 99, outputs=[new_output(0, "b")]
+    )
+    await store.record_final(
+        claims["c"], now=T0 + 8, state=State.ERROR, remote_status=RemoteStatus.ERROR
+    )
+    await store.record_complete(
+        claims["v"], now=T0 + 20, due_at=T0 + 99, outputs=[new_output(0, "v")]
+    )
+    assert await store.render_durations(Kind.IMAGE, limit=10) == [
+        5.0,
+        8.0,
+    ]  # b was never seen rendering
+    assert await store.render_durations(Kind.IMAGE, limit=1) == [8.0]
+    assert await store.render_durations(Kind.VIDEO, limit=10) == [20.0]
+    assert await store.render_durations(Kind.AUDIO, limit=10) == []

@@ -51,6 +51,21 @@ def test_old_samples_leave_the_window() -> None:
     assert stats.count(Kind.AUDIO) == 20
 
 
+def test_loading_replaces_a_kinds_samples_and_keeps_the_latest() -> None:
+    """Durations read back from the store replace that kind's samples; the newest are kept."""
+    stats = RenderStats(size=20)
+    for _ in range(20):
+        stats.add(Kind.IMAGE, 99.0)
+    stats.add(Kind.VIDEO, 7.0)
+    stats.load(Kind.IMAGE, [1.0] * 10 + [3.0] * 20 + [-1.0])  # oldest first; a negative is noise
+    assert stats.count(Kind.IMAGE) == 20
+    assert stats.window(Kind.IMAGE) == (3.0, 3.0)
+    assert stats.count(Kind.VIDEO) == 1
+    stats.add(Kind.IMAGE, 4.0)  # learning goes on after a load
+    assert stats.count(Kind.IMAGE) == 20
+    assert stats.window(Kind.IMAGE) == (3.0, 4.0)
+
+
 def test_sleeps_until_the_window_opens() -> None:
     """A young project waits for the usual window instead of polling, capped at POLL_MAX."""
     rng = random.Random(0)

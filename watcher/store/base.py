@@ -209,6 +209,16 @@ class Store(abc.ABC):
     # --- scheduling ---------------------------------------------------------------------------
 
     @abc.abstractmethod
+    async def render_durations(self, kind: Kind, *, limit: int) -> list[float]:
+        """How long the latest ``limit`` renders of ``kind`` took, oldest first.
+
+        Seconds from tracking to the first terminal answer, for projects that were seen in
+        progress at least once (``polls >= 2``: a project already finished when first polled
+        says nothing about render times). The schedule learns from these at start-up, and on a
+        shared store from every replica's renders.
+        """
+
+    @abc.abstractmethod
     async def claim_due(
         self, *, now: float, limit: int, owner: str, lease_seconds: float
     ) -> list[Claim]:

@@ -99,6 +99,15 @@ class InMemoryStore(Store):
         rows = self.output_rows.get(project_id, {})
         return [rows[i] for i in sorted(rows)]
 
+    async def render_durations(self, kind: Kind, *, limit: int) -> list[float]:
+        done = [
+            p
+            for p in self.projects.values()
+            if p.kind == kind and p.terminal_at is not None and p.polls >= 2
+        ]
+        done.sort(key=lambda p: p.terminal_at or 0.0)
+        return [(p.terminal_at or 0.0) - p.tracked_at for p in done[-limit:]] if limit > 0 else []
+
     async def claim_due(
         self, *, now: float, limit: int, owner: str, lease_seconds: float
     ) -> list[Claim]:

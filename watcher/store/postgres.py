@@ -323,6 +323,10 @@ class PostgresStore(Store):
         )
         return [Claim(record, record.lease_version) for record in map(_project, rows)]
 
+    async def render_durations(self, kind: Kind, *, limit: int) -> list[float]:
+        rows = await self._all("render_durations", kind=kind.value, limit=limit)
+        return [r["seconds"] for r in reversed(rows)]
+
     async def next_due_at(self) -> float | None:
         row = await self._one("next_due_at")
         return None if row is None else row["due_at"]

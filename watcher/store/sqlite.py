@@ -254,6 +254,10 @@ class SQLiteStore(Store):
         rows = await self._run(lambda: self._all("outputs", project_id=project_id))
         return [_output(r) for r in rows]
 
+    async def render_durations(self, kind: Kind, *, limit: int) -> list[float]:
+        rows = await self._run(lambda: self._all("render_durations", kind=kind.value, limit=limit))
+        return [r["seconds"] for r in reversed(rows)]
+
     # --- scheduling -----------------------------------------------------------------------------
 
     async def claim_due(

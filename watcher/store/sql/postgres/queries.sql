@@ -64,6 +64,12 @@ WITH due AS (
 )
 SELECT * FROM leased ORDER BY was_due, id
 
+-- name: render_durations
+SELECT terminal_at - tracked_at AS seconds FROM projects
+WHERE kind = %(kind)s AND terminal_at IS NOT NULL AND polls >= 2
+ORDER BY terminal_at DESC
+LIMIT %(limit)s
+
 -- name: next_due_at
 SELECT min(due_at) AS due_at FROM projects
 WHERE state IN ('polling', 'downloading', 'deleting')

@@ -33,6 +33,12 @@ SET due_at = :until, lease_owner = :owner, lease_version = lease_version + 1,
     interruptions = interruptions + (lease_owner IS NOT NULL)
 WHERE id = :id
 
+-- name: render_durations
+SELECT terminal_at - tracked_at AS seconds FROM projects INDEXED BY projects_terminal
+WHERE kind = :kind AND terminal_at IS NOT NULL AND polls >= 2
+ORDER BY terminal_at DESC
+LIMIT :limit
+
 -- name: next_due_at
 SELECT min(due_at) AS due_at FROM projects INDEXED BY projects_due
 WHERE state IN ('polling', 'downloading', 'deleting')
