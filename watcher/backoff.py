@@ -3,12 +3,11 @@
 Nothing here reads the clock or a global random source: callers pass ``rng`` (and ``now`` where
 it matters), so the schedule is testable without sleeping.
 
-Polling uses exponential backoff with full jitter, bounded below by the initial delay: after the
-``attempt``-th poll at the same status, the next delay is drawn uniformly from
-``[base, min(max, base * 2**attempt)]``, where ``base`` is the initial delay scaled by how slow
-the project's kind and status usually are (a queued video waits longer than a rendering image).
-The attempt counter restarts when the status changes, so a project that starts rendering is
-looked at promptly again.
+``PollPolicy.base`` is the shortest delay between two polls of one project: the initial delay
+scaled by how slow its kind and status usually are (a queued video waits longer than a rendering
+image); :mod:`watcher.schedule` decides how the delays are laid out around it. Retries after a
+fault use exponential backoff with full jitter, with a server's ``Retry-After`` as a floor. The
+attempt counter (polls at the same status) restarts when the status changes.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ MAX_EXPONENT = 30
 
 @dataclass(frozen=True, slots=True)
 class PollPolicy:
-    """Backoff bounds: ``initial`` and ``maximum`` seconds between polls."""
+    """Bounds: ``initial`` and ``maximum`` seconds between polls, and between retries."""
 
     initial: float
     maximum: float
@@ -45,14 +44,6 @@ class PollPolicy:
         """The shortest delay for this kind and status."""
         factor = KIND_FACTOR[kind] * STATUS_FACTOR.get(status, 1.0)
         return min(self.maximum, self.initial * factor)
-
-    def poll_delay(
-        self, kind: Kind, status: RemoteStatus | None, attempt: int, rng: random.Random
-    ) -> float:
-        """Seconds until the next poll after ``attempt`` polls at ``status`` (0 = first)."""
-        base = self.base(kind, status)
-        ceiling = min(self.maximum, base * 2.0 ** min(max(attempt, 0), MAX_EXPONENT))
-        return rng.uniform(base, ceiling)
 
     def retry_delay(
         self, failures: int, rng: random.Random, retry_after: float | None = None

@@ -7,9 +7,11 @@ render durations of each kind (seconds from tracking a project to seeing it term
 - *before the usual window* (younger than the 2nd percentile): not at all, waking when the window
   opens (at most ``POLL_MAX`` later);
 - *inside the window* (2nd to 98th percentile): densely, every ``POLL_INITIAL`` seconds scaled by
-  kind (with 10 % jitter: enough to spread projects tracked together, little enough that the
-  mean interval stays close to the lag it bounds), so a finished render is seen within about
-  one interval;
+  kind and status (:meth:`PollPolicy.base`), with 10 % jitter: enough to spread projects tracked
+  together, little enough that the mean interval stays close to the lag it bounds. A rendering
+  project is seen within about one interval of its end. A queued one waits twice as long: it
+  must still render before it can finish, so as long as renders take at least one interval it
+  is seen as promptly (a draft, documented as unused, waits four times as long);
 - *past the window*: with a delay that grows in proportion to the overrun (half of it, between the
   dense interval and ``POLL_MAX``), so a very long render costs a logarithmic number of polls.
 
@@ -39,7 +41,6 @@ COLD_WINDOW = 30.0
 JITTER = 0.25
 DENSE_JITTER = 0.1
 OVERRUN_FACTOR = 0.5
-DRAFT_FACTOR = 4.0
 
 
 class RenderStats:
@@ -91,11 +92,7 @@ def next_poll_delay(
     window: tuple[float, float] | None,
 ) -> float:
     """Seconds until the next poll of a project tracked ``age`` seconds ago."""
-    dense = min(policy.maximum, policy.initial * KIND_FACTOR[kind])
-    if status == RemoteStatus.DRAFT:
-        dense = min(
-            policy.maximum, dense * DRAFT_FACTOR
-        )  # documented as unused: rarely worth a look
+    dense = policy.base(kind, status)
     if window is None:
         window = (0.0, COLD_WINDOW * KIND_FACTOR[kind])
     low, high = window

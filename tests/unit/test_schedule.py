@@ -111,9 +111,11 @@ def test_past_the_window_delays_grow_with_the_overrun() -> None:
 def test_cold_start_watches_closely_then_backs_off() -> None:
     """Without samples, the first COLD_WINDOW seconds are dense, later ones sparse."""
     rng = random.Random(0)
-    early = next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.QUEUED, age=3.0, rng=rng, window=None)
+    early = next_poll_delay(
+        POLICY, Kind.IMAGE, RemoteStatus.RENDERING, age=3.0, rng=rng, window=None
+    )
     late = next_poll_delay(
-        POLICY, Kind.IMAGE, RemoteStatus.QUEUED, age=COLD_WINDOW * 10, rng=rng, window=None
+        POLICY, Kind.IMAGE, RemoteStatus.RENDERING, age=COLD_WINDOW * 10, rng=rng, window=None
     )
     assert early <= 1.0
     assert late >= 30.0
@@ -125,6 +127,25 @@ def test_learned_window_spends_fewer_requests_for_the_same_lag() -> None:
     learned = [polls_until(6 + i / 50, (6.0, 8.0), seed=i) for i in range(100)]
     assert max(lag for _, lag in learned) <= 1.0
     assert sum(p for p, _ in learned) < 0.5 * sum(p for p, _ in cold)
+
+
+def test_a_queued_project_waits_twice_as_long_and_is_still_seen_in_time() -> None:
+    """Queued: polled half as often, yet a render of at least one interval is seen within one."""
+    rng = random.Random(3)
+    queued = [
+        next_poll_delay(POLICY, Kind.IMAGE, RemoteStatus.QUEUED, age=5.0, rng=rng, window=None)
+        for _ in range(200)
+    ]
+    assert min(queued) >= 1.8
+    assert max(queued) <= 2.0
+    for seed in range(500):  # queued until q, then rendering for r >= 1 s: ends at q + r
+        draw = random.Random(seed)
+        q, r = draw.uniform(0, 3), draw.uniform(1.0, 4)
+        age, status = 0.0, RemoteStatus.QUEUED
+        while age < q + r:
+            age += next_poll_delay(POLICY, Kind.IMAGE, status, age=age, rng=draw, window=None)
+            status = RemoteStatus.QUEUED if age < q else RemoteStatus.RENDERING
+        assert age - (q + r) <= POLICY.initial + 1e-9
 
 
 def test_draft_is_polled_rarely() -> None:
