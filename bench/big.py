@@ -107,35 +107,21 @@ def run(size: int, reps: int, workdir: Path, timeout: float) -> list[Transfer]:
     transfers: list[Transfer] = []
     with SimProcess(SIM_CONFIG) as sim:
         for rep in range(1, reps + 1):
-            transfers.append(
-                _curl(
-                    sim,
-                    curl,
-                    folder=folder,
-                    rep=rep,
-                    size=size,
-                    overrides=overrides,
-                    timeout=timeout,
-                )
-            )
-            transfers.append(
-                _curl(
-                    sim,
-                    curl,
-                    folder=folder,
-                    rep=rep,
-                    size=size,
-                    overrides=overrides,
-                    timeout=timeout,
-                    verify=True,
-                )
-            )
-            transfers.append(
-                _watcher(
-                    sim, folder=folder, rep=rep, size=size, overrides=overrides, timeout=timeout
-                )
-            )
+            job = _Job(folder=folder, rep=rep, size=size, overrides=overrides, timeout=timeout)
+            transfers.extend(_curl(sim, curl, job, verify=verify) for verify in (False, True))
+            transfers.append(_watcher(sim, job))
     return transfers
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """What every transfer of one repetition shares."""
+
+    folder: Path
+    rep: int
+    size: int
+    overrides: dict[str, Any]
+    timeout: float
 
 
 def _request_time(sim: SimProcess, folder: Path, project_id: str) -> tuple[float, dict[str, Any]]:
@@ -146,18 +132,9 @@ def _request_time(sim: SimProcess, folder: Path, project_id: str) -> tuple[float
     return float(events[0]["at"]), report["truth"][project_id]
 
 
-def _curl(
-    sim: SimProcess,
-    curl: str,
-    *,
-    folder: Path,
-    rep: int,
-    size: int,
-    overrides: dict[str, Any],
-    timeout: float,
-    verify: bool = False,
-) -> Transfer:
-    project_id = sim.create(1, overrides)[0]
+def _curl(sim: SimProcess, curl: str, job: _Job, *, verify: bool) -> Transfer:
+    folder, rep, size, timeout = job.folder, job.rep, job.size, job.timeout
+    project_id = sim.create(1, job.overrides)[0]
     url = sim.download_url(project_id)
     target = folder / "curl.out"
     argv = [curl, "-s", "-S", "-f", "-o", str(target), url]
@@ -175,16 +152,9 @@ def _curl(
     return Transfer(tool, rep, size, finished - requested, measured, ok)
 
 
-def _watcher(
-    sim: SimProcess,
-    *,
-    folder: Path,
-    rep: int,
-    size: int,
-    overrides: dict[str, Any],
-    timeout: float,
-) -> Transfer:
-    project_id = sim.create(1, overrides)[0]
+def _watcher(sim: SimProcess, job: _Job) -> Transfer:
+    folder, rep, size, timeout = job.folder, job.rep, job.size, job.timeout
+    project_id = sim.create(1, job.overrides)[0]
     run_folder = fresh_folder(folder / f"watcher-{rep}")
     project_dir = run_folder / "downloads" / "image" / project_id
     env = watcher_env(sim, run_folder, profile=PROFILES["defaults"], projects=[project_id])
