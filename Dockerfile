@@ -53,9 +53,10 @@ RUN groupadd --system --gid 10001 watcher \
 RUN --mount=type=bind,from=builder,source=/dist,target=/tmp/dist \
     python -m pip install --no-cache-dir /tmp/dist/*.whl
 
-# Everything the watcher keeps (its database and the downloaded outputs) lives under /data.
-ENV WATCHER_DATABASE_URL=sqlite:////data/watcher.db \
-    WATCHER_DOWNLOAD_DIR=/data/downloads \
+# Everything the watcher keeps (its database and the downloaded outputs) lives under /data. The
+# database URL is left to its default, sqlite:///./watcher.db, which the WORKDIR below puts in
+# /data: setting it here would clash with a deployment's WATCHER_DATABASE_URL_FILE (config/).
+ENV WATCHER_DOWNLOAD_DIR=/data/downloads \
     WATCHER_HTTP_HOST=0.0.0.0 \
     WATCHER_HTTP_PORT=8080
 # Declared after the chown above so a new named volume starts out owned by the watcher user.
@@ -65,9 +66,10 @@ WORKDIR /data
 USER 10001:10001
 EXPOSE 8080
 
-# No curl in slim images: the stdlib asks /healthz on whatever port WATCHER_HTTP_PORT says.
+# `watcher health` asks /healthz where the daemon listens (WATCHER_HTTP_HOST and _PORT), and
+# passes when the HTTP server is switched off (WATCHER_HTTP_ENABLED=false): nothing to ask then.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('WATCHER_HTTP_PORT', '8080'), timeout=3)"]
+    CMD ["watcher", "health"]
 
 # The watcher drains in-flight downloads on SIGTERM for up to WATCHER_SHUTDOWN_GRACE seconds;
 # give `docker stop` at least that long (docker stop --time 40, or stop_grace_period).

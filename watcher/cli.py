@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 import structlog
 
 from watcher import __version__, clock, logs, notify
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--limit", type=int, default=100, help="at most this many rows (100)")
     _add_url_argument(status)
     status.set_defaults(func=cmd_status)
+
+    health = sub.add_parser(
+        "health", help="exit 0 if this machine's daemon answers /healthz (container HEALTHCHECK)"
+    )
+    health.set_defaults(func=cmd_health)
 
     from watcher.simulator import cli as simulator_cli  # noqa: PLC0415 - keep start-up light
 
@@ -172,6 +178,38 @@ async def run_daemon(daemon: Daemon) -> Outcome:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+# --- health ----------------------------------------------------------------------------------
+
+HEALTH_TIMEOUT = 3.0
+
+
+def cmd_health(_args: argparse.Namespace) -> int:
+    """``watcher health``: ask the daemon of these settings for ``/healthz``; 0 if it answers.
+
+    The container's HEALTHCHECK: it asks the address the daemon listens on (loopback when that is
+    every interface), and passes when the HTTP server is switched off, since then there is
+    nothing to ask and the process supervisor is the only judge.
+    """
+    settings = _settings()
+    if not settings.http_enabled:
+        print("the HTTP server is off (WATCHER_HTTP_ENABLED=false): nothing to check")
+        return 0
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(  # noqa: S104 - compared
+        settings.http_host, settings.http_host
+    )
+    url = f"http://{f'[{host}]' if ':' in host else host}:{settings.http_port}/healthz"
+    try:
+        response = httpx.get(url, timeout=HEALTH_TIMEOUT)
+    except httpx.HTTPError as exc:
+        print(f"watcher: health: {url} did not answer ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"watcher: health: {url} answered HTTP {response.status_code}", file=sys.stderr)
+        return 1
+    print(f"healthy: {url}")
+    return 0
 
 
 # --- track and status ------------------------------------------------------------------------

@@ -69,6 +69,9 @@ def test_track_and_status_through_a_running_daemon(serve: Serve, tmp_path: Path)
     )
     try:
         wait_healthy(url, daemon)
+        health = run(["health"], env)
+        assert health.returncode == 0, health.stderr
+        assert health.stdout.strip() == f"healthy: {url}/healthz"
         tracked = run(["track", "--url", url, "--kind", "audio", *ids, f"audio:{ids[0]}"], env)
         assert tracked.returncode == 0, tracked.stderr
         assert tracked.stdout.splitlines() == [
@@ -118,3 +121,20 @@ def test_a_public_address_without_a_control_token_refuses_to_start(tmp_path: Pat
     assert result.stderr.startswith("watcher: WATCHER_CONTROL_TOKEN: required")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "w.db").exists()
+
+
+def test_health_fails_clearly_when_nothing_answers_and_passes_with_http_off(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """``watcher health`` exits 1 naming the URL when no daemon listens; with HTTP off it has
+    nothing to ask and exits 0."""
+    server = serve(CONFIG)
+    port = free_port()
+    env = clean_env(**watcher_env(server, tmp_path, http_enabled="true", http_port=str(port)))
+    down = run(["health"], env)
+    assert down.returncode == 1
+    assert down.stderr.strip().startswith(f"watcher: health: http://127.0.0.1:{port}/healthz")
+    assert "Traceback" not in down.stderr
+    off = run(["health"], clean_env(**watcher_env(server, tmp_path, http_enabled="false")))
+    assert off.returncode == 0, off.stderr
+    assert "WATCHER_HTTP_ENABLED=false" in off.stdout

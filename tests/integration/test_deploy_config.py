@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from watcher.settings import ENV_PREFIX, Settings
+from watcher.settings import ENV_PREFIX, Settings, load_settings
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"
 SETTINGS = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
@@ -55,3 +55,47 @@ def test_kubernetes_deployment_probes_secrets_and_volume() -> None:
     assert spec["terminationGracePeriodSeconds"] > grace
     assert spec["securityContext"]["runAsUser"] == 10001
     assert deployment["spec"]["replicas"] >= 2
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The ``ENV`` of the Dockerfile's runtime stage, as the container starts with it."""
+    text = (CONFIG.parent / "Dockerfile").read_text("utf-8").replace("\\\n", " ")
+    runtime = text.split(" AS runtime", 1)[1]
+    env: dict[str, str] = {}
+    for line in runtime.splitlines():
+        if line.startswith("ENV "):
+            env.update(pair.split("=", 1) for pair in line.removeprefix("ENV ").split())
+    return env
+
+
+def test_the_image_env_and_compose_env_make_valid_settings(tmp_path: Path) -> None:
+    """The image's own ENV plus compose.yaml's environment load without a conflict."""
+    watcher = load(CONFIG / "compose.yaml")["services"]["watcher"]
+    env = {**dockerfile_env(), **{k: str(v) for k, v in watcher["environment"].items()}}
+    for name in [k for k in env if k.endswith("_FILE")]:  # the secrets compose mounts
+        secret = tmp_path / name
+        url = "postgresql://watcher:pw@postgres:5432/watcher"
+        secret.write_text(url if "DATABASE" in name else "a-secret-value\n")
+        env[name] = str(secret)
+    settings = load_settings(env)
+    assert settings.database_url.startswith("postgresql://")
+    assert str(settings.download_dir) == "/data/downloads"
+
+
+def test_the_image_env_and_the_kubernetes_env_make_valid_settings(tmp_path: Path) -> None:
+    """The image's own ENV plus the Deployment's env load without a conflict."""
+    deployment = load(CONFIG / "kubernetes" / "deployment.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = dockerfile_env()
+    for item in container["env"]:
+        if item["name"].endswith("_FILE"):
+            secret = tmp_path / item["name"]
+            secret.write_text("a-secret-value\n")
+            env[item["name"]] = str(secret)
+        elif "value" in item:
+            env[item["name"]] = str(item["value"])
+        else:  # from a Secret key or the pod's name
+            url = "postgresql://watcher:pw@postgres:5432/watcher"
+            env[item["name"]] = url if "DATABASE" in item["name"] else "watcher-0"
+    settings = load_settings(env)
+    assert settings.database_url.startswith("postgresql://")

@@ -128,10 +128,10 @@ def _health_server(status: int) -> Iterator[int]:
 def test_healthcheck_asks_healthz_on_the_configured_port(status: int, healthy: bool) -> None:
     """The image's health check passes when /healthz answers 200 and fails when it does not."""
     command = _healthcheck_command()
-    assert command[0] == "python"
+    assert command[0] == "watcher"
     with _health_server(status) as port:
         result = subprocess.run(
-            [sys.executable, *command[1:]],
+            [sys.executable, "-m", "watcher", *command[1:]],
             env={**_clean_env(), "WATCHER_HTTP_PORT": str(port)},
             capture_output=True,
             text=True,
