@@ -64,7 +64,9 @@ def dockerfile_env() -> dict[str, str]:
     env: dict[str, str] = {}
     for line in runtime.splitlines():
         if line.startswith("ENV "):
-            env.update(pair.split("=", 1) for pair in line.removeprefix("ENV ").split())
+            for pair in line.removeprefix("ENV ").split():
+                key, _, value = pair.partition("=")
+                env[key] = value
     return env
 
 

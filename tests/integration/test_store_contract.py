@@ -378,3 +378,37 @@ async def test_render_durations_are_the_latest_renders_seen_in_progress(store: S
     assert await store.render_durations(Kind.IMAGE, limit=1) == [8.0]
     assert await store.render_durations(Kind.VIDEO, limit=10) == [20.0]
     assert await store.render_durations(Kind.AUDIO, limit=10) == []
+
+
+async def test_a_lease_on_an_untracked_project_cannot_write_to_its_new_incarnation(
+    store: Store,
+) -> None:
+    """Untracked and tracked again, a project gets fencing versions never issued before."""
+    await store.track(refs("p"), now=T0, delete_after_download=False)
+    (stale,) = await store.claim_due(now=T0, limit=1, owner="r1", lease_seconds=LEASE)
+    assert await store.untrack("p")
+    await store.track(refs("p"), now=T0 + 1, delete_after_download=False)
+    (fresh,) = await store.claim_due(now=T0 + 1, limit=1, owner="r2", lease_seconds=LEASE)
+    assert fresh.version != stale.version
+    with pytest.raises(LeaseLost):
+        await store.record_final(stale, now=T0 + 2, state=State.CANCELED)
+    await store.record_final(fresh, now=T0 + 3, state=State.ERROR)
+    p = await store.get("p")
+    assert p is not None
+    assert (p.state, p.finished_at) == (State.ERROR, T0 + 3)
+
+
+async def test_resetting_an_output_is_fenced(store: Store) -> None:
+    """A claim that lost its lease cannot reset the output its successor verified."""
+    await store.track(refs("p"), now=T0, delete_after_download=False)
+    (old,) = await store.claim_due(now=T0, limit=1, owner="r1", lease_seconds=LEASE)
+    await store.record_complete(old, now=T0, due_at=T0, outputs=[new_output(0, "p")])
+    (new,) = await store.claim_due(now=T0 + LEASE + 1, limit=1, owner="r2", lease_seconds=LEASE)
+    await store.record_output_verified(new, index=0, size=10, sha256="ab" * 32)
+    with pytest.raises(LeaseLost):
+        await store.reset_output(old, index=0)
+    (row,) = await store.outputs("p")
+    assert (row.state, row.bytes) == (OutputState.VERIFIED, 10)
+    await store.reset_output(new, index=0)
+    (row,) = await store.outputs("p")
+    assert (row.state, row.bytes, row.sha256) == (OutputState.PENDING, None, None)

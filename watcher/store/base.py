@@ -279,8 +279,12 @@ class Store(abc.ABC):
         """The output is under its final name, fsynced."""
 
     @abc.abstractmethod
-    async def reset_output(self, project_id: str, index: int) -> None:
-        """Mark an output pending again (its file was found missing or wrong at recovery)."""
+    async def reset_output(self, claim: Claim, *, index: int) -> None:
+        """Mark an output pending again (its file was found missing or wrong at recovery).
+
+        Fenced like every output write: a replica that lost its lease cannot undo the output
+        the new holder has verified.
+        """
 
     @abc.abstractmethod
     async def record_saved(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 
 from watcher.models import ACTIVE_STATES, Kind, ProjectRef, RemoteStatus, State
 from watcher.store.base import (
@@ -32,6 +33,7 @@ class InMemoryStore(Store):
         self.output_rows: dict[str, dict[int, OutputRecord]] = {}
         self.notifications: dict[int, tuple[Notification, float, float | None]] = {}
         self._lock = asyncio.Lock()
+        self._versions = itertools.count(1)  # fencing versions, never issued twice
         self.opened = False
 
     @property
@@ -122,7 +124,7 @@ class InMemoryStore(Store):
                     p,
                     due_at=now + lease_seconds,
                     lease_owner=owner,
-                    lease_version=p.lease_version + 1,
+                    lease_version=next(self._versions),
                     interruptions=p.interruptions + (p.lease_owner is not None),
                 )
                 self.projects[p.id] = leased
@@ -250,9 +252,10 @@ class InMemoryStore(Store):
             row, state=OutputState.SAVED, saved_at=now
         )
 
-    async def reset_output(self, project_id: str, index: int) -> None:
-        row = self.output_rows[project_id][index]
-        self.output_rows[project_id][index] = dataclasses.replace(
+    async def reset_output(self, claim: Claim, *, index: int) -> None:
+        self._fenced(claim)
+        row = self.output_rows[claim.id][index]
+        self.output_rows[claim.id][index] = dataclasses.replace(
             row, state=OutputState.PENDING, bytes=None, sha256=None, saved_at=None
         )
 

@@ -6,7 +6,8 @@ together run in one explicit transaction). Replicas coordinate through the datab
 - :meth:`PostgresStore.claim_due` locks the earliest due projects with ``FOR UPDATE SKIP LOCKED``
   through the partial index ``projects_due`` and leases them in the same statement, so two
   replicas never claim one project, and neither waits for the other.
-- Every write that ends a piece of work is fenced by ``lease_version`` (:class:`LeaseLost`).
+- Every write that ends a piece of work is fenced by ``lease_version`` (:class:`LeaseLost`),
+  drawn from one sequence so no version is ever issued twice.
 - :meth:`PostgresStore.take_rate_tokens` keeps the fleet's API budget in one locked row.
 - Migrations (``sql/postgres/migrations``) run at :meth:`PostgresStore.open` under a
   transaction-scoped advisory lock, recorded in ``schema_migrations``: replicas that start together
@@ -418,8 +419,8 @@ class PostgresStore(Store):
     async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
         await self._output_write("output_saved", claim, idx=index, now=now)
 
-    async def reset_output(self, project_id: str, index: int) -> None:
-        await self._count("reset_output", project_id=project_id, idx=index)
+    async def reset_output(self, claim: Claim, *, index: int) -> None:
+        await self._output_write("reset_output", claim, idx=index)
 
     async def record_saved(
         self,

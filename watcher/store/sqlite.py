@@ -267,16 +267,22 @@ class SQLiteStore(Store):
             claims = []
             with _transaction(self._db):
                 for row in self._all("select_due", now=now, limit=limit):
+                    (version,) = self._db.execute(_Q["next_lease_version"]).fetchone()
                     self._db.execute(
                         _Q["lease_project"],
-                        {"id": row["id"], "until": now + lease_seconds, "owner": owner},
+                        {
+                            "id": row["id"],
+                            "until": now + lease_seconds,
+                            "owner": owner,
+                            "version": version,
+                        },
                     )
                     record = _project(row)
                     taken_over = record.lease_owner is not None  # the lease ran out while held
                     record = dataclasses.replace(
                         record,
                         lease_owner=owner,
-                        lease_version=record.lease_version + 1,
+                        lease_version=version,
                         interruptions=record.interruptions + taken_over,
                     )
                     claims.append(Claim(record, record.lease_version))
@@ -391,12 +397,8 @@ class SQLiteStore(Store):
     async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
         await self._run(lambda: self._output_write("output_saved", claim, idx=index, now=now))
 
-    async def reset_output(self, project_id: str, index: int) -> None:
-        def work() -> None:
-            with _transaction(self._db):
-                self._db.execute(_Q["reset_output"], {"project_id": project_id, "idx": index})
-
-        await self._run(work)
+    async def reset_output(self, claim: Claim, *, index: int) -> None:
+        await self._run(lambda: self._output_write("reset_output", claim, idx=index))
 
     async def record_saved(
         self,

@@ -56,7 +56,7 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 ), leased AS (
     UPDATE projects AS p
-    SET due_at = %(until)s, lease_owner = %(owner)s, lease_version = p.lease_version + 1,
+    SET due_at = %(until)s, lease_owner = %(owner)s, lease_version = nextval('lease_versions'),
         interruptions = p.interruptions + (p.lease_owner IS NOT NULL)::integer
     FROM due
     WHERE p.id = due.id

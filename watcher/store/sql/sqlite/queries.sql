@@ -27,9 +27,12 @@ WHERE state IN ('polling', 'downloading', 'deleting') AND due_at <= :now
 ORDER BY due_at
 LIMIT :limit
 
+-- name: next_lease_version
+UPDATE lease_versions SET last = last + 1 RETURNING last
+
 -- name: lease_project
 UPDATE projects
-SET due_at = :until, lease_owner = :owner, lease_version = lease_version + 1,
+SET due_at = :until, lease_owner = :owner, lease_version = :version,
     interruptions = interruptions + (lease_owner IS NOT NULL)
 WHERE id = :id
 
