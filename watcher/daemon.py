@@ -117,6 +117,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks: dict[str, tuple[asyncio.Task[None], Claim]] = {}
+        self._renewals_refused: set[tuple[str, int]] = set()  # (project id, lease version)
         self._paused_until = 0.0
         self._probe = False
         self.unauthorized = False
@@ -353,9 +354,15 @@ class Daemon:
         for claim in await self.store.claim_due(
             now=now, limit=limit, owner=self.owner, lease_seconds=self.lease_seconds
         ):
-            if claim.id in self._tasks:
-                continue  # our own earlier lease ran out while still working; let it finish
-            task = asyncio.create_task(self._work(claim), name=f"project-{claim.id}")
+            stale = self._tasks.get(claim.id)
+            if stale is not None:
+                # Our own lease ran out while the work went on (the store missed renewals, or the
+                # loop stalled): that task can no longer write. Stop it and carry on under the
+                # new lease once it has stopped (a download's .part stays for resuming).
+                log.warning("lease_expired_while_working", project_id=claim.id)
+                stale[0].cancel()
+            after = None if stale is None else stale[0]
+            task = asyncio.create_task(self._work(claim, after=after), name=f"project-{claim.id}")
             self._tasks[claim.id] = (task, claim)
         self.metrics.in_flight.set(len(self._tasks))
 
@@ -384,14 +391,34 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval)
             now = clock.now()
-            for _, claim in list(self._tasks.values()):
+            refused: set[tuple[str, int]] = set()
+            for task, claim in list(self._tasks.values()):
+                if task.done():
+                    continue
                 with contextlib.suppress(StoreError):
-                    await self.store.renew(claim, now=now, lease_seconds=self.lease_seconds)
+                    if await self.store.renew(claim, now=now, lease_seconds=self.lease_seconds):
+                        continue
+                    refused.add((claim.id, claim.version))
+                    if (claim.id, claim.version) in self._renewals_refused and not task.done():
+                        self._stop_lost_work(task, claim)
+            self._renewals_refused = refused
+
+    def _stop_lost_work(self, task: asyncio.Task[None], claim: Claim) -> None:
+        """Two renewals in a row were refused and the work still runs: another replica holds
+        the project now (or it was untracked), so stop at once, as two replicas must never
+        download one output together. (One refusal alone proves nothing: work that has just
+        released its lease, and is finishing, is refused once too.)"""
+        log.warning(
+            "lease_lost", project_id=claim.id, kind=claim.project.kind.value, during="renewal"
+        )
+        task.cancel()
 
     # --- one project ---------------------------------------------------------------------------
 
-    async def _work(self, claim: Claim) -> None:
+    async def _work(self, claim: Claim, *, after: asyncio.Task[None] | None = None) -> None:
         p = claim.project
+        if after is not None:
+            await asyncio.wait([after])  # the task of our expired lease, being cancelled
         try:
             with structlog.contextvars.bound_contextvars(project_id=p.id, kind=p.kind.value):
                 if p.interruptions >= MAX_INTERRUPTIONS:
@@ -414,7 +441,8 @@ class Daemon:
         except Exception:  # a bug must not stop the other projects; the lease will expire
             log.exception("project_crashed", project_id=p.id, kind=p.kind.value)
         finally:
-            self._tasks.pop(p.id, None)
+            if self._tasks.get(p.id, (None, None))[1] is claim:  # not a successor's entry
+                del self._tasks[p.id]
             self.metrics.in_flight.set(len(self._tasks))
             self._wake.set()
 
@@ -593,7 +621,7 @@ class Daemon:
                     "download_recovered", project_id=claim.id, index=row.index, path=str(final)
                 )
                 return
-            await self.store.reset_output(claim.id, row.index)
+            await self.store.reset_output(claim, index=row.index)
 
         async def on_verified(size: int, sha256: str) -> None:
             await self.store.record_output_verified(

@@ -12,13 +12,16 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.support import watcher_settings
+from watcher import clock
 from watcher.daemon import Daemon, Outcome
+from watcher.errors import StoreError
 from watcher.models import Kind, RemoteStatus, State
-from watcher.simulator.config import SimConfig
+from watcher.settings import Settings
+from watcher.simulator.config import Faults, SimConfig
 from watcher.simulator.server import SimulatorServer
 from watcher.simulator.state import Simulator
 from watcher.simulator.timeline import ProjectOverrides
-from watcher.store import OutputState, SQLiteStore
+from watcher.store import Claim, InMemoryStore, OutputState, SQLiteStore
 
 pytestmark = pytest.mark.anyio
 
@@ -213,3 +216,87 @@ async def test_a_restart_keeps_what_the_schedule_learned(serve: Serve, tmp_path:
     assert second.render_stats.window(Kind.IMAGE) == first.render_stats.window(Kind.IMAGE)
     (started,) = [e for e in logs if e["event"] == "daemon_started"]
     assert started["render_samples"] == {k.value: n for k, n in learned.items()}
+
+
+LEASE = 2.0
+
+
+def short_lease(settings: Settings) -> Settings:
+    """``settings`` with a lease shorter than the settings allow, to keep these tests short."""
+    return settings.model_copy(update={"lease_seconds": LEASE})
+
+
+def slow_api(seed: int, seconds: float) -> SimConfig:
+    """A simulator whose every answer stalls ``seconds`` (longer than the shortest lease)."""
+    return SimConfig(
+        seed=seed,
+        queued_seconds=(0.0, 0.0),
+        rendering_seconds=(0.0, 0.0),
+        error_rate=0.0,
+        cancel_rate=0.0,
+        output_bytes=(1_000, 1_000),
+        faults=Faults(rate_slow=1.0, slow_seconds=seconds),
+    )
+
+
+async def until(condition: Callable[[], bool], limit: float) -> None:
+    """Wait (polling every 20 ms) until ``condition()`` holds, failing after ``limit`` seconds."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
+
+
+async def test_work_stops_at_once_when_another_replica_takes_the_lease(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """Renewals that find the lease taken cancel the work, which then writes nothing."""
+    server = serve(slow_api(seed=21, seconds=4.0))
+    (pid,) = server.simulator.create_projects(Kind.IMAGE, 1)
+    settings = short_lease(watcher_settings(server, tmp_path, projects=pid))
+    store = InMemoryStore()
+    daemon = Daemon(settings, store)
+    with capture_logs() as logs:
+        running = asyncio.create_task(daemon.run())
+        await until(lambda: pid in daemon._tasks, 5)
+        (thief,) = await store.claim_due(
+            now=clock.now() + LEASE + 0.1, limit=1, owner="thief", lease_seconds=600
+        )
+        await until(lambda: pid not in daemon._tasks, 3)  # two renewals refused, then stopped
+        daemon.request_stop()
+        await running
+    lost = [e for e in logs if e["event"] == "lease_lost"]
+    assert [(e["project_id"], e.get("during")) for e in lost] == [(pid, "renewal")]
+    p = await store.get(pid)
+    assert p is not None
+    assert (p.lease_owner, p.lease_version, p.polls) == ("thief", thief.version, 0)
+
+
+async def test_an_own_lease_that_ran_out_is_taken_up_by_a_fresh_task(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """When the store misses renewals until the lease runs out mid-work, the daemon cancels that
+    work and carries on under its new lease at once, instead of idling a whole lease."""
+
+    class MissesRenewals(InMemoryStore):
+        missed = 0
+
+        async def renew(self, claim: Claim, *, now: float, lease_seconds: float) -> bool:
+            if self.missed < 3:  # every renewal of the first lease (one each LEASE / 3)
+                self.missed += 1
+                raise StoreError("the database did not answer")
+            await asyncio.sleep(0)
+            return await super().renew(claim, now=now, lease_seconds=lease_seconds)
+
+    server = serve(slow_api(seed=22, seconds=2.5))
+    (pid,) = server.simulator.create_projects(
+        Kind.IMAGE, 1, ProjectOverrides(status=RemoteStatus.COMPLETE)
+    )
+    settings = short_lease(watcher_settings(server, tmp_path, projects=pid))
+    store = MissesRenewals()
+    with capture_logs() as logs:
+        outcome = await run_daemon(Daemon(settings, store, until_done=True), limit=30)
+    assert outcome.counts == {State.SAVED: 1}
+    assert [e["event"] for e in logs].count("lease_expired_while_working") == 1
+    gets = [e for e in server.simulator.events() if e.what == "get"]
+    assert len(gets) == 2  # the one cut short by the expired lease, then the one that saw it done
