@@ -70,6 +70,9 @@ IDLE_CHECK_SECONDS = 1.0
 MAX_DOWNLOAD_FAILURES = 8
 MAX_URL_REFRESHES = 3
 MAX_INTERRUPTIONS = 3
+# A project whose GET has failed this many times in a row (about a quarter of an hour with the
+# default POLL_MAX) while other projects' GETs succeed is poison, not an outage: quarantined.
+MAX_POLL_FAILURES = 20
 
 EXIT_OK = 0
 EXIT_NOT_AS_CONFIGURED = 1
@@ -118,6 +121,8 @@ class Daemon:
         self._wake = asyncio.Event()
         self._tasks: dict[str, tuple[asyncio.Task[None], Claim]] = {}
         self._renewals_refused: set[tuple[str, int]] = set()  # (project id, lease version)
+        self.max_poll_failures = MAX_POLL_FAILURES
+        self._last_good_get: tuple[float, str] | None = None  # when, and which project
         self._paused_until = 0.0
         self._probe = False
         self.unauthorized = False
@@ -476,6 +481,7 @@ class Daemon:
             return
         p = claim.project
         now = clock.now()
+        self._last_good_get = (now, p.id)
         status = snapshot.status
         if status != p.remote_status:
             log.info(
@@ -797,9 +803,30 @@ class Daemon:
             self._on_payment_required(exc)
             await self._retry(claim, "payment required", count=False, delay=PAYMENT_PAUSE_SECONDS)
         elif isinstance(exc, TransientApiError):
-            await self._retry(claim, str(exc), count=True, retry_after=exc.retry_after)
+            failures = claim.project.failures + 1
+            if (
+                claim.project.state == State.POLLING
+                and failures >= self.max_poll_failures
+                and self._others_answered(claim.id)
+            ):
+                await self._finish(
+                    claim,
+                    State.QUARANTINED,
+                    failure=f"quarantined: its GET failed {failures} times in a row while other "
+                    f"projects' GETs succeeded; the last failure: {exc}",
+                )
+            else:
+                await self._retry(claim, str(exc), count=True, retry_after=exc.retry_after)
         else:
             await self._finish(claim, State.FAILED, failure=str(exc))
+
+    def _others_answered(self, project_id: str) -> bool:
+        """Whether another project's GET succeeded lately: the API works, this project does not.
+        (In an outage nothing succeeds, and no project is quarantined for it.)"""
+        if self._last_good_get is None:
+            return False
+        at, other = self._last_good_get
+        return other != project_id and clock.now() - at <= 2 * self.settings.poll_max
 
     async def _download_trouble(self, claim: Claim, exc: DownloadError) -> None:
         self.metrics.downloads.labels(type(exc).__name__).inc()

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from structlog.testing import capture_logs
 
@@ -300,3 +301,82 @@ async def test_an_own_lease_that_ran_out_is_taken_up_by_a_fresh_task(
     assert [e["event"] for e in logs].count("lease_expired_while_working") == 1
     gets = [e for e in server.simulator.events() if e.what == "get"]
     assert len(gets) == 2  # the one cut short by the expired lease, then the one that saw it done
+
+
+class PoisonedGets(httpx.AsyncBaseTransport):
+    """The real network, except that GETs of the ``poisoned`` projects get a proxy's HTML page."""
+
+    def __init__(self, poisoned: set[str]) -> None:
+        self.poisoned = poisoned
+        self._network = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if (
+            request.method == "GET"
+            and "-projects/" in path
+            and path.rsplit("/", 1)[-1] in self.poisoned
+        ):
+            html = b"<html><body>502 Bad Gateway</body></html>"
+            return httpx.Response(200, headers={"content-type": "text/html"}, content=html)
+        return await self._network.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._network.aclose()
+
+
+def rendering_for_a_while(seed: int) -> SimConfig:
+    """Projects that stay in progress for a minute: their GETs succeed all along."""
+    return SimConfig(
+        seed=seed,
+        queued_seconds=(0.0, 0.0),
+        rendering_seconds=(60.0, 60.0),
+        error_rate=0.0,
+        cancel_rate=0.0,
+    )
+
+
+async def test_a_project_whose_get_keeps_failing_while_others_work_is_quarantined(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """Poison is set aside with its cause; the healthy project goes on being polled."""
+    server = serve(rendering_for_a_while(seed=31))
+    poison, healthy = server.simulator.create_projects(Kind.IMAGE, 2)
+    settings = watcher_settings(server, tmp_path, projects=f"{poison} {healthy}")
+    store = InMemoryStore()
+    daemon = Daemon(settings, store, transport=PoisonedGets({poison}))
+    daemon.max_poll_failures = 3
+    with capture_logs() as logs:
+        running = asyncio.create_task(daemon.run())
+        await until(lambda: any(e["event"] == "project_quarantined" for e in logs), 20)
+        daemon.request_stop()
+        await running
+    p = await store.get(poison)
+    assert p is not None
+    assert p.state == State.QUARANTINED
+    assert p.failure is not None
+    assert p.failure.startswith("quarantined: its GET failed 3 times in a row")
+    assert "not the API's JSON" in p.failure or "html" in p.failure.lower()
+    h = await store.get(healthy)
+    assert h is not None
+    assert (h.state, h.failures) == (State.POLLING, 0)
+
+
+async def test_no_project_is_quarantined_when_every_get_fails(serve: Serve, tmp_path: Path) -> None:
+    """When nothing answers (an outage, not poison), projects keep their place and retry."""
+    server = serve(rendering_for_a_while(seed=32))
+    ids = server.simulator.create_projects(Kind.IMAGE, 2)
+    settings = watcher_settings(server, tmp_path, projects=" ".join(ids))
+    store = InMemoryStore()
+    daemon = Daemon(settings, store, transport=PoisonedGets(set(ids)))
+    daemon.max_poll_failures = 3
+
+    def failed_often() -> bool:
+        return len(store.projects) == 2 and all(p.failures >= 5 for p in store.projects.values())
+
+    running = asyncio.create_task(daemon.run())
+    await until(failed_often, 30)
+    daemon.request_stop()
+    await running
+    assert {p.state for p in store.projects.values()} == {State.POLLING}
+    assert min(p.failures for p in store.projects.values()) >= 5
