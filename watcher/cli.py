@@ -250,7 +250,8 @@ async def _collect(
 ) -> tuple[dict[State, int], list[tuple[ProjectRecord, list[OutputRecord]]]]:
     counts = await store.count_by_state()
     page = await store.list_projects(state=state, limit=limit)
-    rows = [(p, await store.outputs(p.id)) for p in page.projects]
+    outputs = await store.outputs_of([p.id for p in page.projects])
+    rows = [(p, outputs[p.id]) for p in page.projects]
     return counts, rows
 
 

@@ -4,6 +4,7 @@ SQLite and the real simulator."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +18,12 @@ from structlog.testing import capture_logs
 
 from tests.integration.http_support import CONTROL_TOKEN, eventually, running
 from tests.support import watcher_settings
+from watcher import clock
 from watcher.daemon import Daemon
 from watcher.http import create_app
 from watcher.http.app import MAX_BODY_BYTES, route_table
 from watcher.http.openapi import openapi_document
-from watcher.models import Kind, ProjectRef, RemoteStatus
+from watcher.models import Kind, ProjectRef, RemoteStatus, State
 from watcher.simulator.config import Faults, SimConfig
 from watcher.simulator.server import SimulatorServer
 from watcher.simulator.timeline import ProjectOverrides
@@ -262,6 +264,38 @@ async def test_pagination_walks_a_thousand_projects_once_each(serve: Serve, tmp_
         assert whole["next_cursor"] is None
 
 
+async def test_a_status_filter_pages_through_only_that_state(serve: Serve, tmp_path: Path) -> None:
+    """``?status=`` with a cursor walks every page of that state, and only that state."""
+    ids = [f"cmfilter{i:04d}" for i in range(300)]
+    daemon = make_daemon(
+        serve(QUIET), tmp_path, max_requests_per_second="0.001", shutdown_grace="0"
+    )
+    async with running(daemon) as run:
+        await daemon.track([ProjectRef(Kind.IMAGE, i) for i in ids], delete_after_download=False)
+        claims = await daemon.store.claim_due(
+            now=clock.now() + 3600, limit=300, owner="test", lease_seconds=60
+        )
+        canceled = sorted(c.id for c in claims if int(c.id[-4:]) % 3 == 0)
+        for claim in claims:
+            if claim.id in canceled:
+                await daemon.store.record_final(claim, now=clock.now(), state=State.CANCELED)
+
+        async def walk(status: str) -> list[str]:
+            seen: list[str] = []
+            cursor: str | None = None
+            while True:
+                params = {"status": status, "limit": "40", **({"cursor": cursor} if cursor else {})}
+                page = (await run.client.get("/v1/projects", params=params)).json()
+                assert {p["state"] for p in page["projects"]} <= {status}
+                seen += [p["id"] for p in page["projects"]]
+                cursor = page["next_cursor"]
+                if cursor is None:
+                    return seen
+
+        assert await walk("canceled") == canceled
+        assert await walk("polling") == sorted(set(ids) - set(canceled))
+
+
 async def test_status_filter_lists_only_that_state(serve: Serve, tmp_path: Path) -> None:
     """``?status=`` keeps only projects in that watcher state."""
     server = serve(QUIET)
@@ -341,6 +375,36 @@ async def test_metrics_parse_and_count_what_happened(serve: Serve, tmp_path: Pat
         samples[("watcher_http_requests_total", (("code", "200"), ("route", "/v1/projects/{id}")))]
         >= 3
     )
+
+
+async def test_metrics_count_retries_rate_limit_pauses_and_deletes(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """Faults show up as retries by cause and client-wide pauses; deletes are counted by result."""
+    server = serve(
+        dataclasses.replace(QUIET, faults=Faults(rate_5xx=0.3, rate_429=0.2, retry_after=0.05))
+    )
+    done = server.simulator.create_projects(
+        Kind.IMAGE, 4, ProjectOverrides(status=RemoteStatus.COMPLETE, outputs=1)
+    )
+    daemon = make_daemon(server, tmp_path, projects=" ".join(done), delete_after_download="true")
+    async with running(daemon) as run:
+        for pid in done:
+            await _wait_state(run.client, pid, {"deleted"})
+        response = await run.client.get("/metrics")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    retries = {
+        labels: n for (name, labels), n in samples.items() if name == "watcher_retries_total"
+    }
+    assert sum(retries.values()) > 0, samples
+    assert samples[("watcher_rate_limit_pauses_total", ())] > 0
+    assert samples[("watcher_deletes_total", (("result", "deleted"),))] == 4
+    faults = [e for e in server.simulator.events() if e.status_code in {429, 500, 502, 503, 504}]
+    assert faults, "the simulator injected no fault: the test proves nothing"
 
 
 async def test_readiness_fails_when_the_api_token_is_refused(serve: Serve, tmp_path: Path) -> None:

@@ -412,3 +412,24 @@ async def test_resetting_an_output_is_fenced(store: Store) -> None:
     await store.reset_output(new, index=0)
     (row,) = await store.outputs("p")
     assert (row.state, row.bytes, row.sha256) == (OutputState.PENDING, None, None)
+
+
+async def test_outputs_of_a_page_come_in_one_call(store: Store) -> None:
+    """outputs_of groups outputs by project in index order, with empty lists for the rest."""
+    await store.track(refs("a", "b", "c"), now=T0, delete_after_download=False)
+    claims = {
+        c.id: c for c in await store.claim_due(now=T0, limit=3, owner="r", lease_seconds=LEASE)
+    }
+    await store.record_complete(
+        claims["a"], now=T0, due_at=T0, outputs=[new_output(1, "a"), new_output(0, "a")]
+    )
+    await store.record_complete(claims["c"], now=T0, due_at=T0, outputs=[new_output(0, "c")])
+    grouped = await store.outputs_of(["a", "b", "c", "unknown"])
+    assert {pid: [o.index for o in rows] for pid, rows in grouped.items()} == {
+        "a": [0, 1],
+        "b": [],
+        "c": [0],
+        "unknown": [],
+    }
+    assert grouped["a"] == await store.outputs("a")
+    assert await store.outputs_of([]) == {}

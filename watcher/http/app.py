@@ -256,7 +256,8 @@ class _Handlers:
         state, limit, cursor = _page_parameters(request)
         page = await self.store.list_projects(state=state, limit=limit, cursor=cursor)
         counts = await self.store.count_by_state()
-        projects = [project_json(p, await self.store.outputs(p.id)) for p in page.projects]
+        outputs = await self.store.outputs_of([p.id for p in page.projects])
+        projects = [project_json(p, outputs[p.id]) for p in page.projects]
         return JSONResponse(
             {
                 "projects": projects,

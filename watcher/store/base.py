@@ -206,6 +206,11 @@ class Store(abc.ABC):
     async def outputs(self, project_id: str) -> list[OutputRecord]:
         """The project's outputs in index order."""
 
+    @abc.abstractmethod
+    async def outputs_of(self, project_ids: list[str]) -> dict[str, list[OutputRecord]]:
+        """The outputs of every project of ``project_ids`` in one query (a page of a list),
+        each in index order; a project without outputs maps to an empty list."""
+
     # --- scheduling ---------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -101,6 +101,9 @@ class InMemoryStore(Store):
         rows = self.output_rows.get(project_id, {})
         return [rows[i] for i in sorted(rows)]
 
+    async def outputs_of(self, project_ids: list[str]) -> dict[str, list[OutputRecord]]:
+        return {pid: await self.outputs(pid) for pid in project_ids}
+
     async def render_durations(self, kind: Kind, *, limit: int) -> list[float]:
         done = [
             p

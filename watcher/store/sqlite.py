@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -253,6 +254,13 @@ class SQLiteStore(Store):
     async def outputs(self, project_id: str) -> list[OutputRecord]:
         rows = await self._run(lambda: self._all("outputs", project_id=project_id))
         return [_output(r) for r in rows]
+
+    async def outputs_of(self, project_ids: list[str]) -> dict[str, list[OutputRecord]]:
+        rows = await self._run(lambda: self._all("outputs_of", ids=json.dumps(project_ids)))
+        grouped: dict[str, list[OutputRecord]] = {pid: [] for pid in project_ids}
+        for row in rows:
+            grouped[row["project_id"]].append(_output(row))
+        return grouped
 
     async def render_durations(self, kind: Kind, *, limit: int) -> list[float]:
         rows = await self._run(lambda: self._all("render_durations", kind=kind.value, limit=limit))

@@ -122,6 +122,9 @@ WHERE outputs.state = 'pending'
 -- name: outputs
 SELECT * FROM outputs WHERE project_id = %(project_id)s ORDER BY idx
 
+-- name: outputs_of
+SELECT * FROM outputs WHERE project_id = ANY(%(ids)s) ORDER BY project_id, idx
+
 -- name: output_verified
 UPDATE outputs SET state = 'verified', bytes = %(bytes)s, sha256 = %(sha256)s
 WHERE project_id = %(project_id)s AND idx = %(idx)s

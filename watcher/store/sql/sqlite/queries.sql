@@ -93,6 +93,10 @@ WHERE outputs.state = 'pending'
 -- name: outputs
 SELECT * FROM outputs WHERE project_id = :project_id ORDER BY idx
 
+-- name: outputs_of
+SELECT * FROM outputs WHERE project_id IN (SELECT value FROM json_each(:ids))
+ORDER BY project_id, idx
+
 -- name: output_verified
 UPDATE outputs SET state = 'verified', bytes = :bytes, sha256 = :sha256
 WHERE project_id = :project_id AND idx = :idx
