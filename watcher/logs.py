@@ -7,10 +7,12 @@ last line of defence: the code never puts them in an event in the first place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -49,9 +51,43 @@ def redact_secrets(
     return event_dict
 
 
+class _ClosedReaderSafe:
+    """A log stream whose reader may go away (a pipe closed by a crashed log shipper).
+
+    A line that cannot be written is dropped instead of raising ``BrokenPipeError`` into whatever
+    logged it: a signal handler, a shutdown, a download. The stream's file descriptor then points
+    at ``/dev/null``, so the interpreter's own flush at exit does not fail either.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            self._silence()
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ValueError):
+            self._silence()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def _silence(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+
 def configure(level: str = "info", fmt: str | None = None, stream: TextIO | None = None) -> None:
     """Set up structlog. ``fmt`` is ``json``, ``console``, or ``None`` for "console on a TTY"."""
-    out = stream or sys.stdout
+    out = cast("TextIO", _ClosedReaderSafe(stream or sys.stdout))
     console = fmt == "console" or (fmt is None and out.isatty())
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer(colors=out.isatty())

@@ -129,3 +129,24 @@ def test_a_second_signal_exits_at_once(serve: Serve, tmp_path: Path) -> None:
     out, _ = daemon.communicate(timeout=10)
     assert daemon.returncode == 130
     assert "shutdown_forced" in events(out)
+
+
+def test_sigterm_still_stops_the_daemon_when_nobody_reads_its_logs(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """A closed stdout (the log shipper died) neither blocks nor crashes the shutdown."""
+    _, _, env = big_project(serve, tmp_path)
+    daemon = start(env)
+    wait_for_part(tmp_path / "downloads")
+    assert daemon.stdout is not None
+    daemon.stdout.close()  # every later log line hits a broken pipe
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.stderr is not None
+    try:
+        code = daemon.wait(timeout=30)
+    finally:
+        daemon.kill()
+        stderr = daemon.stderr.read()
+        daemon.stderr.close()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
