@@ -433,3 +433,23 @@ async def test_outputs_of_a_page_come_in_one_call(store: Store) -> None:
     }
     assert grouped["a"] == await store.outputs("a")
     assert await store.outputs_of([]) == {}
+
+
+@pytest.mark.parametrize("delete_next", [False, True])
+async def test_saving_every_output_clears_the_troubles_on_the_way(
+    store: Store, delete_next: bool
+) -> None:
+    """A download that failed before it succeeded leaves no failure note on a saved project."""
+    await store.track(refs("p"), now=T0, delete_after_download=delete_next)
+    (c,) = await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+    await store.record_complete(c, now=T0, due_at=T0, outputs=[new_output(0, "p")])
+    await store.record_retry(c, now=T0, due_at=T0 + 1, failure="the connection broke")
+    (c,) = await store.claim_due(now=T0 + 1, limit=1, owner="r", lease_seconds=LEASE)
+    assert (c.project.failures, c.project.failure) == (1, "the connection broke")
+    await store.record_output_verified(c, index=0, size=10, sha256="ab" * 32)
+    await store.record_output_saved(c, index=0, now=T0 + 2)
+    await store.record_saved(c, now=T0 + 2, due_at=T0 + 2, delete_next=delete_next)
+    p = await store.get("p")
+    assert p is not None
+    assert p.state == (State.DELETING if delete_next else State.SAVED)
+    assert (p.failures, p.failure) == (0, None)

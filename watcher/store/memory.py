@@ -271,10 +271,13 @@ class InMemoryStore(Store):
         delete_next: bool,
         notification: str | None = None,
     ) -> None:
+        cleared: dict[str, object] = {"failure": None, "failures": 0}  # the troubles are over
         if delete_next:
-            self._update(claim, now, state=State.DELETING, due_at=due_at)
+            self._update(claim, now, state=State.DELETING, due_at=due_at, **cleared)
         else:
-            self._update(claim, now, state=State.SAVED, finished_at=now, lease_owner=None)
+            self._update(
+                claim, now, state=State.SAVED, finished_at=now, lease_owner=None, **cleared
+            )
             self._enqueue(claim.id, notification, now)
 
     def _enqueue(self, project_id: str, body: str | None, now: float) -> None:

@@ -142,8 +142,9 @@ WHERE project_id = %(project_id)s AND idx = %(idx)s
 SELECT 1 AS held FROM projects WHERE id = %(id)s AND lease_version = %(version)s FOR UPDATE
 
 -- name: record_saved
+-- Every output is saved: what went wrong on the way (a cut download, a stale link) is over.
 UPDATE projects
-SET state = %(state)s, due_at = %(due_at)s, updated_at = %(now)s,
+SET state = %(state)s, due_at = %(due_at)s, updated_at = %(now)s, failure = NULL, failures = 0,
     lease_owner = CASE WHEN %(state)s = 'saved' THEN NULL ELSE lease_owner END,
     finished_at = CASE WHEN %(state)s = 'saved' THEN %(now)s ELSE finished_at END
 WHERE id = %(id)s AND lease_version = %(version)s

@@ -113,8 +113,9 @@ WHERE project_id = :project_id AND idx = :idx
 SELECT 1 FROM projects WHERE id = :id AND lease_version = :version
 
 -- name: record_saved
+-- Every output is saved: what went wrong on the way (a cut download, a stale link) is over.
 UPDATE projects
-SET state = :state, due_at = :due_at, updated_at = :now,
+SET state = :state, due_at = :due_at, updated_at = :now, failure = NULL, failures = 0,
     lease_owner = CASE WHEN :state = 'saved' THEN NULL ELSE lease_owner END,
     finished_at = CASE WHEN :state = 'saved' THEN :now ELSE finished_at END
 WHERE id = :id AND lease_version = :version
