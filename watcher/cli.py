@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,9 +23,9 @@ import structlog
 from watcher import __version__, clock, logs, notify
 from watcher.daemon import Daemon, Outcome
 from watcher.errors import ConfigError, InvalidProjectId, WatcherError
-from watcher.models import State, parse_kind, parse_project_spec
+from watcher.models import Kind, ProjectRef, State, parse_kind, parse_project_spec
 from watcher.settings import Settings, load_settings, unknown_variables
-from watcher.store import OutputRecord, ProjectRecord, Store, create_store
+from watcher.store import OutputRecord, ProjectRecord, Store, create_store, sqlite_path
 from watcher.views import project_json
 from watcher.webhooks import configured
 
@@ -219,8 +220,7 @@ def cmd_track(args: argparse.Namespace) -> int:
     """``watcher track``: add ids through a running daemon's API (``--url``), or to the store
     directly (a running daemon picks them up)."""
     settings = _settings()
-    kind = parse_kind(args.kind)
-    refs = [parse_project_spec(raw, kind) for raw in args.ids]
+    refs = _parse_refs(args.ids, parse_kind(args.kind))
     override = None if args.delete_after_download is None else args.delete_after_download == "true"
     if args.url:
         from watcher.http.client import ControlClient  # noqa: PLC0415 - keep start-up light
@@ -231,18 +231,46 @@ def cmd_track(args: argparse.Namespace) -> int:
                 print(f"{'tracked' if created else 'already tracked'} {ref.id}")
         return 0
     delete = settings.delete_after_download if override is None else override
-
-    async def work() -> tuple[list[str], list[str]]:
-        async with create_store(settings.database_url) as store:
-            result = await store.track(refs, now=clock.now(), delete_after_download=delete)
-            return result.added, result.existing
-
-    added, existing = asyncio.run(work())
+    added, existing, conflicts = asyncio.run(_track_in_store(settings, refs, delete=delete))
     for pid in added:
         print(f"tracked {pid}")
     for pid in existing:
-        print(f"already tracked {pid}")
-    return 0
+        if pid not in conflicts:
+            print(f"already tracked {pid}")
+    for message in conflicts.values():
+        print(f"watcher: track: {message}", file=sys.stderr)
+    return EXIT_FAILED if conflicts else 0
+
+
+def _parse_refs(raw_ids: list[str], kind: Kind) -> list[ProjectRef]:
+    """Every id parsed, or one error naming every bad one (not only the first)."""
+    refs, bad = [], []
+    for raw in raw_ids:
+        try:
+            refs.append(parse_project_spec(raw, kind))
+        except InvalidProjectId as exc:
+            bad.append(str(exc))
+    if bad:
+        raise ConfigError("\n".join(bad))
+    return refs
+
+
+async def _track_in_store(
+    settings: Settings, refs: list[ProjectRef], *, delete: bool
+) -> tuple[list[str], list[str], dict[str, str]]:
+    """Track ``refs``: (added, already tracked, {id: message} for those tracked as another kind)."""
+    async with create_store(settings.database_url) as store:
+        result = await store.track(refs, now=clock.now(), delete_after_download=delete)
+        wanted = {r.id: r.kind for r in refs}
+        conflicts = {}
+        for pid in result.existing:
+            record = await store.get(pid)
+            if record is not None and record.kind != wanted[pid]:
+                conflicts[pid] = (
+                    f"{pid} is already tracked as {record.kind.value}, "
+                    f"not {wanted[pid].value}; untrack it first to change its kind"
+                )
+        return result.added, result.existing, conflicts
 
 
 async def _collect(
@@ -272,6 +300,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             doc = client.status(state=args.state, limit=args.limit)
     else:
         state = State(args.state) if args.state else None
+        _require_database(settings.database_url)
 
         async def work() -> tuple[dict[State, int], list[tuple[ProjectRecord, list[OutputRecord]]]]:
             async with create_store(settings.database_url) as store:
@@ -282,8 +311,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             "counts": {s.value: n for s, n in sorted(counts.items())},
             "projects": [project_json(p, o) for p, o in rows],
         }
-    print(json.dumps(doc, indent=2) if args.json else render_status(doc))
+    print(json.dumps(doc, indent=2) if args.json else render_status(doc, args.state))
     return 0
+
+
+def _require_database(url: str) -> None:
+    """Refuse to look at a SQLite database that does not exist: opening it would create it (and
+    its folder), and an empty table would hide a wrong ``WATCHER_DATABASE_URL``."""
+    if url.startswith("sqlite:") and not Path(sqlite_path(url)).exists():
+        raise WatcherError(
+            f"status: no database at {sqlite_path(url)} (WATCHER_DATABASE_URL): "
+            "nothing has been tracked there"
+        )
 
 
 def render_table(
@@ -298,8 +337,9 @@ def render_table(
     )
 
 
-def render_status(doc: dict[str, Any]) -> str:
-    """The table of a ``status --json`` document (as the store or the control API gives it)."""
+def render_status(doc: dict[str, Any], state: str | None = None) -> str:
+    """The table of a ``status --json`` document (as the store or the control API gives it),
+    listing projects in ``state`` only if given; says so when more exist than it shows."""
     counts: dict[str, int] = doc["counts"]
     summary = ", ".join(f"{s} {n}" for s, n in sorted(counts.items())) or "no projects"
     header = ("ID", "KIND", "STATE", "REMOTE", "POLLS", "SAVED", "NOTE")
@@ -325,6 +365,10 @@ def render_status(doc: dict[str, Any]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in lines
     ]
+    shown = len(doc["projects"])
+    total = counts.get(state, 0) if state else sum(counts.values())
+    if shown < total:
+        text.append(f"(showing {shown} of {total}: --limit for more, --state to filter)")
     return "\n".join([f"projects: {summary}", *text])
 
 

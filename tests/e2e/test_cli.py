@@ -70,14 +70,36 @@ def test_missing_token_exits_2(tmp_path: Path) -> None:
     assert "WATCHER_API_TOKEN" in result.stderr
 
 
-def test_track_refuses_a_malformed_id(tmp_path: Path) -> None:
-    """``watcher track`` names the bad id and tracks nothing."""
+def test_track_refuses_malformed_ids_naming_each(tmp_path: Path) -> None:
+    """``watcher track`` names every bad id, one per line, and tracks nothing."""
     env = clean_env(WATCHER_DATABASE_URL=f"sqlite:///{tmp_path / 'w.db'}")
-    result = run(["track", "goodid", "bad/id"], env)
+    result = run(["track", "goodid", "bad/id", "video:../up"], env)
     assert result.returncode == 2
-    assert "bad/id" in result.stderr
-    status = run(["status", "--json"], env)
-    assert json.loads(status.stdout)["projects"] == []
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert "bad/id" in lines[0]
+    assert "../up" in lines[1]
+    assert not (tmp_path / "w.db").exists()
+
+
+def test_track_refuses_to_change_a_projects_kind(tmp_path: Path) -> None:
+    """An id tracked as one kind and given again as another is a conflict, not "already
+    tracked": exit 1, with the kind it has."""
+    env = clean_env(WATCHER_DATABASE_URL=f"sqlite:///{tmp_path / 'w.db'}")
+    assert run(["track", "image:abc123"], env).returncode == 0
+    again = run(["track", "video:abc123", "image:new456"], env)
+    assert again.returncode == 1
+    assert again.stdout.splitlines() == ["tracked new456"]
+    assert "abc123 is already tracked as image, not video" in again.stderr
+
+
+def test_status_without_a_database_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    """``watcher status`` on a path where no database exists fails clearly; no file, no folder."""
+    missing = tmp_path / "nowhere" / "w.db"
+    result = run(["status"], clean_env(WATCHER_DATABASE_URL=f"sqlite:///{missing}"))
+    assert result.returncode == 1
+    assert str(missing) in result.stderr
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_sigterm_stops_cleanly_and_a_restart_finishes(serve: Serve, tmp_path: Path) -> None:
@@ -135,6 +157,9 @@ def test_status_table_is_readable(serve: Serve, tmp_path: Path) -> None:
     assert table[0] == "projects: polling 2"
     assert table[1].split() == ["ID", "KIND", "STATE", "REMOTE", "POLLS", "SAVED", "NOTE"]
     assert sorted(line.split()[0] for line in table[2:]) == ["abc123", "def456"]
+    first = run(["status", "--limit", "1"], env).stdout.splitlines()
+    assert first[-1] == "(showing 1 of 2: --limit for more, --state to filter)"
+    assert run(["status", "--state", "polling"], env).stdout.splitlines()[-1].startswith("def456")
 
 
 @pytest.mark.slow
