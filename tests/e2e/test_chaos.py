@@ -86,10 +86,24 @@ def assert_no_delete_before_download(sim: Simulator) -> None:
             assert saved.get(event.project_id, set()) >= wanted, event
 
 
+def deletes_seen(sim: Simulator) -> int:
+    """How many DELETEs the simulator has answered."""
+    return sum(1 for e in sim.events() if e.what == "delete")
+
+
+def wait_for_deletes(sim: Simulator, *, at_least: int, within: float) -> None:
+    """Wait until the simulator has answered ``at_least`` DELETEs."""
+    deadline = time.monotonic() + within
+    while deletes_seen(sim) < at_least:
+        assert time.monotonic() < deadline, "no DELETE came: the kill cannot hit the delete phase"
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60)
 def test_kill_9_under_every_fault_loses_nothing(serve: Serve, tmp_path: Path) -> None:
-    """150+ projects, all faults on, SIGKILL three times: every output saved, byte for byte."""
+    """150+ projects, all faults on, SIGKILL three times (once among the DELETEs, then down
+    longer than a URL lives): every output saved byte for byte, no DELETE before its downloads."""
     server = serve(CHAOS)
     sim = server.simulator
     specs = []
@@ -102,10 +116,16 @@ def test_kill_9_under_every_fault_loses_nothing(serve: Serve, tmp_path: Path) ->
     for run in range(3):
         log = tmp_path / f"run{run}.log"
         daemon = spawn([*WATCHER, "run"], env, log)
-        time.sleep(rng.uniform(1.0, 3.0))
+        if run == 1:  # the second run dies in the middle of the delete phase
+            wait_for_deletes(sim, at_least=deletes_seen(sim) + 3, within=20)
+            time.sleep(rng.uniform(0.0, 0.3))
+        else:
+            time.sleep(rng.uniform(1.0, 3.0))
         daemon.send_signal(signal.SIGKILL)
         assert daemon.wait(timeout=10) == -signal.SIGKILL
         transcripts.append(log.read_text())
+        if run == 1:  # down longer than a URL lives: the links recorded so far are all stale
+            time.sleep(CHAOS.url_lifetime + 0.5)
 
     final = subprocess.run(
         [*WATCHER, "run", "--until-done"],
