@@ -380,3 +380,53 @@ async def test_no_project_is_quarantined_when_every_get_fails(serve: Serve, tmp_
     await running
     assert {p.state for p in store.projects.values()} == {State.POLLING}
     assert min(p.failures for p in store.projects.values()) >= 5
+
+
+class RefusedOnce(httpx.AsyncBaseTransport):
+    """The real network, except that each output's first download is refused with 403, as a
+    CDN refuses a signed link that has gone stale."""
+
+    def __init__(self) -> None:
+        self.refused: list[str] = []
+        self._network = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.startswith("/sim/files/") and path not in self.refused:
+            self.refused.append(path)
+            return httpx.Response(403, content=b"<Error><Code>AccessDenied</Code></Error>")
+        return await self._network.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._network.aclose()
+
+
+async def test_a_refused_download_link_is_renewed_with_a_fresh_get(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """A 403 on a signed URL means stale: the project is fetched again for fresh links, and
+    every output is saved byte for byte."""
+    server = serve(
+        SimConfig(
+            seed=33,
+            queued_seconds=(0.0, 0.0),
+            rendering_seconds=(0.1, 0.1),
+            error_rate=0.0,
+            cancel_rate=0.0,
+            video_outputs=(2, 2),
+        )
+    )
+    (pid,) = server.simulator.create_projects(Kind.VIDEO, 1)
+    settings = watcher_settings(server, tmp_path, projects=f"video:{pid}")
+    transport = RefusedOnce()
+    with capture_logs() as logs:
+        daemon = Daemon(settings, InMemoryStore(), until_done=True, transport=transport)
+        outcome = await run_daemon(daemon)
+    assert outcome.counts == {State.SAVED: 1}
+    assert len(transport.refused) == 2  # the first link of each output was refused
+    stale = [e for e in logs if e["event"] == "download_url_stale"]
+    assert stale
+    assert all("403" in e["reason"] for e in stale)
+    gets = [e for e in server.simulator.events() if e.what == "get"]
+    assert len(gets) >= 2  # the first GET, and one for fresh links
+    assert_outputs_match(server.simulator, tmp_path, pid, "video")
