@@ -65,6 +65,11 @@ log = structlog.get_logger("watcher")
 
 AUTH_RECHECK_SECONDS = 300.0
 PAYMENT_PAUSE_SECONDS = 60.0
+UNAUTHORIZED_NOTE = (
+    "unauthorized: Magic Hour refused the API token (HTTP 401); polling is stopped until it is "
+    "accepted (check WATCHER_API_TOKEN)"
+)
+PAYMENT_NOTE = "payment required: Magic Hour answered HTTP 402; polling is paused until it is not"
 DISK_FULL_RETRY_SECONDS = 60.0
 IDLE_CHECK_SECONDS = 1.0
 MAX_DOWNLOAD_FAILURES = 8
@@ -797,11 +802,15 @@ class Daemon:
 
     async def _api_trouble(self, claim: Claim, exc: ApiError) -> None:
         if isinstance(exc, Unauthorized):
+            if not self.unauthorized:
+                await self.store.note_active(UNAUTHORIZED_NOTE, now=clock.now())
             self._on_unauthorized(exc)
-            await self._retry(claim, "unauthorized", count=False, delay=AUTH_RECHECK_SECONDS)
+            await self._retry(claim, UNAUTHORIZED_NOTE, count=False, delay=AUTH_RECHECK_SECONDS)
         elif isinstance(exc, PaymentRequired):
+            if not self.payment_required:
+                await self.store.note_active(PAYMENT_NOTE, now=clock.now())
             self._on_payment_required(exc)
-            await self._retry(claim, "payment required", count=False, delay=PAYMENT_PAUSE_SECONDS)
+            await self._retry(claim, PAYMENT_NOTE, count=False, delay=PAYMENT_PAUSE_SECONDS)
         elif isinstance(exc, TransientApiError):
             failures = claim.project.failures + 1
             if (

@@ -159,7 +159,8 @@ async def test_restart_in_the_middle_loses_and_refetches_nothing(
 
 
 async def test_not_found_and_unauthorized_end_clearly(serve: Serve, tmp_path: Path) -> None:
-    """A 404 project ends not_found; a refused token stops polling with exit code 3."""
+    """A 404 project ends not_found; a refused token stops polling with exit code 3 and is
+    recorded on every project it holds up."""
     server = serve()
     (good,) = server.simulator.create_projects(
         Kind.IMAGE, 1, ProjectOverrides(status=RemoteStatus.COMPLETE)
@@ -171,10 +172,12 @@ async def test_not_found_and_unauthorized_end_clearly(serve: Serve, tmp_path: Pa
     assert outcome.counts == {State.SAVED: 1, State.NOT_FOUND: 1}
     assert outcome.exit_code == 1
 
+    others = server.simulator.create_projects(Kind.AUDIO, 3)
+    seen_before = len(server.simulator.events())
     bad = watcher_settings(
         server,
         tmp_path,
-        projects=good,
+        projects=" ".join([good, *(f"audio:{pid}" for pid in others)]),
         api_token="mhk_live_wrong",
         database_url=f"sqlite:///{tmp_path / 'b.db'}",
     )
@@ -184,9 +187,18 @@ async def test_not_found_and_unauthorized_end_clearly(serve: Serve, tmp_path: Pa
         )
     assert outcome.exit_code == 3
     assert [e for e in logs if e["event"] == "api_unauthorized"]
-    gets = [e for e in server.simulator.events() if e.what == "get" and e.status_code == 401]
-    assert len(gets) == 1
+    gets = [e for e in server.simulator.events()[seen_before:] if e.what == "get"]
+    assert {e.status_code for e in gets} == {401}
+    # One look at each project claimed together at most, then silence: no retry storm.
+    assert len(gets) == len({e.project_id for e in gets}) <= 4
     assert "mhk_live_wrong" not in repr(logs)
+    async with SQLiteStore(str(tmp_path / "b.db")) as store:
+        page = await store.list_projects(limit=10)
+    assert len(page.projects) == 4  # every project, not only the one that met the 401, says so
+    for p in page.projects:
+        assert p.state == State.POLLING  # resumable once the token is fixed: nothing is lost
+        assert p.failure is not None
+        assert p.failure.startswith("unauthorized: Magic Hour refused the API token")
 
 
 async def test_a_restart_keeps_what_the_schedule_learned(serve: Serve, tmp_path: Path) -> None:

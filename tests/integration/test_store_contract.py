@@ -453,3 +453,25 @@ async def test_saving_every_output_clears_the_troubles_on_the_way(
     assert p is not None
     assert p.state == (State.DELETING if delete_next else State.SAVED)
     assert (p.failures, p.failure) == (0, None)
+
+
+async def test_a_note_on_every_active_project_until_a_good_poll(store: Store) -> None:
+    """note_active marks active projects only; a project's next good poll clears its note."""
+    await store.track(refs("a", "b", "done"), now=T0, delete_after_download=False)
+    claims = {
+        c.id: c for c in await store.claim_due(now=T0, limit=3, owner="r", lease_seconds=LEASE)
+    }
+    await store.record_final(claims["done"], now=T0, state=State.CANCELED)
+    assert await store.note_active("unauthorized: token refused", now=T0 + 1) == 2
+    notes = {p.id: p.failure for p in (await store.list_projects(limit=10)).projects}
+    assert notes == {
+        "a": "unauthorized: token refused",
+        "b": "unauthorized: token refused",
+        "done": None,
+    }
+    await store.record_poll(
+        claims["a"], now=T0 + 2, remote_status=RemoteStatus.RENDERING, attempt=0, due_at=T0 + 3
+    )
+    a = await store.get("a")
+    assert a is not None
+    assert a.failure is None

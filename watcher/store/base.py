@@ -214,6 +214,12 @@ class Store(abc.ABC):
     # --- scheduling ---------------------------------------------------------------------------
 
     @abc.abstractmethod
+    async def note_active(self, failure: str, *, now: float) -> int:
+        """Record ``failure`` on every active project (the API refused the token, or wants
+        payment): what holds them all up shows in their record. Their next good poll or saved
+        output clears it. Returns how many projects it touched."""
+
+    @abc.abstractmethod
     async def render_durations(self, kind: Kind, *, limit: int) -> list[float]:
         """How long the latest ``limit`` renders of ``kind`` took, oldest first.
 

@@ -101,6 +101,12 @@ class InMemoryStore(Store):
         rows = self.output_rows.get(project_id, {})
         return [rows[i] for i in sorted(rows)]
 
+    async def note_active(self, failure: str, *, now: float) -> int:
+        active = [p for p in self.projects.values() if p.state in ACTIVE_STATES]
+        for p in active:
+            self.projects[p.id] = dataclasses.replace(p, failure=failure, updated_at=now)
+        return len(active)
+
     async def outputs_of(self, project_ids: list[str]) -> dict[str, list[OutputRecord]]:
         return {pid: await self.outputs(pid) for pid in project_ids}
 

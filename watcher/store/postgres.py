@@ -314,6 +314,9 @@ class PostgresStore(Store):
     async def outputs(self, project_id: str) -> list[OutputRecord]:
         return [_output(r) for r in await self._all("outputs", project_id=project_id)]
 
+    async def note_active(self, failure: str, *, now: float) -> int:
+        return await self._count("note_active", failure=failure, now=now)
+
     async def outputs_of(self, project_ids: list[str]) -> dict[str, list[OutputRecord]]:
         rows = await self._all("outputs_of", ids=project_ids)
         grouped: dict[str, list[OutputRecord]] = {pid: [] for pid in project_ids}

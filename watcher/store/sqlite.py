@@ -255,6 +255,14 @@ class SQLiteStore(Store):
         rows = await self._run(lambda: self._all("outputs", project_id=project_id))
         return [_output(r) for r in rows]
 
+    async def note_active(self, failure: str, *, now: float) -> int:
+        def work() -> int:
+            with _transaction(self._db):
+                cursor = self._db.execute(_Q["note_active"], {"failure": failure, "now": now})
+                return cursor.rowcount
+
+        return await self._run(work)
+
     async def outputs_of(self, project_ids: list[str]) -> dict[str, list[OutputRecord]]:
         rows = await self._run(lambda: self._all("outputs_of", ids=json.dumps(project_ids)))
         grouped: dict[str, list[OutputRecord]] = {pid: [] for pid in project_ids}

@@ -122,6 +122,10 @@ WHERE outputs.state = 'pending'
 -- name: outputs
 SELECT * FROM outputs WHERE project_id = %(project_id)s ORDER BY idx
 
+-- name: note_active
+UPDATE projects SET failure = %(failure)s, updated_at = %(now)s
+WHERE state IN ('polling', 'downloading', 'deleting')
+
 -- name: outputs_of
 SELECT * FROM outputs WHERE project_id = ANY(%(ids)s) ORDER BY project_id, idx
 

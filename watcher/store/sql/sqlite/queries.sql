@@ -93,6 +93,10 @@ WHERE outputs.state = 'pending'
 -- name: outputs
 SELECT * FROM outputs WHERE project_id = :project_id ORDER BY idx
 
+-- name: note_active
+UPDATE projects SET failure = :failure, updated_at = :now
+WHERE state IN ('polling', 'downloading', 'deleting')
+
 -- name: outputs_of
 SELECT * FROM outputs WHERE project_id IN (SELECT value FROM json_each(:ids))
 ORDER BY project_id, idx
