@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from structlog.testing import capture_logs
 
@@ -45,12 +46,21 @@ def receivers() -> Iterator[list[Receiver]]:
 
 
 def make_daemon(
-    server: SimulatorServer, root: Path, url: str, *, until_done: bool, **extra: str
+    server: SimulatorServer,
+    root: Path,
+    url: str,
+    *,
+    until_done: bool,
+    transport: httpx.AsyncBaseTransport | None = None,
+    **extra: str,
 ) -> Daemon:
     """A daemon notifying ``url``, retrying fast, on the SQLite file under ``root``."""
     settings = watcher_settings(server, root, notify_url=url, notify_secret=SECRET, **extra)
     daemon = Daemon(
-        settings, SQLiteStore(str(root / "watcher.db"), exclusive=True), until_done=until_done
+        settings,
+        SQLiteStore(str(root / "watcher.db"), exclusive=True),
+        until_done=until_done,
+        transport=transport,
     )
     notifier = Notifier(url, SECRET, poll_seconds=0.1, base_delay=0.2, max_delay=0.5, timeout=2)
     daemon.side_tasks.append(notifier.run)
@@ -146,3 +156,44 @@ async def test_a_receiver_down_at_first_gets_the_event_once_after_a_restart(
         assert (
             await store.claim_notifications(now=clock.now() + 3600, limit=10, lease_seconds=1) == []
         )
+
+
+class RefusedLinks(httpx.AsyncBaseTransport):
+    """The real network, except that every download of ``project_id`` is refused with 403."""
+
+    def __init__(self, project_id: str) -> None:
+        self.project_id = project_id
+        self._network = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith(f"/sim/files/{self.project_id}/"):
+            return httpx.Response(403)
+        return await self._network.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._network.aclose()
+
+
+async def test_a_failed_project_is_announced_with_its_cause(
+    serve: Serve, tmp_path: Path, receivers: list[Receiver]
+) -> None:
+    """A project whose outputs cannot be fetched ends failed, and the event says why and lists
+    no file."""
+    server = serve(CONFIG)
+    (pid,) = server.simulator.create_projects(
+        Kind.IMAGE, 1, ProjectOverrides(status=RemoteStatus.COMPLETE, outputs=1)
+    )
+    receiver = Receiver(free_port(), SECRET).start()
+    receivers.append(receiver)
+    daemon = make_daemon(
+        server, tmp_path, receiver.url, until_done=True, projects=pid, transport=RefusedLinks(pid)
+    )
+    outcome = await run_until_done(daemon)
+    assert outcome.exit_code == 1
+    (event,) = receiver.events
+    assert event["type"] == "project.failed"
+    payload = event["payload"]
+    assert payload["id"] == pid
+    assert payload["state"] == "failed"
+    assert "refused" in payload["failure"]
+    assert [o for o in payload["outputs"] if o.get("sha256")] == []
