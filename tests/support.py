@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 from watcher.settings import Settings, load_settings
 from watcher.simulator.config import SimConfig
@@ -49,3 +52,21 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
     process runs fills up and blocks it at its next log line."""
     with log.open("ab") as out:
         return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+class Intercepted(httpx.AsyncBaseTransport):
+    """The real network, except for the requests ``answer`` answers itself: it returns a response
+    for those (a proxy's error page, a CDN's refusal) and ``None`` to let a request through."""
+
+    def __init__(self, answer: Callable[[httpx.Request], httpx.Response | None]) -> None:
+        self._answer = answer
+        self._network = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._answer(request)
+        if response is not None:
+            return response
+        return await self._network.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._network.aclose()

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from tests.support import watcher_settings
+from tests.support import Intercepted, watcher_settings
 from watcher import clock
 from watcher.daemon import Daemon, Outcome
 from watcher.errors import StoreError
@@ -315,26 +315,17 @@ async def test_an_own_lease_that_ran_out_is_taken_up_by_a_fresh_task(
     assert len(gets) == 2  # the one cut short by the expired lease, then the one that saw it done
 
 
-class PoisonedGets(httpx.AsyncBaseTransport):
+def poisoned_gets(poisoned: set[str]) -> Intercepted:
     """The real network, except that GETs of the ``poisoned`` projects get a proxy's HTML page."""
 
-    def __init__(self, poisoned: set[str]) -> None:
-        self.poisoned = poisoned
-        self._network = httpx.AsyncHTTPTransport()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    def answer(request: httpx.Request) -> httpx.Response | None:
         path = request.url.path
-        if (
-            request.method == "GET"
-            and "-projects/" in path
-            and path.rsplit("/", 1)[-1] in self.poisoned
-        ):
+        if request.method == "GET" and "-projects/" in path and path.rsplit("/", 1)[-1] in poisoned:
             html = b"<html><body>502 Bad Gateway</body></html>"
             return httpx.Response(200, headers={"content-type": "text/html"}, content=html)
-        return await self._network.handle_async_request(request)
+        return None
 
-    async def aclose(self) -> None:
-        await self._network.aclose()
+    return Intercepted(answer)
 
 
 def rendering_for_a_while(seed: int) -> SimConfig:
@@ -356,7 +347,7 @@ async def test_a_project_whose_get_keeps_failing_while_others_work_is_quarantine
     poison, healthy = server.simulator.create_projects(Kind.IMAGE, 2)
     settings = watcher_settings(server, tmp_path, projects=f"{poison} {healthy}")
     store = InMemoryStore()
-    daemon = Daemon(settings, store, transport=PoisonedGets({poison}))
+    daemon = Daemon(settings, store, transport=poisoned_gets({poison}))
     daemon.max_poll_failures = 3
     with capture_logs() as logs:
         running = asyncio.create_task(daemon.run())
@@ -380,7 +371,7 @@ async def test_no_project_is_quarantined_when_every_get_fails(serve: Serve, tmp_
     ids = server.simulator.create_projects(Kind.IMAGE, 2)
     settings = watcher_settings(server, tmp_path, projects=" ".join(ids))
     store = InMemoryStore()
-    daemon = Daemon(settings, store, transport=PoisonedGets(set(ids)))
+    daemon = Daemon(settings, store, transport=poisoned_gets(set(ids)))
     daemon.max_poll_failures = 3
 
     def failed_often() -> bool:
@@ -392,25 +383,6 @@ async def test_no_project_is_quarantined_when_every_get_fails(serve: Serve, tmp_
     await running
     assert {p.state for p in store.projects.values()} == {State.POLLING}
     assert min(p.failures for p in store.projects.values()) >= 5
-
-
-class RefusedOnce(httpx.AsyncBaseTransport):
-    """The real network, except that each output's first download is refused with 403, as a
-    CDN refuses a signed link that has gone stale."""
-
-    def __init__(self) -> None:
-        self.refused: list[str] = []
-        self._network = httpx.AsyncHTTPTransport()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        if path.startswith("/sim/files/") and path not in self.refused:
-            self.refused.append(path)
-            return httpx.Response(403, content=b"<Error><Code>AccessDenied</Code></Error>")
-        return await self._network.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._network.aclose()
 
 
 async def test_a_refused_download_link_is_renewed_with_a_fresh_get(
@@ -430,12 +402,22 @@ async def test_a_refused_download_link_is_renewed_with_a_fresh_get(
     )
     (pid,) = server.simulator.create_projects(Kind.VIDEO, 1)
     settings = watcher_settings(server, tmp_path, projects=f"video:{pid}")
-    transport = RefusedOnce()
+    refused: list[str] = []
+
+    def refuse_first_links(request: httpx.Request) -> httpx.Response | None:
+        """Each output's first download gets 403, as a CDN refuses a stale signed link."""
+        path = request.url.path
+        if path.startswith("/sim/files/") and path not in refused:
+            refused.append(path)
+            return httpx.Response(403, content=b"<Error><Code>AccessDenied</Code></Error>")
+        return None
+
+    transport = Intercepted(refuse_first_links)
     with capture_logs() as logs:
         daemon = Daemon(settings, InMemoryStore(), until_done=True, transport=transport)
         outcome = await run_daemon(daemon)
     assert outcome.counts == {State.SAVED: 1}
-    assert len(transport.refused) == 2  # the first link of each output was refused
+    assert len(refused) == 2  # the first link of each output was refused
     stale = [e for e in logs if e["event"] == "download_url_stale"]
     assert stale
     assert all("403" in e["reason"] for e in stale)

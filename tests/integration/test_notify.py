@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.integration.http_support import Receiver, eventually, free_port
-from tests.support import watcher_settings
+from tests.support import Intercepted, watcher_settings
 from watcher import clock
 from watcher.daemon import Daemon, Outcome
 from watcher.models import Kind, RemoteStatus
@@ -158,20 +158,12 @@ async def test_a_receiver_down_at_first_gets_the_event_once_after_a_restart(
         )
 
 
-class RefusedLinks(httpx.AsyncBaseTransport):
+def refused_links(project_id: str) -> Intercepted:
     """The real network, except that every download of ``project_id`` is refused with 403."""
-
-    def __init__(self, project_id: str) -> None:
-        self.project_id = project_id
-        self._network = httpx.AsyncHTTPTransport()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path.startswith(f"/sim/files/{self.project_id}/"):
-            return httpx.Response(403)
-        return await self._network.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._network.aclose()
+    files = f"/sim/files/{project_id}/"
+    return Intercepted(
+        lambda request: httpx.Response(403) if request.url.path.startswith(files) else None
+    )
 
 
 async def test_a_failed_project_is_announced_with_its_cause(
@@ -186,7 +178,7 @@ async def test_a_failed_project_is_announced_with_its_cause(
     receiver = Receiver(free_port(), SECRET).start()
     receivers.append(receiver)
     daemon = make_daemon(
-        server, tmp_path, receiver.url, until_done=True, projects=pid, transport=RefusedLinks(pid)
+        server, tmp_path, receiver.url, until_done=True, projects=pid, transport=refused_links(pid)
     )
     outcome = await run_until_done(daemon)
     assert outcome.exit_code == 1
