@@ -427,9 +427,9 @@ class Daemon:
 
     async def _work(self, claim: Claim, *, after: asyncio.Task[None] | None = None) -> None:
         p = claim.project
-        if after is not None:
-            await asyncio.wait([after])  # the task of our expired lease, being cancelled
         try:
+            if after is not None:  # the task of our expired lease, being cancelled
+                await asyncio.wait([after])
             with structlog.contextvars.bound_contextvars(project_id=p.id, kind=p.kind.value):
                 if p.interruptions >= MAX_INTERRUPTIONS:
                     await self._finish(
