@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -132,6 +133,16 @@ class ProjectPage:
 
     projects: list[ProjectRecord]
     next_cursor: str | None = None
+
+
+def group_outputs(
+    project_ids: list[str], outputs: Iterable[OutputRecord]
+) -> dict[str, list[OutputRecord]]:
+    """``outputs`` (in index order per project) by project, an empty list for a project without."""
+    grouped: dict[str, list[OutputRecord]] = {pid: [] for pid in project_ids}
+    for output in outputs:
+        grouped[output.project_id].append(output)
+    return grouped
 
 
 @dataclass(slots=True)

@@ -49,6 +49,7 @@ from watcher.store.base import (
     ProjectRecord,
     Store,
     TrackResult,
+    group_outputs,
 )
 from watcher.store.sql import load_migrations, load_queries
 
@@ -319,10 +320,7 @@ class PostgresStore(Store):
 
     async def outputs_of(self, project_ids: list[str]) -> dict[str, list[OutputRecord]]:
         rows = await self._all("outputs_of", ids=project_ids)
-        grouped: dict[str, list[OutputRecord]] = {pid: [] for pid in project_ids}
-        for row in rows:
-            grouped[row["project_id"]].append(_output(row))
-        return grouped
+        return group_outputs(project_ids, map(_output, rows))
 
     # --- scheduling -----------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from watcher.store.base import (
     ProjectRecord,
     Store,
     TrackResult,
+    group_outputs,
 )
 from watcher.store.sql import load_migrations, load_queries
 
@@ -265,10 +266,7 @@ class SQLiteStore(Store):
 
     async def outputs_of(self, project_ids: list[str]) -> dict[str, list[OutputRecord]]:
         rows = await self._run(lambda: self._all("outputs_of", ids=json.dumps(project_ids)))
-        grouped: dict[str, list[OutputRecord]] = {pid: [] for pid in project_ids}
-        for row in rows:
-            grouped[row["project_id"]].append(_output(row))
-        return grouped
+        return group_outputs(project_ids, map(_output, rows))
 
     async def render_durations(self, kind: Kind, *, limit: int) -> list[float]:
         rows = await self._run(lambda: self._all("render_durations", kind=kind.value, limit=limit))
