@@ -59,6 +59,29 @@ class PollPolicy:
         return delay
 
 
+@dataclass(frozen=True, slots=True)
+class GiveUpLimits:
+    """When downloading a project's outputs stops being worth another try.
+
+    Only a lack of progress gives up, never a total count of failures: ``stalled_tries`` tries
+    in a row that gained no byte and saved no output, over at least ``stalled_seconds`` (so an
+    outage of the CDN is waited out, with backoff), or ``refused_links`` fresh links in a row
+    refused (no usable URL is left). A try that gained bytes, or saved an output, starts over.
+    """
+
+    stalled_tries: int = 8
+    stalled_seconds: float = 1800.0
+    refused_links: int = 3
+
+
+def stalled_for_good(
+    limits: GiveUpLimits, *, failures: int, stalled_since: float, now: float
+) -> bool:
+    """Whether ``failures`` tries in a row without progress, the first at ``stalled_since``,
+    are reason enough to give the project up."""
+    return failures >= limits.stalled_tries and now - stalled_since >= limits.stalled_seconds
+
+
 def next_attempt(previous: RemoteStatus | None, current: RemoteStatus, attempt: int) -> int:
     """The attempt counter after a poll: it restarts when the status changed."""
     return 0 if previous != current else attempt + 1

@@ -6,8 +6,10 @@ alive. The dispatch loop claims due projects from the store and runs one task pe
 
 - ``polling``: GET the project; a non-terminal status is rescheduled with backoff; ``complete``
   records the outputs and goes straight on to download them; ``error``/``canceled``/404 end it.
-- ``downloading``: save every output (earliest ``expires_at`` first across projects), refreshing
-  stale URLs with a new GET; then finish as ``saved`` or go on to delete.
+- ``downloading``: save every output the store lists (earliest ``expires_at`` first across
+  projects), refreshing stale URLs with a new GET (which may list outputs the first did not:
+  they are saved too); then finish as ``saved`` or go on to delete. It gives up only on a lack
+  of progress (:class:`watcher.backoff.GiveUpLimits`), never on a total count of failures.
 - ``deleting``: make the store durable, re-check every output is ``saved``, send DELETE.
 
 Crash safety, in one place (see also :mod:`watcher.downloader` for the order of writes of one
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import random
 from collections.abc import Callable, Coroutine, Iterable
@@ -36,7 +37,7 @@ import structlog
 
 from watcher import __version__, clock
 from watcher.api import USER_AGENT, MagicHourClient
-from watcher.backoff import PollPolicy, next_attempt
+from watcher.backoff import GiveUpLimits, PollPolicy, next_attempt, stalled_for_good
 from watcher.downloader import Downloader, finish_from_disk
 from watcher.errors import (
     ApiError,
@@ -53,11 +54,20 @@ from watcher.errors import (
 )
 from watcher.metrics import Metrics
 from watcher.models import Kind, ProjectRef, ProjectSnapshot, RemoteStatus, State
-from watcher.paths import PART_SUFFIX, output_relpath, resolve_inside
+from watcher.paths import PART_SUFFIX, output_relpath, part_path, resolve_inside
 from watcher.priority import PriorityGate
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats, next_poll_delay
 from watcher.settings import Settings
-from watcher.store import Claim, LeaseLost, NewOutput, OutputRecord, OutputState, Store
+from watcher.store import (
+    Claim,
+    LeaseLost,
+    NewOutput,
+    NotificationBuilder,
+    OutputRecord,
+    OutputState,
+    ProjectRecord,
+    Store,
+)
 from watcher.throttle import Throttle
 from watcher.views import notification_event
 
@@ -72,8 +82,6 @@ UNAUTHORIZED_NOTE = (
 PAYMENT_NOTE = "payment required: Magic Hour answered HTTP 402; polling is paused until it is not"
 DISK_FULL_RETRY_SECONDS = 60.0
 IDLE_CHECK_SECONDS = 1.0
-MAX_DOWNLOAD_FAILURES = 8
-MAX_URL_REFRESHES = 3
 MAX_INTERRUPTIONS = 3
 # A project whose GET has failed this many times in a row (about a quarter of an hour with the
 # default POLL_MAX) while other projects' GETs succeed is poison, not an outage: quarantined.
@@ -127,6 +135,7 @@ class Daemon:
         self._tasks: dict[str, tuple[asyncio.Task[None], Claim]] = {}
         self._renewals_refused: set[tuple[str, int]] = set()  # (project id, lease version)
         self.max_poll_failures = MAX_POLL_FAILURES
+        self.give_up = GiveUpLimits()
         self._last_good_get: tuple[float, str] | None = None  # when, and which project
         self._paused_until = 0.0
         self._probe = False
@@ -589,39 +598,51 @@ class Daemon:
         return rows
 
     async def _download(self, claim: Claim, rows: list[OutputRecord]) -> None:
-        p = claim.project
-        refreshes = 0
-        pending = sorted(
-            (r for r in rows if r.state != OutputState.SAVED), key=lambda r: r.expires_at
-        )
+        """Save every output not yet saved, then finish. After a refused link, the outputs
+        to save are the ones the store lists after the fresh GET, new ones included."""
+        pending = _unsaved(rows)
+        refused = 0  # links refused in a row, with no output saved in between
+        saved_any = False
         try:
             while pending:
                 row = pending[0]
+                before = await self._part_size(row)
                 try:
                     await self._save_output(claim, row)
-                    pending.pop(0)
                 except DownloadUrlExpired as exc:
-                    refreshes += 1
-                    if refreshes > MAX_URL_REFRESHES:
-                        raise
+                    refused += 1
+                    if refused > self.give_up.refused_links:
+                        failure = (
+                            f"outputs could not be saved: no usable download URL left, {refused} "
+                            f"links in a row were refused, fresh ones included; the last: {exc}"
+                        )
+                        await self._finish(claim, State.FAILED, failure=failure)
+                        return
                     log.info(
-                        "download_url_stale", project_id=p.id, index=row.index, reason=str(exc)
+                        "download_url_stale", project_id=claim.id, index=row.index, reason=str(exc)
                     )
                     fresh = await self._refresh_urls(claim)
                     if fresh is None:
                         return
-                    by_index = {r.index: r for r in fresh}
-                    pending = sorted(
-                        (by_index[r.index] for r in pending if r.index in by_index),
-                        key=lambda r: r.expires_at,
-                    )
+                    pending = _unsaved(fresh)
+                    continue
+                except DownloadError as exc:
+                    gained = await self._part_size(row) > before
+                    await self._download_trouble(claim, exc, gained=gained, saved_any=saved_any)
+                    return
+                pending.pop(0)
+                refused, saved_any = 0, True
         except InvalidProjectId as exc:
             await self._finish(claim, State.FAILED, failure=str(exc))
             return
-        except DownloadError as exc:
-            await self._download_trouble(claim, exc)
-            return
         await self._all_saved(claim)
+
+    async def _part_size(self, row: OutputRecord) -> int:
+        """How many bytes of the output its ``.part`` file holds (0 without one)."""
+        part = part_path(resolve_inside(self.download_dir, row.path))
+        with contextlib.suppress(FileNotFoundError):
+            return (await asyncio.to_thread(part.stat)).st_size
+        return 0
 
     async def _save_output(self, claim: Claim, row: OutputRecord) -> None:
         final = resolve_inside(self.download_dir, row.path)
@@ -662,13 +683,18 @@ class Daemon:
             expires_in=round(row.expires_at - now, 1),
         )
 
-    async def _notification(self, claim: Claim, now: float, **final: object) -> str | None:
-        """The outbox event announcing the project's final state, if notifications are on."""
+    def _announcer(self) -> NotificationBuilder | None:
+        """What builds the event announcing a final state from the row the store writes (in
+        the same transaction), if notifications are on."""
         if self.settings.notify_url is None:
             return None
-        record = dataclasses.replace(claim.project, updated_at=now, finished_at=now, **final)  # type: ignore[arg-type]
-        outputs = await self.store.outputs(claim.id)
-        return json.dumps(notification_event(record, outputs, self.download_dir, now=now))
+        download_dir = self.download_dir
+
+        def build(record: ProjectRecord, outputs: list[OutputRecord]) -> str:
+            event = notification_event(record, outputs, download_dir, now=record.updated_at)
+            return json.dumps(event)
+
+        return build
 
     async def _all_saved(self, claim: Claim) -> None:
         p = claim.project
@@ -679,11 +705,7 @@ class Daemon:
             now=now,
             due_at=now + self.lease_seconds,
             delete_next=delete,
-            notification=None
-            if delete
-            else await self._notification(
-                claim, now, state=State.SAVED, remote_status=RemoteStatus.COMPLETE
-            ),
+            notify=self._announcer(),
         )
         if delete:
             await self._delete(claim)
@@ -731,13 +753,6 @@ class Daemon:
     ) -> None:
         p = claim.project
         now = clock.now()
-        final: dict[str, object] = {
-            "state": state,
-            "remote_status": remote_status or p.remote_status,
-            "error_code": error_code,
-            "error_message": error_message,
-            "failure": failure,
-        }
         await self.store.record_final(
             claim,
             now=now,
@@ -746,7 +761,7 @@ class Daemon:
             error_code=error_code,
             error_message=error_message,
             failure=failure,
-            notification=await self._notification(claim, now, **final),
+            notify=self._announcer(),
         )
         self.metrics.finished.labels(state.value).inc()
         await asyncio.to_thread(self._remove_parts_sync, p.kind.value, p.id)
@@ -782,14 +797,24 @@ class Daemon:
         count: bool,
         delay: float | None = None,
         retry_after: float | None = None,
+        progressed: bool = False,
+        failures: int | None = None,
     ) -> None:
+        """Try again later. ``failures`` (the failures in a row, this one included) defaults to
+        the claimed count plus this one if ``count``; ``progressed`` starts the run over."""
         p = claim.project
-        failures = p.failures + (1 if count else 0)
+        if failures is None:
+            failures = 0 if progressed else p.failures + (1 if count else 0)
         if delay is None:
             delay = self.policy.retry_delay(failures, self.rng, retry_after)
         now = clock.now()
         await self.store.record_retry(
-            claim, now=now, due_at=now + delay, failure=failure, count_failure=count
+            claim,
+            now=now,
+            due_at=now + delay,
+            failure=failure,
+            count_failure=count,
+            progressed=progressed,
         )
         log.warning(
             "project_retry_scheduled",
@@ -837,21 +862,34 @@ class Daemon:
         at, other = self._last_good_get
         return other != project_id and clock.now() - at <= 2 * self.settings.poll_max
 
-    async def _download_trouble(self, claim: Claim, exc: DownloadError) -> None:
+    async def _download_trouble(
+        self, claim: Claim, exc: DownloadError, *, gained: bool, saved_any: bool
+    ) -> None:
+        """A download failed: retry, or give up if the project has stopped making progress.
+
+        ``gained``: the failed transfer added bytes to its ``.part`` (a cut that resumes);
+        ``saved_any``: this claim saved an output before (the store has cleared the run).
+        """
         self.metrics.downloads.labels(type(exc).__name__).inc()
         if isinstance(exc, DiskFull):
             log.error("disk_full", project_id=claim.id, error=str(exc))
             await self._retry(claim, str(exc), count=False, delay=self.disk_full_retry_seconds)
             return
-        if claim.project.failures + 1 >= MAX_DOWNLOAD_FAILURES:
-            await self._finish(
-                claim,
-                State.FAILED,
-                failure=f"outputs could not be saved after {MAX_DOWNLOAD_FAILURES} tries: {exc}",
-            )
-            return
         self.metrics.retries.labels(type(exc).__name__).inc()
-        await self._retry(claim, str(exc), count=True)
+        if gained:
+            await self._retry(claim, str(exc), count=False, progressed=True)
+            return
+        p, now = claim.project, clock.now()
+        failures = 1 if saved_any else p.failures + 1
+        since = p.stalled_since if not saved_any and p.stalled_since is not None else now
+        if stalled_for_good(self.give_up, failures=failures, stalled_since=since, now=now):
+            failure = (
+                f"outputs could not be saved: {failures} tries in a row over "
+                f"{now - since:.0f} s gained no byte; the last: {exc}"
+            )
+            await self._finish(claim, State.FAILED, failure=failure)
+            return
+        await self._retry(claim, str(exc), count=True, failures=failures)
 
     # --- API-wide conditions -------------------------------------------------------------------
 
@@ -898,3 +936,8 @@ class Daemon:
         self._probe = True
         if self.api is not None:
             self.api.throttle.pause(seconds)
+
+
+def _unsaved(rows: list[OutputRecord]) -> list[OutputRecord]:
+    """The outputs still to save, the one whose link expires first at the head."""
+    return sorted((r for r in rows if r.state != OutputState.SAVED), key=lambda r: r.expires_at)

@@ -7,6 +7,8 @@
     ├── InvalidProjectId            a project id or kind that cannot be tracked
     ├── StoreError                  the database failed (driver errors are wrapped into this)
     │   └── StoreLocked             another daemon holds this SQLite database
+    ├── OutputsNotSaved             the store refused to finish a project an output of which
+    │                               is not saved (a bug in the caller, not an outage)
     ├── ApiError                    the Magic Hour API answered, or failed to
     │   ├── TransientApiError       worth retrying: 408/429/5xx, network faults, unreadable bodies
     │   │   └── RateLimited         429: the whole client pauses until ``retry_after``
@@ -43,6 +45,11 @@ class StoreError(WatcherError):
 
 class StoreLocked(StoreError):
     """Another process already runs a daemon on this SQLite database."""
+
+
+class OutputsNotSaved(WatcherError):
+    """A project cannot become ``saved``, ``deleting`` or ``deleted`` while one of its outputs is
+    not saved (or it has none): the store refuses the transition, whoever asks for it."""
 
 
 class ApiError(WatcherError):

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
+import http.server
+import json
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -14,6 +19,7 @@ from structlog.testing import capture_logs
 
 from tests.support import Intercepted, watcher_settings
 from watcher import clock
+from watcher.backoff import GiveUpLimits
 from watcher.daemon import Daemon, Outcome
 from watcher.errors import StoreError
 from watcher.models import Kind, RemoteStatus, State
@@ -424,3 +430,207 @@ async def test_a_refused_download_link_is_renewed_with_a_fresh_get(
     gets = [e for e in server.simulator.events() if e.what == "get"]
     assert len(gets) >= 2  # the first GET, and one for fresh links
     assert_outputs_match(server.simulator, tmp_path, pid, "video")
+
+
+class ListsOneOutputLate(httpx.AsyncBaseTransport):
+    """The real network, except that the first complete answer of a project's GET leaves its
+    last output out (an API still collecting them), and the first download is refused with a
+    403: the fresh GET that follows lists every output."""
+
+    def __init__(self) -> None:
+        self._network = httpx.AsyncHTTPTransport()
+        self.trimmed = 0
+        self.refused = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.startswith("/sim/files/") and not self.refused:
+            self.refused += 1
+            return httpx.Response(403, content=b"<Error><Code>AccessDenied</Code></Error>")
+        response = await self._network.handle_async_request(request)
+        if request.method != "GET" or "-projects/" not in path or self.trimmed:
+            return response
+        body = json.loads(await response.aread())
+        if body.get("status") != "complete":
+            return httpx.Response(response.status_code, json=body)
+        self.trimmed += 1
+        body["downloads"] = body["downloads"][:-1]
+        return httpx.Response(response.status_code, json=body)
+
+    async def aclose(self) -> None:
+        await self._network.aclose()
+
+
+@pytest.mark.parametrize("delete", [False, True])
+async def test_an_output_first_listed_by_the_fresh_get_is_saved_too(
+    serve: Serve, tmp_path: Path, delete: bool
+) -> None:
+    """When the GET for fresh links lists an output the first GET did not, it is downloaded
+    before the project ends saved (or deleted), never recorded and left behind."""
+    server = serve(
+        SimConfig(
+            seed=34,
+            queued_seconds=(0.0, 0.0),
+            rendering_seconds=(0.0, 0.0),
+            error_rate=0.0,
+            cancel_rate=0.0,
+            video_outputs=(3, 3),
+            output_bytes=(1_000, 5_000),
+        )
+    )
+    (pid,) = server.simulator.create_projects(Kind.VIDEO, 1)
+    settings = watcher_settings(
+        server, tmp_path, projects=f"video:{pid}", delete_after_download=str(delete).lower()
+    )
+    transport = ListsOneOutputLate()
+    store = InMemoryStore()
+    outcome = await run_daemon(Daemon(settings, store, until_done=True, transport=transport))
+    assert (transport.trimmed, transport.refused) == (1, 1)
+    assert outcome.counts == {State.DELETED if delete else State.SAVED: 1}
+    assert [o.state for o in await store.outputs(pid)] == [OutputState.SAVED] * 3
+    assert assert_outputs_match(server.simulator, tmp_path, pid, "video") == 3
+    if delete:
+        assert_delete_after_downloads(server.simulator)
+
+
+class CutsEveryFirstTransfer:
+    """A proxy on 127.0.0.1 in front of the simulator that cuts the first transfer of every
+    output half way (its headers promise the whole body), and relays everything else as is.
+    The simulator signs links for the host it was asked through, so they lead here too."""
+
+    def __init__(self, upstream: SimulatorServer) -> None:
+        self.upstream = httpx.URL(upstream.base_url)
+        self.cut: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                port = proxy.upstream.port
+                assert port is not None
+                conn = http.client.HTTPConnection(proxy.upstream.host, port, timeout=10)
+                conn.request("GET", self.path, headers=dict(self.headers.items()))
+                answer = conn.getresponse()
+                body = answer.read()
+                conn.close()
+                path = urlsplit(self.path).path
+                cut = path.startswith("/sim/files/") and path not in proxy.cut
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in {"connection", "transfer-encoding", "date", "server"}:
+                        self.send_header(name, value)
+                self.end_headers()
+                if cut:
+                    proxy.cut.append(path)
+                    body = body[: len(body) // 2]
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def base_url(self) -> str:
+        """Where the watcher should send its API calls."""
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+async def test_twelve_outputs_each_cut_once_are_all_saved(serve: Serve, tmp_path: Path) -> None:
+    """A transfer cut after gaining bytes is progress: twelve outputs whose first transfer
+    breaks half way each resume and are all saved, however many cuts that makes in all."""
+    server = serve(
+        SimConfig(
+            seed=35,
+            queued_seconds=(0.0, 0.0),
+            rendering_seconds=(0.0, 0.0),
+            error_rate=0.0,
+            cancel_rate=0.0,
+            image_outputs=(12, 12),
+            output_bytes=(4_000, 8_000),
+        )
+    )
+    (pid,) = server.simulator.create_projects(Kind.IMAGE, 1)
+    proxy = CutsEveryFirstTransfer(server)
+    try:
+        settings = watcher_settings(server, tmp_path, projects=pid, api_base_url=proxy.base_url)
+        store = InMemoryStore()
+        outcome = await run_daemon(Daemon(settings, store, until_done=True))
+    finally:
+        proxy.stop()
+    assert len(proxy.cut) == 12
+    assert outcome.counts == {State.SAVED: 1}
+    assert assert_outputs_match(server.simulator, tmp_path, pid, "image") == 12
+    resumed = [e for e in server.simulator.events() if e.what == "download" and e.range]
+    assert len(resumed) == 12  # each cut transfer resumed where it broke
+
+
+def cdn_down_for(requests: int) -> Intercepted:
+    """The real network, except that the first ``requests`` downloads meet a CDN that answers
+    503 (an outage), after which it serves again."""
+    refused: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response | None:
+        if request.url.path.startswith("/sim/files/") and len(refused) < requests:
+            refused.append(request.url.path)
+            return httpx.Response(503, content=b"<html>503 Service Unavailable</html>")
+        return None
+
+    return Intercepted(answer)
+
+
+async def test_a_cdn_outage_is_waited_out_with_backoff(serve: Serve, tmp_path: Path) -> None:
+    """Downloads failing again and again during an outage back off, however many tries that
+    takes, and the project is saved once the CDN serves again."""
+    server = serve(
+        SimConfig(
+            seed=36,
+            queued_seconds=(0.0, 0.0),
+            rendering_seconds=(0.0, 0.0),
+            error_rate=0.0,
+            cancel_rate=0.0,
+            output_bytes=(1_000, 2_000),
+        )
+    )
+    (pid,) = server.simulator.create_projects(Kind.AUDIO, 1)
+    settings = watcher_settings(server, tmp_path, projects=f"audio:{pid}")
+    with capture_logs() as logs:
+        daemon = Daemon(settings, InMemoryStore(), until_done=True, transport=cdn_down_for(12))
+        outcome = await run_daemon(daemon)
+    assert outcome.counts == {State.SAVED: 1}
+    retries = [e for e in logs if e["event"] == "project_retry_scheduled"]
+    assert [e["failures"] for e in retries] == list(range(1, 13))
+    assert all("503" in e["cause"] for e in retries)
+    assert_outputs_match(server.simulator, tmp_path, pid, "audio")
+
+
+async def test_a_download_that_never_progresses_is_given_up(serve: Serve, tmp_path: Path) -> None:
+    """Tries that gain nothing for as long as the limits allow end the project failed, with
+    the count and the last cause."""
+    server = serve(
+        SimConfig(
+            seed=37,
+            queued_seconds=(0.0, 0.0),
+            rendering_seconds=(0.0, 0.0),
+            error_rate=0.0,
+            cancel_rate=0.0,
+        )
+    )
+    (pid,) = server.simulator.create_projects(Kind.AUDIO, 1)
+    settings = watcher_settings(server, tmp_path, projects=f"audio:{pid}")
+    store = InMemoryStore()
+    daemon = Daemon(settings, store, until_done=True, transport=cdn_down_for(10_000))
+    daemon.give_up = GiveUpLimits(stalled_tries=4, stalled_seconds=0.0)
+    outcome = await run_daemon(daemon)
+    assert outcome.counts == {State.FAILED: 1}
+    p = await store.get(pid)
+    assert p is not None
+    assert p.failure is not None
+    assert p.failure.startswith("outputs could not be saved: 4 tries in a row over")
+    assert "503" in p.failure

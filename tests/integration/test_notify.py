@@ -13,7 +13,13 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from tests.integration.http_support import Receiver, eventually, free_port
+from tests.integration.http_support import (
+    CONTROL_TOKEN,
+    Receiver,
+    eventually,
+    free_port,
+    running,
+)
 from tests.support import Intercepted, watcher_settings
 from watcher import clock
 from watcher.daemon import Daemon, Outcome
@@ -189,3 +195,52 @@ async def test_a_failed_project_is_announced_with_its_cause(
     assert payload["state"] == "failed"
     assert "refused" in payload["failure"]
     assert [o for o in payload["outputs"] if o.get("sha256")] == []
+
+
+async def test_each_event_says_what_the_control_api_shows(
+    serve: Serve, tmp_path: Path, receivers: list[Receiver]
+) -> None:
+    """The payload of every final event (saved, deleted, error, canceled) is exactly what
+    GET /v1/projects/{id} answers afterwards: it is built from the row the store wrote."""
+    server = serve(CONFIG)
+    sim = server.simulator
+    complete = ProjectOverrides(status=RemoteStatus.COMPLETE, outputs=2)
+    saved, deleted = sim.create_projects(Kind.IMAGE, 2, complete)
+    (errored,) = sim.create_projects(Kind.VIDEO, 1, ProjectOverrides(status=RemoteStatus.ERROR))
+    (canceled,) = sim.create_projects(Kind.AUDIO, 1, ProjectOverrides(status=RemoteStatus.CANCELED))
+    receiver = Receiver(free_port(), SECRET).start()
+    receivers.append(receiver)
+    projects = f"{saved} video:{errored} audio:{canceled}"
+    daemon = make_daemon(
+        server,
+        tmp_path,
+        receiver.url,
+        until_done=False,
+        projects=projects,
+        control_token=CONTROL_TOKEN,
+    )
+    async with running(daemon) as run:
+        tracked = await run.client.post(
+            "/v1/projects", json={"id": deleted, "kind": "image", "delete_after_download": True}
+        )
+        assert tracked.status_code == 201, tracked.text
+        await eventually(lambda: len(receiver.events) == 4, within=20)
+        shown = {}
+        for pid in (saved, deleted, errored, canceled):
+            response = await run.client.get(f"/v1/projects/{pid}")
+            assert response.status_code == 200, response.text
+            shown[pid] = response.json()
+    by_project = {e["payload"]["id"]: e for e in receiver.events}
+    types = {pid: by_project[pid]["type"] for pid in shown}
+    assert types == {
+        saved: "project.saved",
+        deleted: "project.deleted",
+        errored: "project.error",
+        canceled: "project.canceled",
+    }
+    announced = {pid: by_project[pid]["payload"] for pid in shown}
+    for payload in announced.values():
+        for output in payload["outputs"]:
+            del output["absolute_path"]
+    assert announced == shown
+    assert all(answer["terminal_at"] is not None for answer in shown.values())

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from watcher.errors import StoreLocked
+from watcher.errors import OutputsNotSaved, StoreLocked
 from watcher.models import Kind, ProjectRef, RemoteStatus, State
 from watcher.store import (
+    Claim,
     InMemoryStore,
     LeaseLost,
     NewOutput,
+    OutputRecord,
     OutputState,
     PostgresStore,
+    ProjectRecord,
     SQLiteStore,
     Store,
 )
@@ -288,7 +291,7 @@ async def test_notification_is_queued_with_the_final_state(store: Store) -> None
     """A notification written with record_final is claimable, hidden while leased, retried, sent."""
     await store.track(refs("a", "b"), now=T0, delete_after_download=False)
     a, b = await store.claim_due(now=T0, limit=2, owner="r", lease_seconds=LEASE)
-    await store.record_final(a, now=T0, state=State.CANCELED, notification='{"n": 1}')
+    await store.record_final(a, now=T0, state=State.CANCELED, notify=lambda _p, _o: '{"n": 1}')
     await store.record_final(b, now=T0, state=State.NOT_FOUND)
     (n,) = await store.claim_notifications(now=T0 + 1, limit=10, lease_seconds=5)
     assert (n.project_id, n.body, n.attempts) == ("a", '{"n": 1}', 0)
@@ -306,7 +309,7 @@ async def test_a_notification_is_not_queued_when_the_write_is_fenced(store: Stor
     (old,) = await store.claim_due(now=T0, limit=1, owner="r1", lease_seconds=LEASE)
     await store.claim_due(now=T0 + LEASE + 1, limit=1, owner="r2", lease_seconds=LEASE)
     with pytest.raises(LeaseLost):
-        await store.record_final(old, now=T0 + 40, state=State.CANCELED, notification="{}")
+        await store.record_final(old, now=T0 + 40, state=State.CANCELED, notify=lambda _p, _o: "{}")
     assert await store.claim_notifications(now=T0 + 50, limit=10, lease_seconds=5) == []
 
 
@@ -475,3 +478,109 @@ async def test_a_note_on_every_active_project_until_a_good_poll(store: Store) ->
     a = await store.get("a")
     assert a is not None
     assert a.failure is None
+
+
+async def saving_one_of_two(store: Store, *, delete: bool = False) -> Claim:
+    """A downloading project with outputs 0 (saved) and 1 (pending); its claim."""
+    await store.track(refs("p"), now=T0, delete_after_download=delete)
+    (c,) = await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+    await store.record_complete(
+        c, now=T0, due_at=T0 + LEASE, outputs=[new_output(0, "p"), new_output(1, "p")]
+    )
+    await store.record_output_verified(c, index=0, size=10, sha256="ab" * 32)
+    await store.record_output_saved(c, index=0, now=T0 + 1)
+    return c
+
+
+@pytest.mark.parametrize("delete_next", [False, True])
+async def test_a_project_with_an_unsaved_output_cannot_be_saved(
+    store: Store, delete_next: bool
+) -> None:
+    """record_saved is refused whole while an output is pending: no state change, no event."""
+    c = await saving_one_of_two(store, delete=delete_next)
+    with pytest.raises(OutputsNotSaved, match=r"output\(s\) 1 not saved"):
+        await store.record_saved(
+            c, now=T0 + 2, due_at=T0 + 9, delete_next=delete_next, notify=lambda _p, _o: "{}"
+        )
+    p = await store.get("p")
+    assert p is not None
+    assert p.state == State.DOWNLOADING
+    assert await store.claim_notifications(now=T0 + 50, limit=10, lease_seconds=5) == []
+    await store.record_output_verified(c, index=1, size=10, sha256="cd" * 32)
+    await store.record_output_saved(c, index=1, now=T0 + 3)
+    await store.record_saved(c, now=T0 + 3, due_at=T0 + 9, delete_next=delete_next)
+    p = await store.get("p")
+    assert p is not None
+    assert p.state == (State.DELETING if delete_next else State.SAVED)
+
+
+@pytest.mark.parametrize("state", [State.SAVED, State.DELETED])
+async def test_a_project_with_an_unsaved_output_cannot_end_saved_or_deleted(
+    store: Store, state: State
+) -> None:
+    """record_final to saved or deleted is refused while an output is pending, or with none."""
+    c = await saving_one_of_two(store)
+    with pytest.raises(OutputsNotSaved):
+        await store.record_final(c, now=T0 + 2, state=state, notify=lambda _p, _o: "{}")
+    await store.track(refs("empty"), now=T0, delete_after_download=False)
+    (e,) = await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+    with pytest.raises(OutputsNotSaved, match="no outputs"):
+        await store.record_final(e, now=T0 + 2, state=state)
+    assert {p.id: p.state for p in (await store.list_projects()).projects} == {
+        "p": State.DOWNLOADING,
+        "empty": State.POLLING,
+    }
+    assert await store.claim_notifications(now=T0 + 50, limit=10, lease_seconds=5) == []
+    await store.record_final(c, now=T0 + 3, state=State.FAILED, failure="gave up")
+
+
+async def test_the_event_is_built_from_the_row_as_written(store: Store) -> None:
+    """The notification builder sees the project and outputs exactly as the store now holds
+    them, and what it returns is queued."""
+    await store.track(refs("a"), now=T0, delete_after_download=False)
+    (c,) = await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+    seen: list[tuple[ProjectRecord, list[OutputRecord]]] = []
+
+    def build(project: ProjectRecord, outputs: list[OutputRecord]) -> str:
+        seen.append((project, outputs))
+        return f"{project.state.value}:{project.polls}:{project.terminal_at}"
+
+    await store.record_final(
+        c, now=T0 + 5, state=State.ERROR, remote_status=RemoteStatus.ERROR, notify=build
+    )
+    ((project, outputs),) = seen
+    assert project == await store.get("a")
+    assert (project.polls, project.terminal_at, project.finished_at) == (1, T0 + 5, T0 + 5)
+    assert outputs == []
+    (n,) = await store.claim_notifications(now=T0 + 6, limit=10, lease_seconds=5)
+    assert n.body == f"error:1:{T0 + 5}"
+
+
+async def test_progress_ends_a_run_of_failures_and_a_failure_starts_one(store: Store) -> None:
+    """A counted retry starts the run (stalled_since) and the next ones keep its start; a try
+    that gained bytes, and a saved output, each clear it."""
+    c = await saving_one_of_two(store)
+    await store.record_retry(c, now=T0 + 2, due_at=T0 + 3, failure="HTTP 503")
+    (c,) = await store.claim_due(now=T0 + 3, limit=1, owner="r", lease_seconds=LEASE)
+    await store.record_retry(c, now=T0 + 4, due_at=T0 + 5, failure="HTTP 502")
+    p = await store.get("p")
+    assert p is not None
+    assert (p.failures, p.stalled_since) == (2, T0 + 2)
+    (c,) = await store.claim_due(now=T0 + 5, limit=1, owner="r", lease_seconds=LEASE)
+    await store.record_retry(c, now=T0 + 6, due_at=T0 + 7, failure="cut", progressed=True)
+    p = await store.get("p")
+    assert p is not None
+    assert (p.failures, p.stalled_since, p.failure) == (0, None, "cut")
+    (c,) = await store.claim_due(now=T0 + 7, limit=1, owner="r", lease_seconds=LEASE)
+    await store.record_retry(c, now=T0 + 8, due_at=T0 + 9, failure="HTTP 503")
+    (c,) = await store.claim_due(now=T0 + 9, limit=1, owner="r", lease_seconds=LEASE)
+    fresh = [new_output(0, "p"), new_output(1, "p")]
+    await store.record_complete(c, now=T0 + 9, due_at=T0 + 20, outputs=fresh)  # fresh URLs
+    p = await store.get("p")
+    assert p is not None
+    assert (p.failures, p.stalled_since) == (1, T0 + 8)  # fresh links are no progress
+    await store.record_output_verified(c, index=1, size=10, sha256="cd" * 32)
+    await store.record_output_saved(c, index=1, now=T0 + 10)
+    p = await store.get("p")
+    assert p is not None
+    assert (p.failures, p.stalled_since, p.failure) == (0, None, None)

@@ -38,7 +38,9 @@ async def queued(store: InMemoryStore, body: dict[str, object]) -> None:
     now = clock.now()
     await store.track([ProjectRef(Kind.IMAGE, "cm1")], now=now, delete_after_download=False)
     (claim,) = await store.claim_due(now=now, limit=1, owner="t", lease_seconds=30)
-    await store.record_final(claim, now=now, state=State.ERROR, notification=json.dumps(body))
+    await store.record_final(
+        claim, now=now, state=State.ERROR, notify=lambda _p, _o: json.dumps(body)
+    )
 
 
 async def test_a_delivered_event_is_signed_and_marked_sent() -> None:

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Self
 
-from watcher.errors import StoreError
+from watcher.errors import OutputsNotSaved, StoreError
 from watcher.models import Kind, ProjectRef, RemoteStatus, State
 
 
@@ -69,6 +69,7 @@ class ProjectRecord:
     lease_owner: str | None = None
     lease_version: int = 0
     interruptions: int = 0
+    stalled_since: float | None = None
 
     @property
     def ref(self) -> ProjectRef:
@@ -125,6 +126,30 @@ class Notification:
     attempts: int
     created_at: float
     last_error: str | None = None
+
+
+# Builds the body of the event announcing a final state from the project row and outputs the
+# store has just written, inside the same transaction (so the event shows what the store holds).
+NotificationBuilder = Callable[["ProjectRecord", list["OutputRecord"]], str]
+
+# The states a project may take only once every output it has is saved.
+NEEDS_EVERY_OUTPUT_SAVED = frozenset({State.SAVED, State.DELETING, State.DELETED})
+
+
+def require_saved(project_id: str, state: State, outputs: list[OutputRecord]) -> None:
+    """Refuse (:class:`OutputsNotSaved`) to move a project to ``state`` while an output is not
+    saved, or while it has none. Every backend calls this inside the transaction that would
+    make the move, so no caller can finish a project with an output left behind."""
+    if state not in NEEDS_EVERY_OUTPUT_SAVED:
+        return
+    unsaved = [o.index for o in outputs if o.state != OutputState.SAVED]
+    if not outputs:
+        raise OutputsNotSaved(f"project {project_id} cannot become {state}: it has no outputs")
+    if unsaved:
+        listed = ", ".join(map(str, unsaved))
+        raise OutputsNotSaved(
+            f"project {project_id} cannot become {state}: output(s) {listed} not saved"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,17 +303,30 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def record_retry(
-        self, claim: Claim, *, now: float, due_at: float, failure: str, count_failure: bool = True
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        due_at: float,
+        failure: str,
+        count_failure: bool = True,
+        progressed: bool = False,
     ) -> None:
-        """A transient fault: keep the state, try again at ``due_at``, remember why."""
+        """A transient fault: keep the state, try again at ``due_at``, remember why.
+
+        ``count_failure`` adds one to the failures in a row and, on the first of them, sets
+        ``stalled_since`` to ``now``. ``progressed`` (the try gained bytes before it failed)
+        instead clears both: the work is moving, however often it is interrupted."""
 
     @abc.abstractmethod
     async def record_complete(
         self, claim: Claim, *, now: float, due_at: float, outputs: list[NewOutput]
     ) -> list[OutputRecord]:
         """The project is complete: store its outputs (refreshing URLs of pending ones, keeping
-        the others) and move it to ``downloading``. The caller keeps the lease (until
-        ``due_at``) and goes on to download. Returns all its outputs."""
+        the others, adding the ones listed for the first time) and move it to ``downloading``.
+        Coming from ``polling`` (a good GET), the failures in a row are cleared; a GET for fresh
+        URLs keeps them. The caller keeps the lease (until ``due_at``) and goes on to download.
+        Returns all its outputs."""
 
     @abc.abstractmethod
     async def record_output_verified(
@@ -298,7 +336,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
-        """The output is under its final name, fsynced."""
+        """The output is under its final name, fsynced. That is progress: the project's failures
+        in a row, ``stalled_since`` and failure note are cleared with it."""
 
     @abc.abstractmethod
     async def reset_output(self, claim: Claim, *, index: int) -> None:
@@ -316,10 +355,12 @@ class Store(abc.ABC):
         now: float,
         due_at: float,
         delete_next: bool,
-        notification: str | None = None,
+        notify: NotificationBuilder | None = None,
     ) -> None:
-        """Every output is saved: finish as ``saved`` (lease released, ``notification`` queued),
-        or move to ``deleting`` keeping the lease until ``due_at``."""
+        """Every output is saved: finish as ``saved`` (lease released, and the event ``notify``
+        builds from the row just written queued with it), or move to ``deleting`` keeping the
+        lease until ``due_at``. Refused with :class:`OutputsNotSaved` (nothing written) if an
+        output is not saved."""
 
     @abc.abstractmethod
     async def record_final(
@@ -332,9 +373,12 @@ class Store(abc.ABC):
         error_code: str | None = None,
         error_message: str | None = None,
         failure: str | None = None,
-        notification: str | None = None,
+        notify: NotificationBuilder | None = None,
     ) -> None:
-        """The project ended in a final ``state``; ``notification`` (if any) is queued with it."""
+        """The project ended in a final ``state``; the event ``notify`` (if any) builds from the
+        row and outputs just written is queued in the same transaction. Ending ``saved`` or
+        ``deleted`` is refused with :class:`OutputsNotSaved` (nothing written) if an output is
+        not saved."""
 
     @abc.abstractmethod
     async def pending_outputs(self) -> list[OutputRecord]:

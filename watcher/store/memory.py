@@ -16,12 +16,14 @@ from watcher.store.base import (
     LeaseLost,
     NewOutput,
     Notification,
+    NotificationBuilder,
     OutputRecord,
     OutputState,
     ProjectPage,
     ProjectRecord,
     Store,
     TrackResult,
+    require_saved,
 )
 
 
@@ -199,19 +201,33 @@ class InMemoryStore(Store):
             lease_owner=None,
             failures=0,
             failure=None,
+            stalled_since=None,
             interruptions=0,
         )
 
     async def record_retry(
-        self, claim: Claim, *, now: float, due_at: float, failure: str, count_failure: bool = True
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        due_at: float,
+        failure: str,
+        count_failure: bool = True,
+        progressed: bool = False,
     ) -> None:
         p = self._fenced(claim)
+        failures, stalled_since = p.failures, p.stalled_since
+        if progressed:
+            failures, stalled_since = 0, None
+        elif count_failure:
+            failures, stalled_since = failures + 1, stalled_since or now
         self._update(
             claim,
             now,
             due_at=due_at,
             failure=failure,
-            failures=p.failures + (1 if count_failure else 0),
+            failures=failures,
+            stalled_since=stalled_since,
             lease_owner=None,
             interruptions=0,
         )
@@ -233,11 +249,14 @@ class InMemoryStore(Store):
                 path=old.path if old is not None else new.path,
                 state=OutputState.PENDING,
             )
+        polled = p.state == State.POLLING  # a good GET ends a run of failed ones
         self._update(
             claim,
             now,
             state=State.DOWNLOADING,
             remote_status=RemoteStatus.COMPLETE,
+            failures=0 if polled else p.failures,
+            stalled_since=None if polled else p.stalled_since,
             polls=p.polls + 1,
             terminal_at=p.terminal_at if p.terminal_at is not None else now,
             due_at=due_at,
@@ -255,11 +274,12 @@ class InMemoryStore(Store):
         )
 
     async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
-        self._fenced(claim)
+        p = self._fenced(claim)
         row = self.output_rows[claim.id][index]
         self.output_rows[claim.id][index] = dataclasses.replace(
             row, state=OutputState.SAVED, saved_at=now
         )
+        self.projects[p.id] = dataclasses.replace(p, failures=0, stalled_since=None, failure=None)
 
     async def reset_output(self, claim: Claim, *, index: int) -> None:
         self._fenced(claim)
@@ -275,19 +295,25 @@ class InMemoryStore(Store):
         now: float,
         due_at: float,
         delete_next: bool,
-        notification: str | None = None,
+        notify: NotificationBuilder | None = None,
     ) -> None:
-        cleared: dict[str, object] = {"failure": None, "failures": 0}  # the troubles are over
+        state = State.DELETING if delete_next else State.SAVED
+        self._fenced(claim)
+        require_saved(claim.id, state, await self.outputs(claim.id))
+        # The troubles on the way are over.
+        cleared: dict[str, object] = {"failure": None, "failures": 0, "stalled_since": None}
         if delete_next:
-            self._update(claim, now, state=State.DELETING, due_at=due_at, **cleared)
+            self._update(claim, now, state=state, due_at=due_at, **cleared)
         else:
-            self._update(
-                claim, now, state=State.SAVED, finished_at=now, lease_owner=None, **cleared
-            )
-            self._enqueue(claim.id, notification, now)
+            self._update(claim, now, state=state, finished_at=now, lease_owner=None, **cleared)
+            await self._enqueue(claim.id, notify, now)
 
-    def _enqueue(self, project_id: str, body: str | None, now: float) -> None:
-        if body is not None:
+    async def _enqueue(
+        self, project_id: str, notify: NotificationBuilder | None, now: float
+    ) -> None:
+        """Queue the event ``notify`` builds from the project as just written."""
+        if notify is not None:
+            body = notify(self.projects[project_id], await self.outputs(project_id))
             nid = len(self.notifications) + 1
             self.notifications[nid] = (Notification(nid, project_id, body, 0, now), now, None)
 
@@ -301,9 +327,10 @@ class InMemoryStore(Store):
         error_code: str | None = None,
         error_message: str | None = None,
         failure: str | None = None,
-        notification: str | None = None,
+        notify: NotificationBuilder | None = None,
     ) -> None:
         p = self._fenced(claim)
+        require_saved(p.id, state, await self.outputs(p.id))
         terminal = remote_status is not None and remote_status.is_terminal
         self._update(
             claim,
@@ -318,7 +345,7 @@ class InMemoryStore(Store):
             polls=p.polls + (1 if remote_status is not None else 0),
             lease_owner=None,
         )
-        self._enqueue(p.id, notification, now)
+        await self._enqueue(p.id, notify, now)
 
     async def pending_outputs(self) -> list[OutputRecord]:
         return [

@@ -43,6 +43,7 @@ from watcher.store.base import (
     LeaseLost,
     NewOutput,
     Notification,
+    NotificationBuilder,
     OutputRecord,
     OutputState,
     ProjectPage,
@@ -50,6 +51,7 @@ from watcher.store.base import (
     Store,
     TrackResult,
     group_outputs,
+    require_saved,
 )
 from watcher.store.sql import load_migrations, load_queries
 
@@ -116,6 +118,7 @@ def _project(row: DictRow) -> ProjectRecord:
         lease_owner=row["lease_owner"],
         lease_version=row["lease_version"],
         interruptions=row["interruptions"],
+        stalled_since=row["stalled_since"],
     )
 
 
@@ -357,16 +360,37 @@ class PostgresStore(Store):
 
     # --- fenced writes --------------------------------------------------------------------------
 
-    async def _write(
-        self, query: str, claim: Claim, *, notification: str | None = None, **params: object
-    ) -> None:
+    async def _write(self, query: str, claim: Claim, **params: object) -> None:
         async with self._connection(transaction=True) as conn:
             await self._fenced(conn, query, claim, **params)
-            if notification is not None:
-                await conn.execute(
-                    _Q["enqueue_notification"],
-                    {"project_id": claim.id, "body": notification, "now": params["now"]},
-                )
+
+    async def _transition(
+        self,
+        query: str,
+        claim: Claim,
+        *,
+        state: State,
+        now: float,
+        notify: NotificationBuilder | None,
+        **params: object,
+    ) -> None:
+        """Move the project to ``state`` (refused unless every output is saved where that
+        matters) and queue the event ``notify`` builds from the row as written, in one
+        transaction."""
+        async with self._connection(transaction=True) as conn:
+            await self._fenced(conn, query, claim, now=now, state=state.value, **params)
+            rows = await (await conn.execute(_Q["outputs"], {"project_id": claim.id})).fetchall()
+            outputs = [_output(r) for r in rows]
+            require_saved(claim.id, state, outputs)
+            if notify is None:
+                return
+            row = await (await conn.execute(_Q["get_project"], {"id": claim.id})).fetchone()
+            if row is None:  # pragma: no cover - the fenced write above found it
+                raise LeaseLost(f"project {claim.id} vanished")
+            body = notify(_project(row), outputs)
+            await conn.execute(
+                _Q["enqueue_notification"], {"project_id": claim.id, "body": body, "now": now}
+            )
 
     async def record_poll(
         self,
@@ -387,10 +411,23 @@ class PostgresStore(Store):
         )
 
     async def record_retry(
-        self, claim: Claim, *, now: float, due_at: float, failure: str, count_failure: bool = True
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        due_at: float,
+        failure: str,
+        count_failure: bool = True,
+        progressed: bool = False,
     ) -> None:
         await self._write(
-            "record_retry", claim, now=now, due_at=due_at, failure=failure, count=int(count_failure)
+            "record_retry",
+            claim,
+            now=now,
+            due_at=due_at,
+            failure=failure,
+            count=int(count_failure),
+            progressed=progressed,
         )
 
     async def record_complete(
@@ -412,12 +449,16 @@ class PostgresStore(Store):
             rows = await (await conn.execute(_Q["outputs"], {"project_id": claim.id})).fetchall()
         return [_output(r) for r in rows]
 
-    async def _output_write(self, query: str, claim: Claim, **params: object) -> None:
+    async def _output_write(
+        self, query: str, claim: Claim, *, progress: bool = False, **params: object
+    ) -> None:
         async with self._connection(transaction=True) as conn:
             held = await conn.execute(_Q["check_lease"], {"id": claim.id, "version": claim.version})
             if await held.fetchone() is None:
                 raise LeaseLost(f"lease on project {claim.id} was lost")
             await conn.execute(_Q[query], {"project_id": claim.id, **params})
+            if progress:
+                await self._fenced(conn, "project_progressed", claim)
 
     async def record_output_verified(
         self, claim: Claim, *, index: int, size: int, sha256: str
@@ -425,7 +466,7 @@ class PostgresStore(Store):
         await self._output_write("output_verified", claim, idx=index, bytes=size, sha256=sha256)
 
     async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
-        await self._output_write("output_saved", claim, idx=index, now=now)
+        await self._output_write("output_saved", claim, progress=True, idx=index, now=now)
 
     async def reset_output(self, claim: Claim, *, index: int) -> None:
         await self._output_write("reset_output", claim, idx=index)
@@ -437,16 +478,15 @@ class PostgresStore(Store):
         now: float,
         due_at: float,
         delete_next: bool,
-        notification: str | None = None,
+        notify: NotificationBuilder | None = None,
     ) -> None:
-        state = State.DELETING if delete_next else State.SAVED
-        await self._write(
+        await self._transition(
             "record_saved",
             claim,
-            notification=None if delete_next else notification,
+            state=State.DELETING if delete_next else State.SAVED,
             now=now,
+            notify=None if delete_next else notify,
             due_at=due_at,
-            state=state.value,
         )
 
     async def record_final(
@@ -459,14 +499,14 @@ class PostgresStore(Store):
         error_code: str | None = None,
         error_message: str | None = None,
         failure: str | None = None,
-        notification: str | None = None,
+        notify: NotificationBuilder | None = None,
     ) -> None:
-        await self._write(
+        await self._transition(
             "record_final",
             claim,
-            notification=notification,
+            state=state,
             now=now,
-            state=state.value,
+            notify=notify,
             remote_status=remote_status.value if remote_status else None,
             error_code=error_code,
             error_message=error_message,

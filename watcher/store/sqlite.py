@@ -33,6 +33,7 @@ from watcher.store.base import (
     LeaseLost,
     NewOutput,
     Notification,
+    NotificationBuilder,
     OutputRecord,
     OutputState,
     ProjectPage,
@@ -40,6 +41,7 @@ from watcher.store.base import (
     Store,
     TrackResult,
     group_outputs,
+    require_saved,
 )
 from watcher.store.sql import load_migrations, load_queries
 
@@ -70,6 +72,7 @@ def _project(row: sqlite3.Row) -> ProjectRecord:
         lease_owner=row["lease_owner"],
         lease_version=row["lease_version"],
         interruptions=row["interruptions"],
+        stalled_since=row["stalled_since"],
     )
 
 
@@ -333,17 +336,41 @@ class SQLiteStore(Store):
 
     # --- fenced writes --------------------------------------------------------------------------
 
-    async def _write(
-        self, query: str, claim: Claim, *, notification: str | None = None, **params: object
-    ) -> None:
+    async def _write(self, query: str, claim: Claim, **params: object) -> None:
         def work() -> None:
             with _transaction(self._db):
                 self._fenced_write(query, claim, **params)
-                if notification is not None:
-                    self._db.execute(
-                        _Q["enqueue_notification"],
-                        {"project_id": claim.id, "body": notification, "now": params["now"]},
-                    )
+
+        await self._run(work)
+
+    async def _transition(
+        self,
+        query: str,
+        claim: Claim,
+        *,
+        state: State,
+        now: float,
+        notify: NotificationBuilder | None,
+        **params: object,
+    ) -> None:
+        """Move the project to ``state`` (refused unless every output is saved where that
+        matters) and queue the event ``notify`` builds from the row as written, in one
+        transaction."""
+
+        def work() -> None:
+            with _transaction(self._db):
+                self._fenced_write(query, claim, now=now, state=state.value, **params)
+                outputs = [_output(r) for r in self._all("outputs", project_id=claim.id)]
+                require_saved(claim.id, state, outputs)
+                if notify is None:
+                    return
+                row = self._one("get_project", id=claim.id)
+                if row is None:  # pragma: no cover - the fenced write above found it
+                    raise LeaseLost(f"project {claim.id} vanished")
+                body = notify(_project(row), outputs)
+                self._db.execute(
+                    _Q["enqueue_notification"], {"project_id": claim.id, "body": body, "now": now}
+                )
 
         await self._run(work)
 
@@ -366,10 +393,23 @@ class SQLiteStore(Store):
         )
 
     async def record_retry(
-        self, claim: Claim, *, now: float, due_at: float, failure: str, count_failure: bool = True
+        self,
+        claim: Claim,
+        *,
+        now: float,
+        due_at: float,
+        failure: str,
+        count_failure: bool = True,
+        progressed: bool = False,
     ) -> None:
         await self._write(
-            "record_retry", claim, now=now, due_at=due_at, failure=failure, count=int(count_failure)
+            "record_retry",
+            claim,
+            now=now,
+            due_at=due_at,
+            failure=failure,
+            count=int(count_failure),
+            progressed=int(progressed),
         )
 
     async def record_complete(
@@ -393,11 +433,15 @@ class SQLiteStore(Store):
 
         return await self._run(work)
 
-    def _output_write(self, query: str, claim: Claim, **params: object) -> None:
+    def _output_write(
+        self, query: str, claim: Claim, *, progress: bool = False, **params: object
+    ) -> None:
         with _transaction(self._db):
             if self._one("check_lease", id=claim.id, version=claim.version) is None:
                 raise LeaseLost(f"lease on project {claim.id} was lost")
             self._db.execute(_Q[query], {"project_id": claim.id, **params})
+            if progress:
+                self._fenced_write("project_progressed", claim)
 
     async def record_output_verified(
         self, claim: Claim, *, index: int, size: int, sha256: str
@@ -409,7 +453,9 @@ class SQLiteStore(Store):
         )
 
     async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
-        await self._run(lambda: self._output_write("output_saved", claim, idx=index, now=now))
+        await self._run(
+            lambda: self._output_write("output_saved", claim, progress=True, idx=index, now=now)
+        )
 
     async def reset_output(self, claim: Claim, *, index: int) -> None:
         await self._run(lambda: self._output_write("reset_output", claim, idx=index))
@@ -421,16 +467,15 @@ class SQLiteStore(Store):
         now: float,
         due_at: float,
         delete_next: bool,
-        notification: str | None = None,
+        notify: NotificationBuilder | None = None,
     ) -> None:
-        state = State.DELETING if delete_next else State.SAVED
-        await self._write(
+        await self._transition(
             "record_saved",
             claim,
-            notification=None if delete_next else notification,
+            state=State.DELETING if delete_next else State.SAVED,
             now=now,
+            notify=None if delete_next else notify,
             due_at=due_at,
-            state=state.value,
         )
 
     async def record_final(
@@ -443,14 +488,14 @@ class SQLiteStore(Store):
         error_code: str | None = None,
         error_message: str | None = None,
         failure: str | None = None,
-        notification: str | None = None,
+        notify: NotificationBuilder | None = None,
     ) -> None:
-        await self._write(
+        await self._transition(
             "record_final",
             claim,
-            notification=notification,
+            state=state,
             now=now,
-            state=state.value,
+            notify=notify,
             remote_status=remote_status.value if remote_status else None,
             error_code=error_code,
             error_message=error_message,

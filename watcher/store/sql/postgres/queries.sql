@@ -96,18 +96,27 @@ WHERE id = %(id)s AND state IN ('polling', 'downloading', 'deleting')
 UPDATE projects
 SET remote_status = %(remote_status)s, attempt = %(attempt)s, due_at = %(due_at)s,
     polls = polls + 1, updated_at = %(now)s, lease_owner = NULL, failures = 0, failure = NULL,
-    interruptions = 0
+    stalled_since = NULL, interruptions = 0
 WHERE id = %(id)s AND lease_version = %(version)s
 
 -- name: record_retry
 UPDATE projects
-SET due_at = %(due_at)s, failure = %(failure)s, failures = failures + %(count)s,
+-- A try that gained bytes before it failed is progress: the run of failures starts over.
+SET due_at = %(due_at)s, failure = %(failure)s,
+    failures = CASE WHEN %(progressed)s THEN 0 ELSE failures + %(count)s END,
+    stalled_since = CASE WHEN %(progressed)s THEN NULL
+                         WHEN %(count)s > 0 THEN coalesce(stalled_since, %(now)s)
+                         ELSE stalled_since END,
     updated_at = %(now)s, lease_owner = NULL, interruptions = 0
 WHERE id = %(id)s AND lease_version = %(version)s
 
 -- name: record_complete
+-- From polling this is a good GET, which ends a run of failed ones; a GET for fresh URLs of a
+-- project already downloading is no progress of its downloads, so their run goes on.
 UPDATE projects
 SET state = 'downloading', remote_status = 'complete', polls = polls + 1,
+    failures = CASE WHEN state = 'polling' THEN 0 ELSE failures END,
+    stalled_since = CASE WHEN state = 'polling' THEN NULL ELSE stalled_since END,
     terminal_at = coalesce(terminal_at, %(now)s), due_at = %(due_at)s, updated_at = %(now)s,
     interruptions = 0
 WHERE id = %(id)s AND lease_version = %(version)s
@@ -137,6 +146,11 @@ WHERE project_id = %(project_id)s AND idx = %(idx)s
 UPDATE outputs SET state = 'saved', saved_at = %(now)s
 WHERE project_id = %(project_id)s AND idx = %(idx)s
 
+-- name: project_progressed
+-- An output was saved: the project's troubles on the way are over.
+UPDATE projects SET failures = 0, stalled_since = NULL, failure = NULL
+WHERE id = %(id)s AND lease_version = %(version)s
+
 -- name: reset_output
 UPDATE outputs SET state = 'pending', bytes = NULL, sha256 = NULL, saved_at = NULL
 WHERE project_id = %(project_id)s AND idx = %(idx)s
@@ -149,6 +163,7 @@ SELECT 1 AS held FROM projects WHERE id = %(id)s AND lease_version = %(version)s
 -- Every output is saved: what went wrong on the way (a cut download, a stale link) is over.
 UPDATE projects
 SET state = %(state)s, due_at = %(due_at)s, updated_at = %(now)s, failure = NULL, failures = 0,
+    stalled_since = NULL,
     lease_owner = CASE WHEN %(state)s = 'saved' THEN NULL ELSE lease_owner END,
     finished_at = CASE WHEN %(state)s = 'saved' THEN %(now)s ELSE finished_at END
 WHERE id = %(id)s AND lease_version = %(version)s

@@ -67,18 +67,27 @@ SELECT 1 FROM projects WHERE id = :id AND state IN ('polling', 'downloading', 'd
 UPDATE projects
 SET remote_status = :remote_status, attempt = :attempt, due_at = :due_at,
     polls = polls + 1, updated_at = :now, lease_owner = NULL, failures = 0, failure = NULL,
-    interruptions = 0
+    stalled_since = NULL, interruptions = 0
 WHERE id = :id AND lease_version = :version
 
 -- name: record_retry
 UPDATE projects
-SET due_at = :due_at, failure = :failure, failures = failures + :count,
+-- A try that gained bytes before it failed is progress: the run of failures starts over.
+SET due_at = :due_at, failure = :failure,
+    failures = CASE WHEN :progressed THEN 0 ELSE failures + :count END,
+    stalled_since = CASE WHEN :progressed THEN NULL
+                         WHEN :count > 0 THEN coalesce(stalled_since, :now)
+                         ELSE stalled_since END,
     updated_at = :now, lease_owner = NULL, interruptions = 0
 WHERE id = :id AND lease_version = :version
 
 -- name: record_complete
+-- From polling this is a good GET, which ends a run of failed ones; a GET for fresh URLs of a
+-- project already downloading is no progress of its downloads, so their run goes on.
 UPDATE projects
 SET state = 'downloading', remote_status = 'complete', polls = polls + 1,
+    failures = CASE WHEN state = 'polling' THEN 0 ELSE failures END,
+    stalled_since = CASE WHEN state = 'polling' THEN NULL ELSE stalled_since END,
     terminal_at = coalesce(terminal_at, :now), due_at = :due_at, updated_at = :now,
     interruptions = 0
 WHERE id = :id AND lease_version = :version
@@ -109,6 +118,11 @@ WHERE project_id = :project_id AND idx = :idx
 UPDATE outputs SET state = 'saved', saved_at = :now
 WHERE project_id = :project_id AND idx = :idx
 
+-- name: project_progressed
+-- An output was saved: the project's troubles on the way are over.
+UPDATE projects SET failures = 0, stalled_since = NULL, failure = NULL
+WHERE id = :id AND lease_version = :version
+
 -- name: reset_output
 UPDATE outputs SET state = 'pending', bytes = NULL, sha256 = NULL, saved_at = NULL
 WHERE project_id = :project_id AND idx = :idx
@@ -120,6 +134,7 @@ SELECT 1 FROM projects WHERE id = :id AND lease_version = :version
 -- Every output is saved: what went wrong on the way (a cut download, a stale link) is over.
 UPDATE projects
 SET state = :state, due_at = :due_at, updated_at = :now, failure = NULL, failures = 0,
+    stalled_since = NULL,
     lease_owner = CASE WHEN :state = 'saved' THEN NULL ELSE lease_owner END,
     finished_at = CASE WHEN :state = 'saved' THEN :now ELSE finished_at END
 WHERE id = :id AND lease_version = :version
