@@ -602,7 +602,6 @@ class Daemon:
         to save are the ones the store lists after the fresh GET, new ones included."""
         pending = _unsaved(rows)
         refused = 0  # links refused in a row, with no output saved in between
-        saved_any = False
         try:
             while pending:
                 row = pending[0]
@@ -628,10 +627,10 @@ class Daemon:
                     continue
                 except DownloadError as exc:
                     gained = await self._part_size(row) > before
-                    await self._download_trouble(claim, exc, gained=gained, saved_any=saved_any)
+                    await self._download_trouble(claim, exc, gained=gained)
                     return
                 pending.pop(0)
-                refused, saved_any = 0, True
+                refused = 0
         except InvalidProjectId as exc:
             await self._finish(claim, State.FAILED, failure=str(exc))
             return
@@ -862,26 +861,25 @@ class Daemon:
         at, other = self._last_good_get
         return other != project_id and clock.now() - at <= 2 * self.settings.poll_max
 
-    async def _download_trouble(
-        self, claim: Claim, exc: DownloadError, *, gained: bool, saved_any: bool
-    ) -> None:
+    async def _download_trouble(self, claim: Claim, exc: DownloadError, *, gained: bool) -> None:
         """A download failed: retry, or give up if the project has stopped making progress.
 
-        ``gained``: the failed transfer added bytes to its ``.part`` (a cut that resumes);
-        ``saved_any``: this claim saved an output before (the store has cleared the run).
+        ``gained``: the failed transfer added bytes to its ``.part`` (a cut that resumes). The
+        run of failures so far is read from the store, which clears it on every saved output
+        and on the good GET that ended polling (the claimed record predates those).
         """
         self.metrics.downloads.labels(type(exc).__name__).inc()
         if isinstance(exc, DiskFull):
             log.error("disk_full", project_id=claim.id, error=str(exc))
             await self._retry(claim, str(exc), count=False, delay=self.disk_full_retry_seconds)
             return
-        self.metrics.retries.labels(type(exc).__name__).inc()
         if gained:
+            self.metrics.retries.labels(type(exc).__name__).inc()
             await self._retry(claim, str(exc), count=False, progressed=True)
             return
-        p, now = claim.project, clock.now()
-        failures = 1 if saved_any else p.failures + 1
-        since = p.stalled_since if not saved_any and p.stalled_since is not None else now
+        p, now = await self.store.get(claim.id) or claim.project, clock.now()
+        failures = p.failures + 1
+        since = now if p.stalled_since is None else p.stalled_since
         if stalled_for_good(self.give_up, failures=failures, stalled_since=since, now=now):
             failure = (
                 f"outputs could not be saved: {failures} tries in a row over "
@@ -889,6 +887,7 @@ class Daemon:
             )
             await self._finish(claim, State.FAILED, failure=failure)
             return
+        self.metrics.retries.labels(type(exc).__name__).inc()
         await self._retry(claim, str(exc), count=True, failures=failures)
 
     # --- API-wide conditions -------------------------------------------------------------------

@@ -584,3 +584,16 @@ async def test_progress_ends_a_run_of_failures_and_a_failure_starts_one(store: S
     p = await store.get("p")
     assert p is not None
     assert (p.failures, p.stalled_since, p.failure) == (0, None, None)
+
+
+async def test_the_good_get_that_ends_polling_clears_its_failed_ones(store: Store) -> None:
+    """GETs that failed while polling do not count against the downloads that follow."""
+    await store.track(refs("p"), now=T0, delete_after_download=False)
+    (c,) = await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+    await store.record_retry(c, now=T0, due_at=T0 + 1, failure="HTTP 503")
+    (c,) = await store.claim_due(now=T0 + 1, limit=1, owner="r", lease_seconds=LEASE)
+    assert (c.project.failures, c.project.stalled_since) == (1, T0)
+    await store.record_complete(c, now=T0 + 1, due_at=T0 + 9, outputs=[new_output(0, "p")])
+    p = await store.get("p")
+    assert p is not None
+    assert (p.state, p.failures, p.stalled_since) == (State.DOWNLOADING, 0, None)

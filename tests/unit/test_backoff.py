@@ -12,7 +12,14 @@ import random
 
 import pytest
 
-from watcher.backoff import KIND_FACTOR, STATUS_FACTOR, PollPolicy, next_attempt
+from watcher.backoff import (
+    KIND_FACTOR,
+    STATUS_FACTOR,
+    GiveUpLimits,
+    PollPolicy,
+    next_attempt,
+    stalled_for_good,
+)
 from watcher.models import Kind, RemoteStatus
 
 POLICY = PollPolicy(initial=2.0, maximum=60.0)
@@ -104,3 +111,31 @@ def test_retry_after_is_a_floor() -> None:
         drawn = POLICY.retry_delay(4, random.Random(seed))
         assert POLICY.retry_delay(4, random.Random(seed), retry_after=0.0) == drawn
         assert POLICY.retry_delay(4, random.Random(seed), retry_after=drawn + 1) == drawn + 1
+
+
+def test_a_download_is_given_up_only_on_a_run_both_long_and_lasting() -> None:
+    """Neither many quick tries (a short outage) nor a few slow ones give up: it takes the
+    limit's number of tries in a row spanning at least its seconds."""
+    limits = GiveUpLimits(stalled_tries=8, stalled_seconds=1800.0, refused_links=3)
+    t0 = 1_000_000.0
+
+    def gives_up(failures: int, seconds: float) -> bool:
+        return stalled_for_good(limits, failures=failures, stalled_since=t0, now=t0 + seconds)
+
+    assert not gives_up(1_000, 120.0)  # a two-minute outage, however many tries it took
+    assert not gives_up(7, 86_400.0)  # slow tries, but too few of them
+    assert gives_up(8, 1800.0)
+    assert gives_up(50, 7200.0)
+
+
+def test_the_default_limits_wait_out_a_two_minute_outage() -> None:
+    """The shipped limits keep trying through an outage of minutes with the default backoff."""
+    limits = GiveUpLimits()
+    assert limits.stalled_seconds >= 600.0
+    policy = PollPolicy(initial=2.0, maximum=60.0)
+    rng = random.Random(1)
+    elapsed, failures = 0.0, 0
+    while elapsed < 120.0:
+        failures += 1
+        assert not stalled_for_good(limits, failures=failures, stalled_since=0.0, now=elapsed)
+        elapsed += policy.retry_delay(failures, rng)
