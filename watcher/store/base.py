@@ -130,7 +130,7 @@ class Notification:
 
 # Builds the body of the event announcing a final state from the project row and outputs the
 # store has just written, inside the same transaction (so the event shows what the store holds).
-NotificationBuilder = Callable[["ProjectRecord", list["OutputRecord"]], str]
+NotificationBuilder = Callable[[ProjectRecord, list[OutputRecord]], str]
 
 # The states a project may take only once every output it has is saved.
 NEEDS_EVERY_OUTPUT_SAVED = frozenset({State.SAVED, State.DELETING, State.DELETED})

@@ -220,7 +220,8 @@ class InMemoryStore(Store):
         if progressed:
             failures, stalled_since = 0, None
         elif count_failure:
-            failures, stalled_since = failures + 1, stalled_since or now
+            failures = failures + 1
+            stalled_since = now if stalled_since is None else stalled_since
         self._update(
             claim,
             now,
