@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
-from collections.abc import Awaitable, Callable
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import httpx
 import pydantic
@@ -28,6 +30,7 @@ from pydantic import SecretStr
 from watcher import clock
 from watcher.errors import (
     ApiRejected,
+    InvalidRequest,
     PaymentRequired,
     ProjectNotFound,
     RateLimited,
@@ -74,8 +77,130 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
 def excerpt(body: bytes) -> str:
     """A short, single-line, printable excerpt of a body for a log line."""
     text = body[: EXCERPT_CHARS * 4].decode("utf-8", "replace")
+    text = "".join(c if c.isprintable() else " " for c in text)
     text = " ".join(text.split())
     return text[:EXCERPT_CHARS] + ("…" if len(text) > EXCERPT_CHARS else "")
+
+
+def _refuse_constant(name: str) -> Any:  # noqa: ANN401 - json's hook signature
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def decode_json(body: bytes) -> Any:  # noqa: ANN401 - JSON of unknown shape
+    """``body`` as JSON, or ``ValueError`` saying briefly why not.
+
+    Whatever a server sends ends here as a ``ValueError``: bytes that are not UTF-8, text that
+    is not JSON, ``NaN``/``Infinity``, a number of thousands of digits, and nesting deep enough
+    to exhaust the interpreter's stack (which ``json`` reports as ``RecursionError``).
+    """
+    try:
+        text = body.decode("utf-8")  # the API's encoding; json would guess UTF-16 from a BOM
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg} at character {exc.pos})") from None
+    except ValueError as exc:  # NaN, or more digits than int() converts
+        raise ValueError(str(exc)[:100]) from None
+
+
+def _invalid_reason(exc: pydantic.ValidationError) -> str:
+    """The first problem of a validation error, without the input (it may be huge)."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if not errors:
+        return "not a project"
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "the body"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{where}: {str(first['msg']).removeprefix('Value error, ')[:150]}{more}"
+
+
+class _Reply(NamedTuple):
+    body: bytes
+    content_type: str
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from, exception groups included."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+
+
+def _where(url: httpx.URL) -> str:
+    port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+    return f"{url.host}:{port}" if port else url.host
+
+
+# What an OpenSSL client reports when the server answered its hello in plain text.
+_PLAIN_HTTP_REPLIES = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
+
+
+def _tls_problem(tls: ssl.SSLError, where: str) -> str:
+    if isinstance(tls, ssl.SSLCertVerificationError):
+        return f"the TLS certificate of {where} is not trusted ({tls.verify_message})"
+    reason = str(tls.reason or type(tls).__name__)
+    hint = "is it plain http?" if reason in _PLAIN_HTTP_REPLIES else reason
+    return f"TLS handshake failed with {where} ({hint})"
+
+
+def _socket_problem(causes: list[BaseException], url: httpx.URL, where: str) -> str | None:
+    problems: list[tuple[type[BaseException], str]] = [
+        (socket.gaierror, f"cannot resolve the host {url.host!r}"),
+        (ConnectionRefusedError, f"connection refused by {where}"),
+        (ConnectionResetError, f"connection reset by {where}"),
+    ]
+    for kind, problem in problems:
+        if any(isinstance(c, kind) for c in causes):
+            return problem
+    return None
+
+
+def describe_transport_error(exc: httpx.TransportError, url: httpx.URL) -> str:
+    """Why a request to ``url`` failed, naming its host and port and nothing else of it (no
+    path or query: a signed link's query is a secret), e.g. ``connection refused by
+    api.example:443`` or ``TLS handshake failed with 127.0.0.1:8080 (is it plain http?)``."""
+    where = _where(url)
+    causes = list(_causes(exc))
+    tls = next((c for c in causes if isinstance(c, ssl.SSLError)), None)
+    errno_text = next((c.strerror for c in causes if isinstance(c, OSError) and c.strerror), None)
+    if isinstance(exc, httpx.ConnectTimeout):
+        problem: str | None = f"connecting to {where} timed out"
+    elif isinstance(exc, httpx.TimeoutException):
+        problem = f"{where} did not answer in time ({type(exc).__name__})"
+    elif tls is not None:
+        problem = _tls_problem(tls, where)
+    else:
+        problem = _socket_problem(causes, url, where)
+    if problem is None and isinstance(exc, httpx.RemoteProtocolError):
+        hint = " (is it https?)" if url.scheme == "http" else ""
+        problem = f"{where} broke off or did not speak HTTP{hint}"
+    return problem or f"connection to {where} failed ({errno_text or type(exc).__name__})"
+
+
+def _unsendable(headers: dict[str, str]) -> str | None:
+    """The header that no request can carry (a newline, a control or non-ASCII character), if
+    any, named by the setting it comes from; its value is never shown."""
+    sources = {
+        "Authorization": "the API token (WATCHER_API_TOKEN)",
+        "User-Agent": "the replica id (WATCHER_REPLICA_ID)",
+    }
+    for name, value in headers.items():
+        if not value.isascii() or not value.isprintable():
+            bad = next(c for c in value if not (c.isascii() and c.isprintable()))
+            kind = "non-ASCII" if not bad.isascii() else f"control ({ord(bad):#04x})"
+            return f"{sources.get(name, name)} holds a {kind} character"
+    return None
 
 
 class MagicHourClient:
@@ -111,33 +236,45 @@ class MagicHourClient:
 
     async def get_project(self, ref: ProjectRef) -> ProjectSnapshot:
         """``GET /v1/{kind}-projects/{id}``; raises :class:`ApiError` subclasses."""
-        return await self._call("GET", ref, lambda body: self._parse_project(ref, body))
+        return await self._call("GET", ref, lambda reply: self._parse_project(ref, reply))
 
-    def _parse_project(self, ref: ProjectRef, body: bytes) -> ProjectSnapshot:
-        """The project in a 2xx body; an unreadable body is transient (retried like a 5xx)."""
+    def _parse_project(self, ref: ProjectRef, reply: _Reply) -> ProjectSnapshot:
+        """The project in a 2xx body; an unreadable body is transient (retried like a 5xx).
+
+        Its error names why (``JSON nested too deeply``, ``downloads.0.expires_at: a date out of
+        range``), the content type when it is not JSON, and a short excerpt of the body.
+        """
         try:
-            snapshot = ProjectSnapshot.parse(json.loads(body))
-        except (ValueError, pydantic.ValidationError) as exc:
-            raise TransientApiError(
-                f"GET {ref} returned a body that is not a project: {excerpt(self._scrub(body))!r}",
-                status_code=200,
-                cause="bad_body",
-            ) from exc
+            snapshot = ProjectSnapshot.parse(decode_json(reply.body))
+        except pydantic.ValidationError as exc:
+            raise self._not_a_project(ref, reply, _invalid_reason(exc)) from None
+        except ValueError as exc:
+            raise self._not_a_project(ref, reply, str(exc)) from None
         if snapshot.id != ref.id:
             raise TransientApiError(
                 f"GET {ref} returned project {snapshot.id!r}", status_code=200, cause="bad_body"
             )
         return snapshot
 
+    def _not_a_project(self, ref: ProjectRef, reply: _Reply, reason: str) -> TransientApiError:
+        kind = reply.content_type.split(";", 1)[0].strip().lower()
+        typed = "" if kind.endswith("json") else f" {excerpt(kind.encode())[:60] or 'untyped'}"
+        return TransientApiError(
+            f"GET {ref} returned a{typed} body that is not a project ({reason}): "
+            f"{excerpt(self._scrub(reply.body))!r}",
+            status_code=200,
+            cause="bad_body",
+        )
+
     async def delete_project(self, ref: ProjectRef) -> bool:
         """``DELETE /v1/{kind}-projects/{id}``. True if deleted now, False if it was gone (404)."""
         try:
-            await self._call("DELETE", ref, lambda _body: None)
+            await self._call("DELETE", ref, lambda _reply: None)
         except ProjectNotFound:
             return False
         return True
 
-    async def _call(self, method: str, ref: ProjectRef, parse: Callable[[bytes], _T]) -> _T:
+    async def _call(self, method: str, ref: ProjectRef, parse: Callable[[_Reply], _T]) -> _T:
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self._max_attempts),
             wait=self._wait,
@@ -166,13 +303,16 @@ class MagicHourClient:
             wait = state.next_action.sleep if state.next_action else 0.0
             self._on_retry(exc, state.attempt_number, wait)
 
-    async def _send(self, method: str, ref: ProjectRef) -> bytes:
+    async def _send(self, method: str, ref: ProjectRef) -> _Reply:
         url = f"{self._base_url}{ref.kind.api_path}/{ref.id}"
         headers = {
             "Authorization": f"Bearer {self._token.get_secret_value()}",
             "Accept": "application/json",
             "User-Agent": self._user_agent,
         }
+        unsendable = _unsendable(headers)
+        if unsendable is not None:
+            raise InvalidRequest(f"{method} {ref}: the request cannot be sent: {unsendable}")
         async with self.throttle.slot():
             try:
                 async with self._http.stream(method, url, headers=headers) as response:
@@ -180,12 +320,23 @@ class MagicHourClient:
             except httpx.TimeoutException as exc:
                 self._count(method, "timeout")
                 raise TransientApiError(
-                    f"{method} {ref}: timed out ({type(exc).__name__})", cause="timeout"
+                    f"{method} {ref}: {describe_transport_error(exc, httpx.URL(url))}",
+                    cause="timeout",
                 ) from None
             except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
                 self._count(method, "network")
                 raise TransientApiError(
-                    f"{method} {ref}: connection failed ({type(exc).__name__})", cause="network"
+                    f"{method} {ref}: {describe_transport_error(exc, httpx.URL(url))}",
+                    cause="network",
+                ) from None
+            except (httpx.LocalProtocolError, UnicodeEncodeError) as exc:
+                # We could not even write the request (h11's message would show the header's
+                # value: the token): the same happens on every request, so it is not transient.
+                self._count(method, "error")
+                raise InvalidRequest(
+                    f"{method} {ref}: the request cannot be sent ({type(exc).__name__}): a "
+                    "header or the URL is malformed (check WATCHER_API_TOKEN and "
+                    "WATCHER_API_BASE_URL)"
                 ) from None
             except httpx.HTTPError as exc:  # a proxy error, an undecodable body, ...
                 self._count(method, "error")
@@ -194,7 +345,7 @@ class MagicHourClient:
                 ) from None
         self._count(method, str(response.status_code))
         self._raise_for_status(method, ref, response, body)
-        return body
+        return _Reply(body, response.headers.get("content-type", ""))
 
     def _scrub(self, body: bytes) -> bytes:
         """``body`` without the API token, in case a server or proxy echoes the request back."""
@@ -279,10 +430,11 @@ async def _read_capped(response: httpx.Response, what: str) -> bytes:
 
 
 def _api_message(body: bytes) -> str:
+    """The API's ``message`` from an error body, else a short excerpt of the body."""
     try:
-        data: Any = json.loads(body)
+        data: Any = decode_json(body)
     except ValueError:
         return excerpt(body) or "no message"
     if isinstance(data, dict) and isinstance(data.get("message"), str):
-        return str(data["message"])[:200]
-    return excerpt(body)
+        return excerpt(data["message"].encode("utf-8", "replace")) or "no message"
+    return excerpt(body) or "no message"

@@ -13,6 +13,7 @@
     │   ├── TransientApiError       worth retrying: 408/429/5xx, network faults, unreadable bodies
     │   │   └── RateLimited         429: the whole client pauses until ``retry_after``
     │   ├── Unauthorized            401: the token is bad; polling stops
+    │   ├── InvalidRequest          no request can be sent (a token with a newline): polling stops
     │   ├── PaymentRequired         402: out of credits; polling pauses
     │   ├── ProjectNotFound         404: the project does not exist (any more)
     │   └── ApiRejected             any other 4xx: not retried
@@ -82,6 +83,12 @@ class RateLimited(TransientApiError):
 
 class Unauthorized(ApiError):
     """401: the API token is missing, wrong or revoked."""
+
+
+class InvalidRequest(ApiError):
+    """The request cannot even be written (a header holds a newline, a control or a non-ASCII
+    character, e.g. a token file's trailing newline): every request would fail alike, so this is
+    not transient; polling stops until the configuration is fixed."""
 
 
 class PaymentRequired(ApiError):

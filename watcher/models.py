@@ -8,9 +8,10 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
+import httpx
 import pydantic
 
 from watcher.errors import InvalidProjectId
@@ -155,18 +156,59 @@ class _Lenient(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
 
 
-class DownloadLink(_Lenient):
-    """One output's signed URL."""
+# Bounds on what a snapshot may carry, so one hostile body cannot put megabytes into the store or
+# a log line, or a date no clock arithmetic survives.
+MAX_URL_LENGTH = 8192
+MAX_ERROR_CODE_LENGTH = 200
+MAX_ERROR_MESSAGE_LENGTH = 2000
+EARLIEST_EXPIRY = datetime(1970, 1, 1, tzinfo=UTC)
 
-    url: str
-    expires_at: datetime
+
+def _http_url(url: str) -> str:
+    """An absolute ``http(s)`` URL with a host; anything else (``file:``, relative, huge) is
+    refused: the downloader must never be pointed elsewhere."""
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"a download URL of {len(url)} characters (limit {MAX_URL_LENGTH})")
+    try:  # the parser the download will use, so it cannot fail there
+        parsed = httpx.URL(url)
+        host = parsed.raw_host
+    except (httpx.InvalidURL, ValueError):  # ValueError: an IDNA host that cannot be encoded
+        raise ValueError("a download URL that cannot be parsed") from None
+    if parsed.scheme not in {"http", "https"} or not host:  # (its query may hold a signature)
+        raise ValueError(f"a download URL that is not http(s) (scheme {parsed.scheme[:20]!r})")
+    return url
+
+
+def _utc_instant(value: datetime) -> datetime:
+    """``value`` in UTC (a time without an offset is UTC, never the host's local time, whose
+    ``.timestamp()`` overflows on year 1), refused before 1970 or past what UTC can hold
+    (``9999-12-31T23:59:59-05:00``)."""
+    try:
+        instant = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise ValueError(f"a date out of range: {value.isoformat()}") from None
+    if instant < EARLIEST_EXPIRY:
+        raise ValueError(f"a date out of range: {value.isoformat()}")
+    return instant
+
+
+def _clipped(limit: int) -> pydantic.AfterValidator:
+    return pydantic.AfterValidator(lambda text: text if len(text) <= limit else text[:limit] + "…")
+
+
+class DownloadLink(_Lenient):
+    """One output's signed URL and when it expires (always timezone-aware UTC)."""
+
+    url: Annotated[str, pydantic.AfterValidator(_http_url)]
+    expires_at: Annotated[datetime, pydantic.AfterValidator(_utc_instant)]
 
 
 class ProjectErrorInfo(_Lenient):
-    """The API's error object on a project whose status is ``error``."""
+    """The API's error object on a project whose status is ``error`` (either part may be null;
+    overlong texts are shortened)."""
 
-    code: str
-    message: str
+    code: Annotated[str, _clipped(MAX_ERROR_CODE_LENGTH)] | None = None
+    message: Annotated[str, _clipped(MAX_ERROR_MESSAGE_LENGTH)] | None = None
 
 
 class ProjectSnapshot(_Lenient):
@@ -178,7 +220,7 @@ class ProjectSnapshot(_Lenient):
 
     id: str
     status: RemoteStatus
-    enabled: bool = True
+    enabled: pydantic.StrictBool = True  # "false" or 0 is refused, not guessed
     downloads: list[DownloadLink] = pydantic.Field(default_factory=list)
     error: ProjectErrorInfo | None = None
 

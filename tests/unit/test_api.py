@@ -17,6 +17,7 @@ from watcher.api import MAX_BODY_BYTES, MAX_RETRY_AFTER, MagicHourClient, parse_
 from watcher.errors import (
     ApiError,
     ApiRejected,
+    InvalidRequest,
     PaymentRequired,
     ProjectNotFound,
     RateLimited,
@@ -78,7 +79,9 @@ class FakeApi:
 class Harness:
     """A client wired to a fake server, a fake clock for its throttle and a fake retry sleep."""
 
-    def __init__(self, api: FakeApi, http: httpx.AsyncClient, max_attempts: int) -> None:
+    def __init__(
+        self, api: FakeApi, http: httpx.AsyncClient, max_attempts: int, token: str = TOKEN
+    ) -> None:
         self.api = api
         self.clock = FakeClock()
         self.retry_sleeps: list[float] = []
@@ -90,7 +93,7 @@ class Harness:
         self.client = MagicHourClient(
             http,
             base_url=BASE_URL + "/",
-            token=SecretStr(TOKEN),
+            token=SecretStr(token),
             throttle=self.throttle,
             max_attempts=max_attempts,
             on_retry=lambda exc, attempt, wait: self.retries.append((exc.cause, attempt, wait)),
@@ -109,10 +112,12 @@ class Harness:
 
 
 @asynccontextmanager
-async def harness(*replies: Reply | Script, max_attempts: int = 3) -> AsyncIterator[Harness]:
+async def harness(
+    *replies: Reply | Script, max_attempts: int = 3, token: str = TOKEN
+) -> AsyncIterator[Harness]:
     api = FakeApi(*replies)
     async with httpx.AsyncClient(transport=httpx.MockTransport(api)) as http:
-        yield Harness(api, http, max_attempts)
+        yield Harness(api, http, max_attempts, token)
 
 
 def _messages(exc: BaseException) -> Iterator[str]:
@@ -508,3 +513,133 @@ async def test_a_huge_retry_after_is_capped() -> None:
                 await client.get_project(ProjectRef(Kind.IMAGE, "p1"))
         assert caught.value.retry_after == MAX_RETRY_AFTER
         assert throttle.paused_for <= MAX_RETRY_AFTER
+
+
+# --- hostile bodies and requests that cannot be sent ---------------------------------------------
+
+DEEP = b"[" * 50_000 + b"]" * 50_000
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "reason"),
+    [
+        (DEEP, "application/json", "JSON nested too deeply"),
+        (b'{"id": "cm2xproj0001", "status": NaN}', "application/json", "NaN is not a JSON number"),
+        (b'{"id": "cm2xproj0001", "x": ' + b"9" * 5000 + b"}", "application/json", "digits"),
+        (b'{"id": "\xc3\x28"}', "application/json", "not UTF-8"),
+        (b"<html>Sign in to the proxy</html>", "text/html; charset=utf-8", "a text/html body"),
+        (b'{"id": "cm2xproj0001", "status": "exploded"}', "application/json", "status: "),
+        (
+            b'{"id": "cm2xproj0001", "status": "queued", "enabled": "false"}',
+            "application/json",
+            "enabled: ",
+        ),
+    ],
+)
+async def test_hostile_bodies_are_a_short_transient_fault_saying_why(
+    body: bytes, content_type: str, reason: str
+) -> None:
+    """Deep nesting, NaN, a 5,000-digit number, bad UTF-8, HTML and wrong types or values are
+    a transient ``bad_body`` naming the reason in a short message, never an uncaught error."""
+    reply = httpx.Response(200, content=body, headers={"content-type": content_type})
+    async with harness(reply, max_attempts=2) as h:
+        with pytest.raises(TransientApiError) as caught:
+            await h.client.get_project(REF)
+    assert caught.value.cause == "bad_body"
+    assert reason in str(caught.value)
+    assert len(str(caught.value)) < 500
+    assert len(h.api.requests) == 2
+
+
+def complete_with(link: dict[str, object]) -> httpx.Response:
+    body = project_json(status="complete") | {"downloads": [link]}
+    return httpx.Response(200, json=body)
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        {"url": "https://cdn.example/a.png", "expires_at": "0001-01-01T00:00:00"},
+        {"url": "https://cdn.example/a.png", "expires_at": "0001-01-01T00:00:00+05:00"},
+        {"url": "https://cdn.example/a.png", "expires_at": "9999-12-31T23:59:59-05:00"},
+        {"url": "https://cdn.example/a.png", "expires_at": 1e300},
+        {"url": "file:///etc/passwd?sig=s3cr3t", "expires_at": "2999-01-01T00:00:00Z"},
+        {"url": "https://cdn.example/a\x00.png", "expires_at": "2999-01-01T00:00:00Z"},
+    ],
+)
+async def test_absurd_download_links_are_a_bad_body(link: dict[str, object]) -> None:
+    """Dates no timestamp can hold and URLs that are not http(s) are refused as a bad body
+    (without the URL's query), not left to crash the daemon later."""
+    async with harness(complete_with(link), max_attempts=1) as h:
+        with pytest.raises(TransientApiError, match=r"downloads\.0\.") as caught:
+            await h.client.get_project(REF)
+    assert caught.value.cause == "bad_body"
+    assert "s3cr3t" not in str(caught.value).split("): ", 1)[0]
+
+
+async def test_a_deeply_nested_404_is_not_found_with_an_excerpt() -> None:
+    """A 404 whose body is JSON nested 50,000 deep is still "no such project", briefly."""
+    async with harness(httpx.Response(404, content=DEEP)) as h:
+        with pytest.raises(ProjectNotFound) as caught:
+            await h.client.get_project(REF)
+    assert "[[[[" in str(caught.value)
+    assert len(str(caught.value)) < 300
+
+
+async def test_an_error_message_is_one_printable_line() -> None:
+    """The API's ``message`` is shortened and loses its control characters."""
+    reply = httpx.Response(400, json={"message": "bad\n\x1b[31mred\x07 " + "x" * 5000})
+    async with harness(reply) as h:
+        with pytest.raises(ApiRejected) as caught:
+            await h.client.get_project(REF)
+    text = str(caught.value)
+    assert text.isprintable()
+    assert "bad [31mred x" in text
+    assert len(text) < 300
+
+
+@pytest.mark.parametrize(
+    ("token", "kind"),
+    [(TOKEN + "\n", "control (0x0a)"), (TOKEN + "é", "non-ASCII"), (TOKEN + "\r\nX: y", "control")],
+)
+async def test_a_token_no_request_can_carry_is_not_transient(token: str, kind: str) -> None:
+    """A token with a trailing newline or a non-ASCII character fails at once with an error
+    naming the setting (not retried, nothing sent, the token not shown)."""
+    async with harness(ok(), token=token) as h:
+        with pytest.raises(InvalidRequest) as caught:
+            await h.client.get_project(REF)
+    assert not isinstance(caught.value, TransientApiError)
+    assert "WATCHER_API_TOKEN" in str(caught.value)
+    assert kind in str(caught.value)
+    assert h.api.requests == []
+    assert h.retry_sleeps == []
+    for text in _messages(caught.value):
+        assert TOKEN not in text
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        httpx.LocalProtocolError(f"Illegal header value b'Bearer {TOKEN}\\n'"),
+        UnicodeEncodeError("ascii", TOKEN + "é", len(TOKEN), len(TOKEN) + 1, "no"),
+    ],
+)
+async def test_a_local_protocol_error_is_not_transient(fault: Exception) -> None:
+    """Whatever else makes httpx refuse to write a request is not retried, and h11's message
+    (which shows the header's value) is not passed on."""
+    async with harness(fault) as h:
+        with pytest.raises(InvalidRequest) as caught:
+            await h.client.get_project(REF)
+    assert len(h.api.requests) == 1
+    assert h.retry_sleeps == []
+    for text in _messages(caught.value):
+        assert TOKEN not in text
+
+
+async def test_a_network_error_names_the_host() -> None:
+    """A network fault's message says which host and port it was about, and nothing of the
+    request's path or credentials."""
+    async with harness(httpx.ConnectError("boom"), max_attempts=1) as h:
+        with pytest.raises(TransientApiError) as caught:
+            await h.client.get_project(REF)
+    assert "api.example.test:443" in str(caught.value)

@@ -318,3 +318,79 @@ def test_snapshot_is_immutable() -> None:
     snapshot = ProjectSnapshot.parse(_project())
     with pytest.raises(pydantic.ValidationError):
         snapshot.status = RemoteStatus.QUEUED  # type: ignore[misc]
+
+
+def _link(
+    url: str = "https://cdn.example/a.png", expires_at: object = "2030-01-01T00:00:00Z"
+) -> Any:
+    return _project(downloads=[{"url": url, "expires_at": expires_at}])
+
+
+@pytest.mark.parametrize(
+    "expires_at",
+    [
+        "0001-01-01T00:00:00",
+        "0001-01-01T00:00:00Z",
+        "0001-01-01T00:00:00+05:00",
+        "9999-12-31T23:59:59-05:00",
+        "1969-12-31T23:59:59Z",
+        -1e12,
+    ],
+)
+def test_an_expiry_no_timestamp_can_hold_is_refused(expires_at: object) -> None:
+    """Year 1, a date that overflows once in UTC, or one before 1970 is refused when parsed,
+    so nothing later calls ``.timestamp()`` on it and crashes."""
+    with pytest.raises(pydantic.ValidationError, match=r"out of range|valid datetime"):
+        ProjectSnapshot.parse(_link(expires_at=expires_at))
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "seconds"),
+    [
+        ("2024-10-19T05:16:19", 1729314979.0),
+        ("2024-10-19T07:16:19+02:00", 1729314979.0),
+        ("9999-12-31T23:59:59", 253402300799.0),
+    ],
+)
+def test_an_expiry_is_an_aware_utc_instant(expires_at: str, seconds: float) -> None:
+    """A time without an offset is UTC, whatever the host's zone; an offset is honoured."""
+    [link] = ProjectSnapshot.parse(_link(expires_at=expires_at)).downloads
+    assert link.expires_at.tzinfo is UTC
+    assert link.expires_at.timestamp() == seconds
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "ftp://cdn.example/a.png",
+        "javascript:alert(1)",
+        "/relative/a.png",
+        "https://",
+        "https://cdn.example/a\x00.png",
+        "https://cdn.example:port/a.png",
+        "https://cdn.example/" + "a" * 9000,
+    ],
+)
+def test_a_download_url_that_is_not_http_is_refused(url: str) -> None:
+    """Only absolute http(s) URLs the download's own parser accepts are taken."""
+    with pytest.raises(pydantic.ValidationError, match="download URL"):
+        ProjectSnapshot.parse(_link(url=url))
+
+
+@pytest.mark.parametrize("enabled", ["false", 0, "no", None])
+def test_enabled_of_the_wrong_type_is_refused(enabled: object) -> None:
+    """``enabled`` must be a JSON boolean: "false" or 0 is refused rather than guessed."""
+    with pytest.raises(pydantic.ValidationError):
+        ProjectSnapshot.parse(_project(enabled=enabled))
+
+
+def test_an_error_object_may_have_nulls_and_is_bounded() -> None:
+    """An error object with a null code and a megabyte of message is read, shortened."""
+    snapshot = ProjectSnapshot.parse(
+        _project(status="error", downloads=[], error={"code": None, "message": "x" * 1_000_000})
+    )
+    assert snapshot.error is not None
+    assert snapshot.error.code is None
+    assert snapshot.error.message is not None
+    assert len(snapshot.error.message) <= 2001
