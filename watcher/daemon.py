@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ from watcher.errors import (
     DownloadError,
     DownloadUrlExpired,
     InvalidProjectId,
+    InvalidRequest,
     PaymentRequired,
     ProjectNotFound,
     StoreError,
@@ -83,6 +85,11 @@ PAYMENT_NOTE = "payment required: Magic Hour answered HTTP 402; polling is pause
 DISK_FULL_RETRY_SECONDS = 60.0
 IDLE_CHECK_SECONDS = 1.0
 MAX_INTERRUPTIONS = 3
+# A project whose work raised an unexpected exception this many times in a row is quarantined
+# with that exception as the cause, rather than retried forever.
+MAX_CRASHES = 3
+CRASH_NOTE_CHARS = 300
+_CRASH_NOTE = re.compile(r"crashed \((\d+)x in a row\): ")
 # A project whose GET has failed this many times in a row (about a quarter of an hour with the
 # default POLL_MAX) while other projects' GETs succeed is poison, not an outage: quarantined.
 MAX_POLL_FAILURES = 20
@@ -441,11 +448,12 @@ class Daemon:
                 await asyncio.wait([after])
             with structlog.contextvars.bound_contextvars(project_id=p.id, kind=p.kind.value):
                 if p.interruptions >= MAX_INTERRUPTIONS:
+                    last = f"; the last failure recorded: {p.failure}" if p.failure else ""
                     await self._finish(
                         claim,
                         State.QUARANTINED,
                         failure=f"quarantined: its work was interrupted {p.interruptions} times "
-                        "in a row (a replica died or stalled while holding it)",
+                        f"in a row (a replica died or stalled while holding it){last}",
                     )
                 elif p.state == State.POLLING:
                     await self._poll(claim)
@@ -457,13 +465,41 @@ class Daemon:
             log.warning("lease_lost", project_id=p.id, kind=p.kind.value)
         except StoreError as exc:
             log.error("store_error", project_id=p.id, error=str(exc))  # noqa: TRY400 - no traceback needed
-        except Exception:  # a bug must not stop the other projects; the lease will expire
+        except Exception as exc:  # a bug must not stop the other projects
             log.exception("project_crashed", project_id=p.id, kind=p.kind.value)
+            await self._crashed(claim, exc)
         finally:
             if self._tasks.get(p.id, (None, None))[1] is claim:  # not a successor's entry
                 del self._tasks[p.id]
             self.metrics.in_flight.set(len(self._tasks))
             self._wake.set()
+
+    async def _crashed(self, claim: Claim, exc: Exception) -> None:
+        """Record what crashed the work on the project (type and a short message), so status
+        shows it; retried later, quarantined with that cause after ``MAX_CRASHES`` in a row."""
+        p = claim.project
+        text = " ".join(str(exc).split())
+        secret = self.settings.api_token.get_secret_value() if self.settings.api_token else ""
+        if secret:
+            text = text.replace(secret, "[redacted]")
+        if len(text) > CRASH_NOTE_CHARS:
+            text = text[:CRASH_NOTE_CHARS] + "…"
+        what = type(exc).__name__ + (f": {text}" if text else "")
+        before = _CRASH_NOTE.match(p.failure or "")
+        crashes = int(before.group(1)) + 1 if before else 1
+        try:
+            if crashes >= MAX_CRASHES:
+                await self._finish(
+                    claim,
+                    State.QUARANTINED,
+                    failure=f"quarantined: its work crashed {crashes} times in a row: {what}",
+                )
+            else:
+                await self._retry(claim, f"crashed ({crashes}x in a row): {what}", count=True)
+        except StoreError as err:  # the lease runs out and the project is tried again
+            log.error("store_error", project_id=p.id, error=str(err))  # noqa: TRY400
+        except Exception:  # a second bug, while recording the first
+            log.exception("project_crashed", project_id=p.id, kind=p.kind.value)
 
     async def _get(self, claim: Claim, *, for_urls: bool = False) -> ProjectSnapshot | None:
         """GET the project; handle the API's refusals. ``None`` if the work ends here.
@@ -825,7 +861,15 @@ class Daemon:
         )
 
     async def _api_trouble(self, claim: Claim, exc: ApiError) -> None:
-        if isinstance(exc, Unauthorized):
+        if isinstance(exc, InvalidRequest):  # stops polling like a refused token
+            note = f"{exc}; polling is stopped until this is fixed"
+            if not self.unauthorized:
+                await self.store.note_active(note, now=clock.now())
+                log.error("api_request_invalid", error=str(exc), action="polling stopped")
+            self.unauthorized = True
+            self._pause(AUTH_RECHECK_SECONDS)
+            await self._retry(claim, note, count=False, delay=AUTH_RECHECK_SECONDS)
+        elif isinstance(exc, Unauthorized):
             if not self.unauthorized:
                 await self.store.note_active(UNAUTHORIZED_NOTE, now=clock.now())
             self._on_unauthorized(exc)
