@@ -258,10 +258,9 @@ class MagicHourClient:
 
     def _not_a_project(self, ref: ProjectRef, reply: _Reply, reason: str) -> TransientApiError:
         kind = reply.content_type.split(";", 1)[0].strip().lower()
-        typed = "" if kind.endswith("json") else f" {excerpt(kind.encode())[:60] or 'untyped'}"
+        typed = "" if kind.endswith("json") else f"{excerpt(kind.encode())[:60] or 'untyped'}: "
         return TransientApiError(
-            f"GET {ref} returned a{typed} body that is not a project ({reason}): "
-            f"{excerpt(self._scrub(reply.body))!r}",
+            f"GET {ref}: not a project ({typed}{reason}): {excerpt(self._scrub(reply.body))!r}",
             status_code=200,
             cause="bad_body",
         )

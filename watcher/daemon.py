@@ -492,7 +492,7 @@ class Daemon:
                 await self._finish(
                     claim,
                     State.QUARANTINED,
-                    failure=f"quarantined: its work crashed {crashes} times in a row: {what}",
+                    failure=f"quarantined after {crashes} crashes in a row: {what}",
                 )
             else:
                 await self._retry(claim, f"crashed ({crashes}x in a row): {what}", count=True)

@@ -13,7 +13,13 @@ import pytest
 from pydantic import SecretStr
 
 from tests.unit.fake_time import FakeClock
-from watcher.api import MAX_BODY_BYTES, MAX_RETRY_AFTER, MagicHourClient, parse_retry_after
+from watcher.api import (
+    MAX_BODY_BYTES,
+    MAX_RETRY_AFTER,
+    MagicHourClient,
+    describe_transport_error,
+    parse_retry_after,
+)
 from watcher.errors import (
     ApiError,
     ApiRejected,
@@ -527,7 +533,7 @@ DEEP = b"[" * 50_000 + b"]" * 50_000
         (b'{"id": "cm2xproj0001", "status": NaN}', "application/json", "NaN is not a JSON number"),
         (b'{"id": "cm2xproj0001", "x": ' + b"9" * 5000 + b"}", "application/json", "digits"),
         (b'{"id": "\xc3\x28"}', "application/json", "not UTF-8"),
-        (b"<html>Sign in to the proxy</html>", "text/html; charset=utf-8", "a text/html body"),
+        (b"<html>Sign in to the proxy</html>", "text/html; charset=utf-8", "(text/html: not JSON"),
         (b'{"id": "cm2xproj0001", "status": "exploded"}', "application/json", "status: "),
         (
             b'{"id": "cm2xproj0001", "status": "queued", "enabled": "false"}',
@@ -643,3 +649,30 @@ async def test_a_network_error_names_the_host() -> None:
         with pytest.raises(TransientApiError) as caught:
             await h.client.get_project(REF)
     assert "api.example.test:443" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "fault", "message"),
+    [
+        (
+            "http://api.example:8443/v1/x?sig=s3cr3t",
+            httpx.RemoteProtocolError("Server disconnected without sending a response."),
+            "api.example:8443 broke off or did not speak HTTP (is it https?)",
+        ),
+        (
+            "https://api.example/v1/x?sig=s3cr3t",
+            httpx.ReadTimeout("timed out"),
+            "api.example:443 did not answer in time (ReadTimeout)",
+        ),
+        (
+            "https://api.example/v1/x?sig=s3cr3t",
+            httpx.ConnectTimeout("timed out"),
+            "connecting to api.example:443 timed out",
+        ),
+    ],
+)
+def test_transport_errors_are_described_by_host_and_cause(
+    url: str, fault: httpx.TransportError, message: str
+) -> None:
+    """The description names host and port and the likely cause, never the path or query."""
+    assert describe_transport_error(fault, httpx.URL(url)) == message
