@@ -45,6 +45,10 @@ log = structlog.get_logger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_BODY_BYTES = 1024 * 1024  # a project's JSON is a few KB; anything past 1 MiB is not the API
+MAX_ERROR_BODY_BYTES = 64 * 1024  # an error's body is read for its message only: the rest is cut
+# An answer still not complete after this many read timeouts (a server dripping a byte at a time
+# never trips the per-read timeout) is a timeout.
+DEADLINE_READ_TIMEOUTS = 2
 EXCERPT_CHARS = 120
 # A Retry-After beyond this is not believed: a day-long (or infinite) pause of every call is a
 # misconfigured proxy, not a rate limit; we come back after five minutes and ask again.
@@ -82,28 +86,25 @@ def excerpt(body: bytes) -> str:
     return text[:EXCERPT_CHARS] + ("…" if len(text) > EXCERPT_CHARS else "")
 
 
-def _refuse_constant(name: str) -> Any:  # noqa: ANN401 - json's hook signature
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def decode_json(body: bytes) -> Any:  # noqa: ANN401 - JSON of unknown shape
     """``body`` as JSON, or ``ValueError`` saying briefly why not.
 
     Whatever a server sends ends here as a ``ValueError``: bytes that are not UTF-8, text that
-    is not JSON, ``NaN``/``Infinity``, a number of thousands of digits, and nesting deep enough
-    to exhaust the interpreter's stack (which ``json`` reports as ``RecursionError``).
+    is not JSON, a number of thousands of digits, and nesting deep enough to exhaust the
+    interpreter's stack (which ``json`` reports as ``RecursionError``). ``NaN`` is let through:
+    no field the watcher reads takes a float, so it fails validation there, or is ignored.
     """
     try:
         text = body.decode("utf-8")  # the API's encoding; json would guess UTF-16 from a BOM
     except UnicodeDecodeError:
         raise ValueError("not UTF-8 text") from None
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON ({exc.msg} at character {exc.pos})") from None
-    except ValueError as exc:  # NaN, or more digits than int() converts
+    except ValueError as exc:  # more digits than int() converts
         raise ValueError(str(exc)[:100]) from None
 
 
@@ -219,6 +220,7 @@ class MagicHourClient:
         metrics: Metrics | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         user_agent: str = USER_AGENT,
+        deadline: float | None = None,
     ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
@@ -230,6 +232,8 @@ class MagicHourClient:
         self._metrics = metrics
         self._sleep = sleep
         self._user_agent = user_agent
+        read_timeout = http.timeout.read or 30.0
+        self._deadline = deadline or DEADLINE_READ_TIMEOUTS * read_timeout
 
     def __repr__(self) -> str:
         return f"MagicHourClient(base_url={self._base_url!r})"
@@ -314,8 +318,18 @@ class MagicHourClient:
             raise InvalidRequest(f"{method} {ref}: the request cannot be sent: {unsendable}")
         async with self.throttle.slot():
             try:
-                async with self._http.stream(method, url, headers=headers) as response:
+                async with (
+                    asyncio.timeout(self._deadline),
+                    self._http.stream(method, url, headers=headers) as response,
+                ):
                     body = await _read_capped(response, f"{method} {ref}")
+            except TimeoutError:
+                self._count(method, "timeout")
+                raise TransientApiError(
+                    f"{method} {ref}: no complete answer from {_where(httpx.URL(url))} "
+                    f"within {self._deadline:g} s",
+                    cause="timeout",
+                ) from None
             except httpx.TimeoutException as exc:
                 self._count(method, "timeout")
                 raise TransientApiError(
@@ -407,6 +421,17 @@ class MagicHourClient:
 
 
 async def _read_capped(response: httpx.Response, what: str) -> bytes:
+    """A success's body, refused past ``MAX_BODY_BYTES``; an error's first 64 KiB (enough for
+    its message: a huge 404 is still "no such project")."""
+    if not response.is_success:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= MAX_ERROR_BODY_BYTES:
+                break
+        return b"".join(chunks)[:MAX_ERROR_BODY_BYTES]
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise TransientApiError(
@@ -414,7 +439,7 @@ async def _read_capped(response: httpx.Response, what: str) -> bytes:
             status_code=response.status_code,
             cause="body_too_large",
         )
-    chunks: list[bytes] = []
+    chunks = []
     size = 0
     async for chunk in response.aiter_bytes():
         size += len(chunk)

@@ -159,6 +159,7 @@ class _Lenient(pydantic.BaseModel):
 # Bounds on what a snapshot may carry, so one hostile body cannot put megabytes into the store or
 # a log line, or a date no clock arithmetic survives.
 MAX_URL_LENGTH = 8192
+MAX_DOWNLOADS = 1000  # a project has a handful of outputs; thousands would be thousands of files
 MAX_ERROR_CODE_LENGTH = 200
 MAX_ERROR_MESSAGE_LENGTH = 2000
 EARLIEST_EXPIRY = datetime(1970, 1, 1, tzinfo=UTC)
@@ -221,7 +222,7 @@ class ProjectSnapshot(_Lenient):
     id: str
     status: RemoteStatus
     enabled: pydantic.StrictBool = True  # "false" or 0 is refused, not guessed
-    downloads: list[DownloadLink] = pydantic.Field(default_factory=list)
+    downloads: list[DownloadLink] = pydantic.Field(default_factory=list, max_length=MAX_DOWNLOADS)
     error: ProjectErrorInfo | None = None
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -530,7 +531,7 @@ DEEP = b"[" * 50_000 + b"]" * 50_000
     ("body", "content_type", "reason"),
     [
         (DEEP, "application/json", "JSON nested too deeply"),
-        (b'{"id": "cm2xproj0001", "status": NaN}', "application/json", "NaN is not a JSON number"),
+        (b'{"id": "cm2xproj0001", "status": NaN}', "application/json", "status: Input should be"),
         (b'{"id": "cm2xproj0001", "x": ' + b"9" * 5000 + b"}", "application/json", "digits"),
         (b'{"id": "\xc3\x28"}', "application/json", "not UTF-8"),
         (b"<html>Sign in to the proxy</html>", "text/html; charset=utf-8", "(text/html: not JSON"),
@@ -559,7 +560,7 @@ async def test_hostile_bodies_are_a_short_transient_fault_saying_why(
 
 def complete_with(link: dict[str, object]) -> httpx.Response:
     body = project_json(status="complete") | {"downloads": [link]}
-    return httpx.Response(200, json=body)
+    return httpx.Response(200, content=json.dumps(body).encode())  # (json= refuses NaN)
 
 
 @pytest.mark.parametrize(
@@ -569,6 +570,7 @@ def complete_with(link: dict[str, object]) -> httpx.Response:
         {"url": "https://cdn.example/a.png", "expires_at": "0001-01-01T00:00:00+05:00"},
         {"url": "https://cdn.example/a.png", "expires_at": "9999-12-31T23:59:59-05:00"},
         {"url": "https://cdn.example/a.png", "expires_at": 1e300},
+        {"url": "https://cdn.example/a.png", "expires_at": float("nan")},
         {"url": "file:///etc/passwd?sig=s3cr3t", "expires_at": "2999-01-01T00:00:00Z"},
         {"url": "https://cdn.example/a\x00.png", "expires_at": "2999-01-01T00:00:00Z"},
     ],
@@ -676,3 +678,56 @@ def test_transport_errors_are_described_by_host_and_cause(
 ) -> None:
     """The description names host and port and the likely cause, never the path or query."""
     assert describe_transport_error(fault, httpx.URL(url)) == message
+
+
+async def test_nan_in_a_field_the_watcher_ignores_is_harmless() -> None:
+    """``NaN`` is not JSON, but in a field nothing reads it does not block the project."""
+    body = json.dumps(project_json() | {"credits_charged": float("nan")}).encode()
+    async with harness(httpx.Response(200, content=body)) as h:
+        snapshot = await h.client.get_project(REF)
+    assert snapshot.id == REF.id
+
+
+async def test_too_many_downloads_are_a_bad_body() -> None:
+    """Thousands of download links (thousands of files) are refused, not recorded."""
+    link = {"url": "https://cdn.example/a.png", "expires_at": "2999-01-01T00:00:00Z"}
+    body = project_json(status="complete") | {"downloads": [link] * 1001}
+    async with harness(httpx.Response(200, json=body), max_attempts=1) as h:
+        with pytest.raises(TransientApiError, match="downloads: List should have at most 1000"):
+            await h.client.get_project(REF)
+
+
+async def test_a_huge_error_body_is_cut_not_refused() -> None:
+    """A 404 with megabytes of body is still "no such project" (its first 64 KiB are read)."""
+    body = b'{"message": "gone"}' + b" " * (4 * MAX_BODY_BYTES)
+    async with harness(httpx.Response(404, content=body)) as h:
+        with pytest.raises(ProjectNotFound, match="no such project"):
+            await h.client.get_project(REF)
+
+
+class Drip(httpx.AsyncByteStream):
+    """A body that never ends: a byte now and then, each well within any read timeout."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            await asyncio.sleep(0.01)
+            yield b" "
+
+
+async def test_a_body_that_drips_forever_is_a_timeout() -> None:
+    """A server sending a byte at a time never trips the per-read timeout; the call's deadline
+    ends it as a transient timeout."""
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda _: httpx.Response(200, stream=Drip()))
+    ) as http:
+        client = MagicHourClient(
+            http,
+            base_url=BASE_URL,
+            token=SecretStr(TOKEN),
+            throttle=Throttle(rate=1000, concurrency=1),
+            max_attempts=1,
+            deadline=0.2,
+        )
+        with pytest.raises(TransientApiError, match="no complete answer from") as caught:
+            await client.get_project(REF)
+    assert caught.value.cause == "timeout"
