@@ -863,11 +863,15 @@ class Daemon:
     async def _api_trouble(self, claim: Claim, exc: ApiError) -> None:
         if isinstance(exc, InvalidRequest):  # stops polling like a refused token
             note = f"{exc}; polling is stopped until this is fixed"
-            if not self.unauthorized:
-                await self.store.note_active(note, now=clock.now())
-                log.error("api_request_invalid", error=str(exc), action="polling stopped")
-            self.unauthorized = True
+            first, self.unauthorized = not self.unauthorized, True  # before any await: one line
             self._pause(AUTH_RECHECK_SECONDS)
+            if first:
+                log.error(
+                    "api_request_invalid",
+                    error=str(exc),
+                    action=f"polling stopped; one retry every {AUTH_RECHECK_SECONDS:g} s",
+                )
+                await self.store.note_active(note, now=clock.now())
             await self._retry(claim, note, count=False, delay=AUTH_RECHECK_SECONDS)
         elif isinstance(exc, Unauthorized):
             if not self.unauthorized:

@@ -294,8 +294,9 @@ async def test_a_request_that_cannot_be_sent_stops_polling_with_one_line(tmp_pat
     """When no request can be sent (here a non-ASCII replica id in the User-Agent) the daemon
     logs it once, notes it on every project, sends nothing and exits as for a refused token."""
     async with HostileApi({}) as api:
-        settings = settings_for(api, tmp_path, "p1 p2 p3", replica_id="réplica")
-        store = InMemoryStore()
+        ids = [f"p{i}" for i in range(10)]
+        settings = settings_for(api, tmp_path, " ".join(ids), replica_id="réplica")
+        store = SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True)
         daemon = Daemon(settings, store, until_done=True)
         with capture_logs() as logs:
             outcome = await asyncio.wait_for(daemon.run(), 10)
@@ -304,8 +305,9 @@ async def test_a_request_that_cannot_be_sent_stops_polling_with_one_line(tmp_pat
     events = [e for e in logs if e["event"] == "api_request_invalid"]
     assert len(events) == 1
     assert "WATCHER_REPLICA_ID" in events[0]["error"]
-    for pid in ("p1", "p2", "p3"):
-        record = await store.get(pid)
-        assert record is not None
-        assert record.state == State.POLLING
-        assert "WATCHER_REPLICA_ID" in (record.failure or "")
+    async with store:
+        for pid in ids:
+            record = await store.get(pid)
+            assert record is not None
+            assert record.state == State.POLLING
+            assert "WATCHER_REPLICA_ID" in (record.failure or "")
