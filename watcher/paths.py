@@ -5,6 +5,13 @@ The file name comes from the download URL's last path segment (what the official
 is untrusted: it is percent-decoded, stripped to a safe alphabet, kept short, and the resolved path
 is checked to lie inside the download directory. Project ids are validated at ``track`` time and
 cannot contain a separator or a dot.
+
+An output's name always starts with its index (a digit), so the temporary name it is written under
+until verified, ``.<final name>.part``, is one no output can take: a clean-up that removes
+temporary files cannot hit an output, whatever the URL's name ends with. Earlier versions
+wrote ``<final name>.part`` (:func:`legacy_part_path`); such a name *can* be an output's (a URL
+ending in ``.part``), so those files are only resumed, or removed when the store says they are
+not an output.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from watcher.errors import InvalidProjectId
 from watcher.models import Kind, validate_project_id
 
 MAX_NAME_LENGTH = 100
+PART_PREFIX = "."
 PART_SUFFIX = ".part"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -53,5 +61,25 @@ def resolve_inside(root: Path, relpath: str) -> Path:
 
 
 def part_path(final: Path) -> Path:
-    """The temporary name an output is written under until it is verified."""
+    """The temporary name an output is written under until it is verified (hidden, beside it)."""
+    return final.with_name(PART_PREFIX + final.name + PART_SUFFIX)
+
+
+def legacy_part_path(final: Path) -> Path:
+    """The temporary name earlier versions used: ``<final name>.part``."""
     return final.with_name(final.name + PART_SUFFIX)
+
+
+def is_part_name(name: str) -> bool:
+    """Whether ``name`` is a temporary file of this version (never an output's name)."""
+    return (
+        name.startswith(PART_PREFIX)
+        and name.endswith(PART_SUFFIX)
+        and len(name) > len(PART_PREFIX + PART_SUFFIX)
+    )
+
+
+def may_be_part_name(name: str) -> bool:
+    """Whether ``name`` may be a temporary file of this version or an earlier one (an earlier
+    one's can also be an output's name: ask the store before removing it)."""
+    return name.endswith(PART_SUFFIX)

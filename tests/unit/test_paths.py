@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -12,6 +12,9 @@ from watcher.models import Kind
 from watcher.paths import (
     MAX_NAME_LENGTH,
     PART_SUFFIX,
+    is_part_name,
+    legacy_part_path,
+    may_be_part_name,
     output_relpath,
     part_path,
     resolve_inside,
@@ -187,6 +190,40 @@ def test_resolve_inside_refuses_a_symlink_out(tmp_path: Path) -> None:
 
 
 def test_part_path_sits_beside_the_final_file(tmp_path: Path) -> None:
-    """The temporary file is the final name plus ``.part``, in the same directory."""
+    """The temporary file is the final name, hidden and with ``.part``, in the same directory."""
     final = tmp_path / "image" / "p1" / "0-output.png"
-    assert part_path(final) == final.parent / ("0-output.png" + PART_SUFFIX)
+    assert part_path(final) == final.parent / (".0-output.png" + PART_SUFFIX)
+    assert legacy_part_path(final) == final.parent / ("0-output.png" + PART_SUFFIX)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"{CDN}/output.png",
+        f"{CDN}/video.part",
+        f"{CDN}/.part",
+        f"{CDN}/x.part.part",
+        f"{CDN}/.hidden.part",
+        f"{CDN}/%2e0-output.png.part",
+        "https://cdn.example/",
+        f"{CDN}/{'p' * 300}.part",
+    ],
+)
+@pytest.mark.parametrize("index", [0, 7, 12])
+def test_no_output_can_take_a_temporary_name(url: str, index: int) -> None:
+    """Whatever the URL's name ends with, an output's name is never a temporary file's, and a
+    temporary file's name is never an output's: a sweep of temporary files cannot hit one."""
+    relpath = output_relpath(Kind.VIDEO, "cm2xabc", index, url)
+    name = PurePosixPath(relpath).name
+    assert not is_part_name(name), name
+    assert is_part_name(part_path(Path(relpath)).name)
+    assert part_path(Path(relpath)).name != name
+
+
+def test_an_earlier_versions_part_name_may_be_an_outputs() -> None:
+    """``<name>.part`` (earlier versions' temporary name) is also what an output named from a URL
+    ending in ``.part`` is called: only the store can tell them apart."""
+    name = PurePosixPath(output_relpath(Kind.VIDEO, "cm2xabc", 0, f"{CDN}/video.part")).name
+    assert name == "0-video.part"
+    assert may_be_part_name(name)
+    assert not is_part_name(name)
