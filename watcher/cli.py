@@ -309,7 +309,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts, rows = asyncio.run(work())
         doc = {
             "counts": {s.value: n for s, n in sorted(counts.items())},
-            "projects": [project_json(p, o) for p, o in rows],
+            "projects": [project_json(p, o, settings.download_dir) for p, o in rows],
         }
     print(json.dumps(doc, indent=2) if args.json else render_status(doc, args.state))
     return 0
@@ -337,6 +337,24 @@ def render_table(
     )
 
 
+def _saved_cell(saved: int, total: int, so_far: int) -> str:
+    """``1/3``, and the bytes of the unsaved outputs already on disk: ``1/3 +12.5 MiB``."""
+    if not total:
+        return "-"
+    return f"{saved}/{total}" + (f" +{_human_bytes(so_far)}" if so_far else "")
+
+
+def _human_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
 def render_status(doc: dict[str, Any], state: str | None = None) -> str:
     """The table of a ``status --json`` document (as the store or the control API gives it),
     listing projects in ``state`` only if given; says so when more exist than it shows."""
@@ -347,6 +365,7 @@ def render_status(doc: dict[str, Any], state: str | None = None) -> str:
     for p in doc["projects"]:
         outputs = p["outputs"]
         saved = sum(1 for o in outputs if o["state"] == "saved")
+        so_far = sum(o.get("bytes_received") or 0 for o in outputs if o["state"] != "saved")
         error = p["error"]
         note = p["failure"] or (f"{error['code']}: {error['message']}" if error else "")
         lines.append(
@@ -356,7 +375,7 @@ def render_status(doc: dict[str, Any], state: str | None = None) -> str:
                 p["state"],
                 p["remote_status"] or "-",
                 str(p["polls"]),
-                f"{saved}/{len(outputs)}" if outputs else "-",
+                _saved_cell(saved, len(outputs), so_far),
                 note[:60],
             )
         )

@@ -32,6 +32,7 @@ import random
 import re
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import structlog
@@ -39,7 +40,13 @@ import structlog
 from watcher import __version__, clock
 from watcher.api import USER_AGENT, MagicHourClient
 from watcher.backoff import GiveUpLimits, PollPolicy, next_attempt, stalled_for_good
-from watcher.downloader import Downloader, finish_from_disk
+from watcher.downloader import (
+    Downloader,
+    TransferLimits,
+    find_parts,
+    finish_from_disk,
+    remove_files,
+)
 from watcher.errors import (
     ApiError,
     ApiRejected,
@@ -56,7 +63,7 @@ from watcher.errors import (
 )
 from watcher.metrics import Metrics
 from watcher.models import Kind, ProjectRef, ProjectSnapshot, RemoteStatus, State
-from watcher.paths import PART_SUFFIX, output_relpath, part_path, resolve_inside
+from watcher.paths import is_part_name, output_relpath, part_path, resolve_inside
 from watcher.priority import PriorityGate
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats, next_poll_delay
 from watcher.settings import Settings
@@ -216,7 +223,12 @@ class Daemon:
                 metrics=self.metrics,
                 user_agent=self.user_agent,
             )
-            self.downloader = Downloader(http, user_agent=self.user_agent)
+            self.downloader = Downloader(
+                http,
+                user_agent=self.user_agent,
+                limits=self._transfer_limits(),
+                on_bytes=self.metrics.download_bytes.inc,
+            )
             await self._start()
             try:
                 async with asyncio.TaskGroup() as group:
@@ -236,6 +248,15 @@ class Daemon:
                     await self.store.release_leases(now=clock.now(), owner=self.owner)
             return await self._outcome()
 
+    def _transfer_limits(self) -> TransferLimits:
+        s = self.settings
+        return TransferLimits(
+            min_rate=s.download_min_rate,
+            rate_window=s.download_rate_window,
+            max_seconds=s.download_max_seconds,
+            progress_seconds=s.download_progress_seconds,
+        )
+
     async def _fleet_budget(self, want: int) -> int:
         rate = self.settings.max_requests_per_second
         return await self.store.take_rate_tokens(
@@ -249,7 +270,7 @@ class Daemon:
         )
         refs = self.settings.project_refs
         added = await self.track(refs, delete_after_download=self.settings.delete_after_download)
-        swept = await asyncio.to_thread(self._sweep_parts_sync, await self._active_ids())
+        swept = await self._sweep_parts(await self._active_ids())
         learned = await self._learn()
         log.info(
             "daemon_started",
@@ -306,16 +327,30 @@ class Daemon:
                 cursor = page.next_cursor
         return ids
 
-    def _sweep_parts_sync(self, downloading: set[str]) -> int:
-        """Remove ``.part`` files of projects that are no longer downloading (crash leftovers)."""
-        removed = 0
-        if not self.download_dir.is_dir():
-            return 0
-        for part in self.download_dir.glob(f"*/*/*{PART_SUFFIX}"):
-            if part.parent.name not in downloading:
-                part.unlink(missing_ok=True)
-                removed += 1
-        return removed
+    async def _sweep_parts(self, active: set[str]) -> int:
+        """Remove temporary files of projects no longer downloading (crash leftovers)."""
+        found = await asyncio.to_thread(find_parts, self.download_dir, "*/*/*")
+        by_project: dict[str, list[Path]] = {}
+        for part in found:
+            if part.parent.name not in active:
+                by_project.setdefault(part.parent.name, []).append(part)
+        doomed: list[Path] = []
+        for project_id, parts in sorted(by_project.items()):
+            doomed += await self._removable_parts(project_id, parts)
+        return await asyncio.to_thread(remove_files, doomed)
+
+    async def _removable_parts(self, project_id: str, parts: list[Path]) -> list[Path]:
+        """Of ``parts``, files in the project's folder that look temporary, those safe to remove:
+        never a path the store records as an output, and a name of an earlier version (which an
+        output can have too) only for a project the store knows."""
+        recorded = {o.path for o in await self.store.outputs(project_id)}
+        known = bool(recorded) or await self.store.get(project_id) is not None
+        return [
+            part
+            for part in parts
+            if part.relative_to(self.download_dir).as_posix() not in recorded
+            and (known or is_part_name(part.name))
+        ]
 
     async def _drain(self) -> None:
         tasks = [task for task, _ in self._tasks.values()]
@@ -697,12 +732,11 @@ class Daemon:
 
         started = clock.monotonic()
         async with self.download_gate.slot(row.expires_at):
-            saved = await self._downloader.fetch(row.url, row.expires_at, final, on_verified)
+            saved = await self._downloader.fetch(row.url, final, on_verified)
         now = clock.now()
         await self.store.record_output_saved(claim, index=row.index, now=now)
         elapsed = clock.monotonic() - started
         self.metrics.downloads.labels("saved").inc()
-        self.metrics.download_bytes.inc(saved.size)
         self.metrics.download_seconds.observe(elapsed)
         self.metrics.url_lifetime_left.observe(max(0.0, row.expires_at - now))
         log.info(
@@ -799,7 +833,7 @@ class Daemon:
             notify=self._announcer(),
         )
         self.metrics.finished.labels(state.value).inc()
-        await asyncio.to_thread(self._remove_parts_sync, p.kind.value, p.id)
+        await self._remove_parts(p.kind.value, p.id)
         fields: dict[str, object] = {"project_id": p.id, "kind": p.kind.value, "state": state.value}
         if state == State.ERROR:
             log.warning(
@@ -818,11 +852,14 @@ class Daemon:
         else:
             log.info("project_saved", **fields, note=failure)
 
-    def _remove_parts_sync(self, kind: str, project_id: str) -> None:
-        folder = self.download_dir / kind / project_id
-        if folder.is_dir():
-            for part in folder.glob(f"*{PART_SUFFIX}"):
-                part.unlink(missing_ok=True)
+    async def _remove_parts(self, kind: str, project_id: str) -> None:
+        """Remove the temporary files of a project that has reached its final state."""
+        parts = await asyncio.to_thread(find_parts, self.download_dir / kind / project_id, "*")
+        if parts:
+            with contextlib.suppress(StoreError):  # if not now, the next start-up's sweep
+                await asyncio.to_thread(
+                    remove_files, await self._removable_parts(project_id, parts)
+                )
 
     async def _retry(
         self,

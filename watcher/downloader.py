@@ -1,20 +1,33 @@
-"""Streaming, verified, resumable downloads of one output to disk.
+"""Streaming, verified, resumable, bounded downloads of one output to disk.
 
 The order of writes for one output (what makes ``kill -9`` at any instant safe):
 
-1. Stream the body into ``<final>.part`` in chunks (memory does not grow with the file), resuming
-   an existing ``.part`` with ``Range`` when the server answers ``206`` with a matching
-   ``Content-Range`` (a ``200`` starts over from byte 0).
-2. ``fsync`` the ``.part`` file; check its length against ``Content-Length``/``Content-Range``.
+1. Stream the body into the temporary file ``.<final name>.part`` beside the final name (see
+   :mod:`watcher.paths`: no output can have that name) in chunks (memory does not grow with the
+   file), resuming an existing temporary file with ``Range`` when the server answers ``206`` with
+   a matching ``Content-Range`` (a ``200`` starts over from byte 0). A temporary file of an
+   earlier version (``<final name>.part``) is adopted first, so an upgrade resumes it.
+2. ``fsync`` the temporary file; check that the body was complete: its length against
+   ``Content-Length``/``Content-Range`` and, for a body the server compressed although it was
+   asked for ``identity``, that the decompressor reached the end of the stream.
 3. The caller records size and sha256 in the store (``verified``).
-4. ``rename`` ``.part`` to the final name (atomic), then ``fsync`` the directory.
+4. ``rename`` the temporary file to the final name (atomic), then ``fsync`` the directory.
 5. The caller records the output ``saved``. Only then may a DELETE be sent.
 
 A reader therefore never sees a partial file under a final name. After a crash, an output in the
 store as ``verified`` is finished from disk (:func:`finish_from_disk`): the final file or the
-``.part`` is accepted only if its size and sha256 match the record; otherwise it is fetched again.
+temporary file is accepted only if its size and sha256 match the record; otherwise it is fetched
+again.
 
-This module does not talk to the store or the API; the daemon does.
+Every transfer is bounded (:class:`TransferLimits`): it must deliver a minimum number of bytes in
+every window of time and finish within an overall deadline, or it is cut (its bytes stay in the
+temporary file, resumed later with ``Range``), so a slow-drip server cannot hold a download slot
+forever. A long transfer logs ``download_progress`` at a steady cadence and counts its bytes in
+``watcher_download_bytes_total`` as they are written; the size of the temporary file is the
+bytes-so-far that ``watcher status`` and the API show (:func:`bytes_on_disk`).
+
+This module does not talk to the store or the API; the daemon does. The URL's ``expires_at`` is
+not consulted here: a clock that is off would skip a good URL, so the CDN's answer decides.
 """
 
 from __future__ import annotations
@@ -24,24 +37,45 @@ import errno
 import hashlib
 import os
 import re
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import httpx
+import structlog
 
-from watcher import clock
 from watcher.errors import DiskFull, DownloadError, DownloadIncomplete, DownloadUrlExpired
-from watcher.paths import part_path
+from watcher.paths import PART_SUFFIX, legacy_part_path, may_be_part_name, part_path
+
+log = structlog.get_logger("watcher")
 
 CHUNK_SIZE = 1024 * 1024
 BATCH_BYTES = 1024 * 1024
 WRITEBACK_BYTES = 8 * 1024 * 1024
+# A batch is handed to the writer after this long even if it is small: on a slow link the bytes
+# received reach the disk (and the progress that ``watcher status`` shows) within about a second.
+HANDOVER_SECONDS = 1.0
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 USER_AGENT = "magic-hour-watcher"
 
 OnVerified = Callable[[int, str], Awaitable[None]]
+OnBytes = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TransferLimits:
+    """Bounds of one transfer, and how often a long one reports progress.
+
+    ``min_rate`` bytes per second must arrive in every ``rate_window`` seconds (``0``: no
+    minimum); the whole transfer must end within ``max_seconds``.
+    """
+
+    min_rate: float = 1024.0
+    rate_window: float = 60.0
+    max_seconds: float = 3600.0
+    progress_seconds: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,29 +122,27 @@ class Downloader:
         self,
         http: httpx.AsyncClient,
         *,
-        now: Callable[[], float] = clock.now,
         user_agent: str = USER_AGENT,
+        limits: TransferLimits | None = None,
+        on_bytes: OnBytes | None = None,
     ) -> None:
         self._http = http
-        self._now = now
         self._user_agent = user_agent
+        self._limits = limits or TransferLimits()
+        self._on_bytes = on_bytes
 
-    async def fetch(
-        self, url: str, expires_at: float, final: Path, on_verified: OnVerified
-    ) -> SavedFile:
+    async def fetch(self, url: str, final: Path, on_verified: OnVerified) -> SavedFile:
         """Download ``url`` to ``final`` following the order of writes in the module docstring."""
-        if expires_at <= self._now():
-            raise DownloadUrlExpired("the signed URL expired before the download started")
         final.parent.mkdir(parents=True, exist_ok=True)
-        part = part_path(final)
+        part = await asyncio.to_thread(_adopt_legacy_part, final)
         offset = part.stat().st_size if part.exists() else 0
         headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:
             async with self._http.stream("GET", url, headers=headers) as response:
-                expected, offset = self._check_response(response, offset, part)
-                size, digest = await self._write(response, part, offset)
+                expected, offset, decoder = self._check_response(response, offset, part)
+                size, digest = await self._write(response, final, offset, expected, decoder)
         except httpx.TimeoutException:
             raise DownloadIncomplete(
                 "the download timed out; it resumes from its .part file"
@@ -120,10 +152,8 @@ class Downloader:
                 f"the connection broke during the download ({type(exc).__name__}); "
                 "it resumes from its .part file"
             ) from None
-        except httpx.HTTPError as exc:  # a bad URL scheme, a proxy error, an undecodable body
+        except httpx.HTTPError as exc:  # a bad URL scheme, a proxy error
             raise DownloadError(f"the download failed ({type(exc).__name__})") from None
-        if expected is not None and size != expected:
-            raise DownloadIncomplete(f"got {size} bytes of {expected}; resuming later")
         sha256 = digest.hexdigest()
         await on_verified(size, sha256)
         await asyncio.to_thread(_commit, part, final)
@@ -131,15 +161,17 @@ class Downloader:
 
     def _check_response(
         self, response: httpx.Response, offset: int, part: Path
-    ) -> tuple[int | None, int]:
-        """Validate status and headers; return (expected total size, offset to write from)."""
+    ) -> tuple[int | None, int, _Decoder]:
+        """Validate status and headers; return (expected length of the body as sent, or None;
+        offset to write from; the decoder of its content coding)."""
         code = response.status_code
         if code in {401, 403, 404, 410}:
             raise DownloadUrlExpired(f"the signed URL was refused (HTTP {code})")
         if code == 416 and offset:
             total = response.headers.get("content-range", "").removeprefix("bytes */")
             if total.isdigit() and int(total) == offset:
-                return offset, offset  # the .part already holds every byte (killed before commit)
+                # The .part already holds every byte (killed before commit).
+                return 0, offset, _Identity()
             part.unlink(missing_ok=True)
             raise DownloadIncomplete("the server refused to resume (HTTP 416); starting over")
         if code == 206 and offset:
@@ -147,18 +179,30 @@ class Downloader:
             if match is None or int(match.group(1)) != offset:
                 part.unlink(missing_ok=True)
                 raise DownloadIncomplete("the server resumed at the wrong offset; starting over")
+            if not isinstance(_decoder_for(response), _Identity):
+                # The range is one of the compressed bytes, which cannot continue our file.
+                part.unlink(missing_ok=True)
+                raise DownloadIncomplete(
+                    "the server resumed a compressed body (Content-Encoding "
+                    f"{response.headers['content-encoding']!r}); starting over"
+                )
             total = match.group(3)
-            return (int(total) if total != "*" else None), offset
+            return (int(total) - offset if total != "*" else None), offset, _Identity()
         if code == 200:
             length = response.headers.get("content-length")
-            encoded = response.headers.get("content-encoding", "identity") != "identity"
-            expected = int(length) if length and length.isdigit() and not encoded else None
-            return expected, 0
+            expected = int(length) if length and length.isdigit() else None
+            return expected, 0, _decoder_for(response)
         raise DownloadError(f"unexpected HTTP {code} from the download URL")
 
     async def _write(
-        self, response: httpx.Response, part: Path, offset: int
+        self,
+        response: httpx.Response,
+        final: Path,
+        offset: int,
+        expected: int | None,
+        decoder: _Decoder,
     ) -> tuple[int, hashlib._Hash]:
+        part = part_path(final)
         try:
             if offset:
                 size, digest = await asyncio.to_thread(_hash_file, part, offset)
@@ -167,16 +211,106 @@ class Downloader:
             with part.open("r+b" if offset else "wb") as f:
                 f.seek(offset)
                 f.truncate()
-                sink = _Sink(f, digest, offset)
+                sink = _Sink(f, digest, offset, decoder, self._on_bytes)
                 # A 416 (the .part is already whole) carries an error page, not bytes of the file.
                 if response.status_code != 416:
-                    size += await _stream_to_sink(response, sink)
+                    transfer = _Transfer(self._limits, final, offset, expected, decoder)
+                    received = await transfer.stream(response, sink)
+                    size = sink.written
+                    transfer.check_complete(received)
                 await asyncio.to_thread(sink.sync)
         except OSError as exc:
             if exc.errno in {errno.ENOSPC, errno.EDQUOT}:
-                part.unlink(missing_ok=True)  # noqa: ASYNC240 - frees space at once
+                part.unlink(missing_ok=True)  # frees space at once
             raise _disk_error(exc, part) from None
         return size, digest
+
+
+def _adopt_legacy_part(final: Path) -> Path:
+    """The temporary file of ``final``, taking over an earlier version's ``<final>.part``."""
+    part, legacy = part_path(final), legacy_part_path(final)
+    if not part.exists() and legacy.is_file():
+        # The legacy name of output N starts with "N-" and is not output N's own name, and the
+        # store records one path per index: it cannot be another output's file.
+        legacy.replace(part)
+    return part
+
+
+class _Decoder(Protocol):
+    """Turns the body as sent into the file's bytes, and knows whether it saw the end."""
+
+    @property
+    def complete(self) -> bool: ...
+
+    def decode(self, data: bytes) -> Iterator[bytes]: ...
+
+
+class _Identity:
+    """The body is the file."""
+
+    complete = True
+
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        if data:
+            yield data
+
+
+class _Inflate:
+    """A gzip or deflate body, decoded in pieces of at most ``CHUNK_SIZE`` (a small compressed
+    body cannot expand in memory), which is complete only once its stream has ended."""
+
+    def __init__(self, coding: str) -> None:
+        self._coding = coding
+        self._wbits = zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS
+        self._z = zlib.decompressobj(self._wbits)
+        self._started = False
+
+    @property
+    def complete(self) -> bool:
+        return self._z.eof
+
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        try:
+            yield from self._inflate(data)
+        except zlib.error as exc:
+            if self._coding != "deflate" or self._started:
+                raise DownloadError(
+                    f"the body is not valid {self._coding} (Content-Encoding): {exc}"
+                ) from None
+            # "deflate" is often sent raw, without the zlib wrapper.
+            self._wbits = -zlib.MAX_WBITS
+            self._z = zlib.decompressobj(self._wbits)
+            yield from self.decode(data)
+
+    def _inflate(self, data: bytes) -> Iterator[bytes]:
+        while True:
+            if self._z.eof:  # a gzip body may hold several members, one after another
+                data = self._z.unused_data
+                if not data:
+                    return
+                self._z = zlib.decompressobj(self._wbits)
+            piece = self._z.decompress(data, CHUNK_SIZE)
+            if piece:
+                self._started = True
+                yield piece
+            data = self._z.unconsumed_tail
+            if not data and len(piece) < CHUNK_SIZE and not self._z.eof:
+                return  # every byte given is decoded, and no output is pending
+
+
+def _decoder_for(response: httpx.Response) -> _Decoder:
+    """The decoder of the response's ``Content-Encoding`` (we asked for ``identity``)."""
+    coding = response.headers.get("content-encoding", "").strip().lower()
+    if coding in {"", "identity"}:
+        return _Identity()
+    if coding in {"gzip", "x-gzip"}:
+        return _Inflate("gzip")
+    if coding == "deflate":
+        return _Inflate("deflate")
+    raise DownloadError(
+        f"the server sent Content-Encoding {coding!r}, which was not asked for and cannot be "
+        "checked for completeness"
+    )
 
 
 class _Sink:
@@ -188,22 +322,35 @@ class _Sink:
     not push everything else out of memory.
     """
 
-    def __init__(self, f: BinaryIO, digest: hashlib._Hash, offset: int) -> None:
+    def __init__(
+        self,
+        f: BinaryIO,
+        digest: hashlib._Hash,
+        offset: int,
+        decoder: _Decoder,
+        on_bytes: OnBytes | None,
+    ) -> None:
         self._f = f
         self._digest = digest
-        self._written = offset
+        self._decoder = decoder
+        self._on_bytes = on_bytes
+        self.written = offset
         self._advised = offset
 
     def absorb(self, chunks: list[bytes]) -> None:
-        """Write ``chunks`` as received (not re-chunked) and add them to the digest."""
+        """Decode ``chunks`` as received, write them and add them to the digest."""
+        before = self.written
         for chunk in chunks:
-            self._f.write(chunk)
-            self._digest.update(chunk)
-            self._written += len(chunk)
-        if self._written - self._advised >= WRITEBACK_BYTES:
+            for piece in self._decoder.decode(chunk):
+                self._f.write(piece)
+                self._digest.update(piece)
+                self.written += len(piece)
+        if self.written - self._advised >= WRITEBACK_BYTES:
             self._f.flush()
-            _start_writeback(self._f.fileno(), self._advised, self._written - self._advised)
-            self._advised = self._written
+            _start_writeback(self._f.fileno(), self._advised, self.written - self._advised)
+            self._advised = self.written
+        if self._on_bytes is not None and self.written > before:
+            self._on_bytes(self.written - before)
 
     def sync(self) -> None:
         """Flush and ``fsync`` the file."""
@@ -216,34 +363,124 @@ def _start_writeback(fd: int, start: int, length: int) -> None:
         os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
 
 
-async def _stream_to_sink(response: httpx.Response, sink: _Sink) -> int:
-    """Receive the body on the event loop while a worker thread writes and hashes it.
+def _raw_body(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as sent, before any ``Content-Encoding`` is undone. (A response built in memory,
+    by a test's transport, was read as it was built; its stream still holds the bytes as sent.)"""
+    if response.is_stream_consumed and isinstance(response.stream, httpx.AsyncByteStream):
+        return aiter(response.stream)
+    return response.aiter_raw()
 
-    Chunks are handed over in batches of about ``BATCH_BYTES`` with at most one batch in flight, so
-    receiving overlaps writing and hashing (both release the GIL) and memory stays at about two
-    batches whatever the file's size. A batch already received is written even when the body is
-    cut short or the task is cancelled: those bytes stay in the ``.part`` for resuming.
-    """
-    received = 0
-    batch: list[bytes] = []
-    batched = 0
-    in_flight: asyncio.Future[None] | None = None
-    try:
-        async for chunk in response.aiter_bytes():
-            batch.append(chunk)
-            batched += len(chunk)
-            received += len(chunk)
-            if batched >= BATCH_BYTES:
+
+class _Transfer:
+    """One response body on its way into the ``.part``: bounded, reported, checked."""
+
+    def __init__(
+        self,
+        limits: TransferLimits,
+        final: Path,
+        offset: int,
+        expected: int | None,
+        decoder: _Decoder,
+    ) -> None:
+        self._limits = limits
+        self._final = final
+        self._offset = offset
+        self._expected = expected
+        self._decoder = decoder
+
+    async def stream(self, response: httpx.Response, sink: _Sink) -> int:
+        """Receive the body on the event loop while a worker thread writes and hashes it; return
+        how many bytes were received (as sent, before decoding).
+
+        Chunks are handed over in batches of about ``BATCH_BYTES`` (or what arrived within
+        ``HANDOVER_SECONDS``, whichever comes first) with at most one batch in flight, so
+        receiving overlaps writing and hashing (both release the GIL) and memory stays at about
+        two batches whatever the file's size. A batch already received is written even when the
+        body is cut short, too slow, or the task is cancelled: those bytes stay in the ``.part``
+        for resuming.
+        """
+        limits = self._limits
+        loop = asyncio.get_running_loop()
+        started = last_report = last_handover = loop.time()
+        deadline = started + limits.max_seconds
+        quota = limits.min_rate * limits.rate_window  # bytes due in every window
+        window = limits.rate_window if quota > 0 else limits.max_seconds
+        window_bytes = 0
+        received = 0
+        batch: list[bytes] = []
+        batched = 0
+        in_flight: asyncio.Future[None] | None = None
+        try:
+            try:
+                async with asyncio.timeout_at(min(deadline, started + window)) as timer:
+                    async for chunk in _raw_body(response):
+                        batch.append(chunk)
+                        batched += len(chunk)
+                        received += len(chunk)
+                        window_bytes += len(chunk)
+                        now = loop.time()
+                        if quota and window_bytes >= quota:  # this window's due is met
+                            window_bytes = 0
+                            timer.reschedule(min(deadline, now + window))
+                        if now - last_report >= limits.progress_seconds:
+                            last_report = now
+                            self._report(received, sink.written, now - started)
+                        if batched >= BATCH_BYTES or now - last_handover >= HANDOVER_SECONDS:
+                            last_handover = now
+                            if in_flight is not None:
+                                await asyncio.shield(in_flight)
+                            in_flight = asyncio.ensure_future(asyncio.to_thread(sink.absorb, batch))
+                            batch, batched = [], 0
+            finally:
+                # Outside the time limit: a thread cannot be interrupted, so let it finish
+                # before the file is touched again.
                 if in_flight is not None:
-                    await in_flight
-                in_flight = asyncio.ensure_future(asyncio.to_thread(sink.absorb, batch))
-                batch, batched = [], 0
-    finally:
-        if in_flight is not None:
-            # A thread cannot be interrupted: let it finish before the file is touched again.
-            await asyncio.shield(in_flight)
-        sink.absorb(batch)
-    return received
+                    await asyncio.shield(in_flight)
+                sink.absorb(batch)
+        except TimeoutError:
+            elapsed = loop.time() - started
+            if loop.time() >= deadline:
+                cause = f"it did not finish within {limits.max_seconds:g} s"
+            else:
+                cause = (
+                    f"fewer than {quota:.0f} bytes arrived in {limits.rate_window:g} s "
+                    f"(the minimum is {limits.min_rate:g} bytes/s)"
+                )
+            raise DownloadIncomplete(
+                f"the transfer was cut after {elapsed:.1f} s with {received} bytes received: "
+                f"{cause}; it resumes from its .part file"
+            ) from None
+        return received
+
+    def _report(self, received: int, written: int, elapsed: float) -> None:
+        identity = isinstance(self._decoder, _Identity)
+        # Bytes of the file so far: those received (a compressed body: those decoded, written).
+        so_far = self._offset + received if identity else written
+        log.info(
+            "download_progress",
+            path=str(self._final),
+            bytes=so_far,
+            total=self._offset + self._expected
+            if self._expected is not None and identity
+            else None,
+            resumed_from=self._offset,
+            elapsed_s=round(elapsed, 1),
+            bytes_per_second=round((so_far - self._offset) / elapsed) if elapsed > 0 else None,
+        )
+
+    def check_complete(self, received: int) -> None:
+        """Refuse a body that did not verifiably end: short of its length, or a compressed
+        stream that stopped before its end."""
+        if self._expected is not None and received != self._expected:
+            raise DownloadIncomplete(
+                f"got {self._offset + received} bytes of {self._offset + self._expected}; "
+                "resuming later"
+            )
+        if not self._decoder.complete:
+            raise DownloadIncomplete(
+                "the compressed body (Content-Encoding) ended before its end of stream; "
+                "resuming later"
+            )
 
 
 def _commit(part: Path, final: Path) -> None:
@@ -258,9 +495,10 @@ def _commit(part: Path, final: Path) -> None:
 def finish_from_disk(final: Path, size: int, sha256: str) -> bool:
     """Complete an output recorded as verified before a crash.
 
-    True if the final file (or its ``.part``, then renamed) has the recorded size and digest.
+    True if the final file (or its temporary file, of this version or an earlier one, then
+    renamed) has the recorded size and digest.
     """
-    for candidate in (final, part_path(final)):
+    for candidate in (final, part_path(final), legacy_part_path(final)):
         if not candidate.is_file() or candidate.stat().st_size != size:
             continue
         _, digest = _hash_file(candidate)
@@ -273,5 +511,35 @@ def finish_from_disk(final: Path, size: int, sha256: str) -> bool:
 
 
 def remove_part(final: Path) -> None:
-    """Delete a leftover ``.part`` of ``final``, if any."""
+    """Delete a leftover temporary file of ``final`` (of this version or an earlier one)."""
     part_path(final).unlink(missing_ok=True)
+    legacy_part_path(final).unlink(missing_ok=True)
+
+
+def find_parts(folder: Path, pattern: str) -> list[Path]:
+    """Files under ``folder`` matching ``pattern`` (a glob ending in ``*``) whose names may be
+    temporary files, of this version or an earlier one; see :func:`watcher.paths.is_part_name`
+    for which of them can also be an output's name."""
+    if not folder.is_dir():
+        return []
+    return [
+        p for p in folder.glob(pattern + PART_SUFFIX) if may_be_part_name(p.name) and p.is_file()
+    ]
+
+
+def remove_files(paths: list[Path]) -> int:
+    """Delete ``paths`` (those already gone count as removed too); how many."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    return len(paths)
+
+
+def bytes_on_disk(final: Path) -> int:
+    """How many bytes of ``final`` are on disk so far: its temporary file's size while it
+    downloads (the daemon writes it in batches of about 1 MiB), the file's once it is saved."""
+    for candidate in (part_path(final), legacy_part_path(final), final):
+        try:
+            return candidate.stat().st_size
+        except OSError:
+            continue
+    return 0

@@ -18,8 +18,9 @@
     │   ├── ProjectNotFound         404: the project does not exist (any more)
     │   └── ApiRejected             any other 4xx: not retried
     └── DownloadError               an output could not be saved
-        ├── DownloadUrlExpired      403 or past ``expires_at``: fetch fresh URLs and carry on
-        ├── DownloadIncomplete      the body ended early or does not match its length
+        ├── DownloadUrlExpired      the CDN refused the signed URL: fetch fresh URLs, carry on
+        ├── DownloadIncomplete      the body ended early, was cut for being too slow, or
+        │                           does not match its length: resumed later
         └── DiskFull                no space left: the project is retried later
 
 Messages never contain secrets: the API token is not part of any request we describe.
@@ -108,11 +109,11 @@ class DownloadError(WatcherError):
 
 
 class DownloadUrlExpired(DownloadError):
-    """The signed URL is stale (403, or past its ``expires_at``)."""
+    """The CDN refused the signed URL (401, 403, 404, 410): it is stale."""
 
 
 class DownloadIncomplete(DownloadError):
-    """The body ended early, or its length does not match ``Content-Length``."""
+    """The body ended early, does not match its length, or was cut for being too slow."""
 
 
 class DiskFull(DownloadError):

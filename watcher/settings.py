@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     max_concurrent_downloads: Annotated[int, Field(ge=1, le=256)] = 4
     max_requests_per_second: Annotated[float, Field(gt=0, le=10_000)] = 50.0
     request_timeout: PositiveSeconds = 30.0
+    download_min_rate: Annotated[float, Field(ge=0, le=1e12)] = 1024.0
+    download_rate_window: PositiveSeconds = 60.0
+    download_max_seconds: PositiveSeconds = 3600.0
+    download_progress_seconds: PositiveSeconds = 30.0
     shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 30.0
 
     log_format: Literal["json", "console"] | None = None

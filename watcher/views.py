@@ -8,15 +8,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from watcher.store import OutputRecord, ProjectRecord
+from watcher.downloader import bytes_on_disk
+from watcher.store import OutputRecord, OutputState, ProjectRecord
 
 
 def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def project_json(p: ProjectRecord, outputs: list[OutputRecord]) -> dict[str, Any]:
-    """A project and its outputs as JSON (``status --json`` and the control API)."""
+def received(o: OutputRecord, download_dir: Path | None) -> int | None:
+    """The bytes of an output on disk so far: its size once saved, the size of its temporary
+    file while it downloads (read from disk, so any process that sees the folder can tell);
+    ``None`` without ``download_dir``."""
+    if o.state == OutputState.SAVED and o.bytes is not None:
+        return o.bytes
+    return None if download_dir is None else bytes_on_disk(download_dir / o.path)
+
+
+def project_json(
+    p: ProjectRecord, outputs: list[OutputRecord], download_dir: Path | None = None
+) -> dict[str, Any]:
+    """A project and its outputs as JSON (``status --json`` and the control API); with
+    ``download_dir``, each output says how many of its bytes are on disk so far."""
     return {
         "id": p.id,
         "kind": p.kind.value,
@@ -37,6 +50,7 @@ def project_json(p: ProjectRecord, outputs: list[OutputRecord]) -> dict[str, Any
                 "path": o.path,
                 "state": o.state.value,
                 "bytes": o.bytes,
+                "bytes_received": received(o, download_dir),
                 "sha256": o.sha256,
                 "expires_at": iso(o.expires_at),
                 "saved_at": iso(o.saved_at),
@@ -54,7 +68,7 @@ def notification_event(
     ``type`` is ``project.<state>``; ``id`` is unique per event, so a receiver can drop the
     duplicates that retries may deliver.
     """
-    body = project_json(project, outputs)
+    body = project_json(project, outputs, download_dir)
     for out in body["outputs"]:
         out["absolute_path"] = str((download_dir / out["path"]).resolve())
     return {

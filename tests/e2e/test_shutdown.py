@@ -72,7 +72,7 @@ def test_sigterm_mid_download_exits_clean_and_the_restart_resumes(
     assert "shutdown_cancelled_work" in events(out)
     kept = part.stat().st_size
     assert 0 < kept < BIG
-    assert not (part.parent / part.name.removesuffix(".part")).exists()
+    assert not (part.parent / part.name.removeprefix(".").removesuffix(".part")).exists()
 
     finish = subprocess.run(
         [*WATCHER, "run", "--until-done"],
@@ -89,7 +89,7 @@ def test_sigterm_mid_download_exits_clean_and_the_restart_resumes(
     assert resumed, "the restart did not resume with a Range request"
     start_byte = int(resumed[0].range.removeprefix("bytes=").split("-")[0])  # type: ignore[union-attr]
     assert start_byte >= kept // 2
-    final = part.parent / part.name.removesuffix(".part")
+    final = part.parent / part.name.removeprefix(".").removesuffix(".part")
     digest = hashlib.sha256()
     with final.open("rb") as f:
         while chunk := f.read(1 << 20):

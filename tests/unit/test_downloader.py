@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import io
 import re
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,7 +17,13 @@ from typing import IO, Any
 import httpx
 import pytest
 
-from watcher.downloader import Downloader, SavedFile, finish_from_disk, remove_part
+from watcher.downloader import (
+    Downloader,
+    SavedFile,
+    bytes_on_disk,
+    finish_from_disk,
+    remove_part,
+)
 from watcher.errors import (
     DiskFull,
     DownloadError,
@@ -23,15 +31,14 @@ from watcher.errors import (
     DownloadUrlExpired,
     StoreError,
 )
-from watcher.paths import part_path
+from watcher.paths import legacy_part_path, part_path
 
 pytestmark = pytest.mark.anyio
 
-NOW = 1_700_000_000.0
-LATER = NOW + 86_400
 URL = "https://cdn.example.test/output/cm2xproj0001/output.mp4?X-Amz-Signature=abc"
 BODY = bytes(range(256)) * 40 + b"tail"  # 10244 bytes, every byte value present
 SHA = hashlib.sha256(BODY).hexdigest()
+GZIPPED = gzip.compress(BODY)
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -89,7 +96,7 @@ class Verified:
 @asynccontextmanager
 async def downloader(cdn: FakeCdn) -> AsyncIterator[Downloader]:
     async with httpx.AsyncClient(transport=httpx.MockTransport(cdn)) as http:
-        yield Downloader(http, now=lambda: NOW)
+        yield Downloader(http)
 
 
 @pytest.fixture
@@ -105,7 +112,7 @@ async def test_full_download(final: Path) -> None:
     cdn = FakeCdn()
     verified = Verified(final)
     async with downloader(cdn) as d:
-        saved = await d.fetch(URL, LATER, final, verified)
+        saved = await d.fetch(URL, final, verified)
     assert saved == SavedFile(final, len(BODY), SHA, resumed_from=0)
     assert final.read_bytes() == BODY
     assert not part_path(final).exists()
@@ -119,7 +126,7 @@ async def test_no_authorization_header_is_sent(final: Path) -> None:
     """Signed CDN links get a plain GET: no Authorization, no Range, no compression."""
     cdn = FakeCdn()
     async with downloader(cdn) as d:
-        await d.fetch(URL, LATER, final, Verified(final))
+        await d.fetch(URL, final, Verified(final))
     [request] = cdn.requests
     assert "authorization" not in request.headers
     assert "range" not in request.headers
@@ -131,7 +138,7 @@ async def test_empty_output(final: Path) -> None:
     """A zero-byte output is saved as an empty file with the empty digest."""
     cdn = FakeCdn(lambda _request: httpx.Response(200, content=b""))
     async with downloader(cdn) as d:
-        saved = await d.fetch(URL, LATER, final, Verified(final))
+        saved = await d.fetch(URL, final, Verified(final))
     assert saved.size == 0
     assert saved.sha256 == hashlib.sha256(b"").hexdigest()
     assert final.read_bytes() == b""
@@ -146,7 +153,7 @@ async def test_body_without_length_is_accepted(final: Path) -> None:
 
     cdn = FakeCdn(lambda _request: httpx.Response(200, content=chunks()))
     async with downloader(cdn) as d:
-        saved = await d.fetch(URL, LATER, final, Verified(final))
+        saved = await d.fetch(URL, final, Verified(final))
     assert (saved.size, saved.sha256) == (len(BODY), SHA)
     assert final.read_bytes() == BODY
 
@@ -159,7 +166,7 @@ async def test_callback_failure_leaves_no_final_file(final: Path) -> None:
 
     async with downloader(FakeCdn()) as d:
         with pytest.raises(StoreError):
-            await d.fetch(URL, LATER, final, broken_store)
+            await d.fetch(URL, final, broken_store)
     assert not final.exists()
     assert part_path(final).read_bytes() == BODY
 
@@ -178,7 +185,7 @@ async def test_body_shorter_than_content_length(final: Path) -> None:
     verified = Verified(final)
     async with downloader(cdn) as d:
         with pytest.raises(DownloadIncomplete, match=f"got 4000 bytes of {len(BODY)}"):
-            await d.fetch(URL, LATER, final, verified)
+            await d.fetch(URL, final, verified)
     assert not final.exists()
     assert part_path(final).read_bytes() == short
     assert verified.calls == []
@@ -205,7 +212,7 @@ async def test_broken_connection_keeps_the_bytes_received(
     )
     async with downloader(cdn) as d:
         with pytest.raises(DownloadIncomplete, match=r"\.part"):
-            await d.fetch(URL, LATER, final, Verified(final))
+            await d.fetch(URL, final, Verified(final))
     assert not final.exists()
     assert part_path(final).read_bytes() == BODY[:3000]
 
@@ -225,8 +232,8 @@ async def test_broken_download_resumes_where_it_stopped(final: Path) -> None:
     verified = Verified(final)
     async with downloader(cdn) as d:
         with pytest.raises(DownloadIncomplete):
-            await d.fetch(URL, LATER, final, verified)
-        saved = await d.fetch(URL, LATER, final, verified)
+            await d.fetch(URL, final, verified)
+        saved = await d.fetch(URL, final, verified)
     assert cdn.requests[1].headers["range"] == "bytes=5000-"
     assert "authorization" not in cdn.requests[1].headers
     assert saved == SavedFile(final, len(BODY), SHA, resumed_from=5000)
@@ -254,7 +261,7 @@ async def test_a_body_of_many_batches_is_written_in_order(final: Path) -> None:
     )
     verified = Verified(final)
     async with downloader(cdn) as d:
-        saved = await d.fetch(URL, LATER, final, verified)
+        saved = await d.fetch(URL, final, verified)
     assert final.read_bytes() == LARGE
     assert saved.sha256 == hashlib.sha256(LARGE).hexdigest()
     assert verified.calls == [(len(LARGE), saved.sha256)]
@@ -277,9 +284,9 @@ async def test_a_cut_after_several_batches_keeps_every_byte_received(final: Path
     cdn = FakeCdn(cut_then_whole)
     async with downloader(cdn) as d:
         with pytest.raises(DownloadIncomplete):
-            await d.fetch(URL, LATER, final, Verified(final))
+            await d.fetch(URL, final, Verified(final))
         assert part_path(final).read_bytes() == received
-        saved = await d.fetch(URL, LATER, final, Verified(final))
+        saved = await d.fetch(URL, final, Verified(final))
     assert cdn.requests[1].headers["range"] == f"bytes={len(received)}-"
     assert saved.resumed_from == len(received)
     assert final.read_bytes() == LARGE
@@ -294,7 +301,7 @@ async def test_resume_from_an_existing_part(final: Path) -> None:
     part_path(final).write_bytes(BODY[:1234])
     cdn = FakeCdn()
     async with downloader(cdn) as d:
-        saved = await d.fetch(URL, LATER, final, Verified(final))
+        saved = await d.fetch(URL, final, Verified(final))
     [request] = cdn.requests
     assert request.headers["range"] == "bytes=1234-"
     assert saved.resumed_from == 1234
@@ -313,7 +320,7 @@ async def test_resume_with_unknown_total(final: Path) -> None:
         return httpx.Response(206, headers=headers, content=BODY[100:])
 
     async with downloader(FakeCdn(reply)) as d:
-        saved = await d.fetch(URL, LATER, final, Verified(final))
+        saved = await d.fetch(URL, final, Verified(final))
     assert (saved.size, saved.sha256) == (len(BODY), SHA)
 
 
@@ -324,7 +331,7 @@ async def test_200_to_a_range_request_starts_over(final: Path) -> None:
     part_path(final).write_bytes(stale)
     cdn = FakeCdn(lambda _request: httpx.Response(200, content=BODY))
     async with downloader(cdn) as d:
-        saved = await d.fetch(URL, LATER, final, Verified(final))
+        saved = await d.fetch(URL, final, Verified(final))
     assert cdn.requests[0].headers["range"] == f"bytes={len(stale)}-"
     assert saved == SavedFile(final, len(BODY), SHA, resumed_from=0)
     assert final.read_bytes() == BODY
@@ -356,10 +363,10 @@ async def test_206_at_the_wrong_offset_starts_over(final: Path, content_range: s
     cdn = FakeCdn(reply)
     async with downloader(cdn) as d:
         with pytest.raises(DownloadIncomplete, match="wrong offset"):
-            await d.fetch(URL, LATER, final, Verified(final))
+            await d.fetch(URL, final, Verified(final))
         assert not part_path(final).exists()
         assert not final.exists()
-        saved = await d.fetch(URL, LATER, final, Verified(final))
+        saved = await d.fetch(URL, final, Verified(final))
     assert "range" not in cdn.requests[1].headers
     assert saved == SavedFile(final, len(BODY), SHA, resumed_from=0)
     assert final.read_bytes() == BODY
@@ -379,7 +386,7 @@ async def test_416_for_a_complete_part_finishes_it(final: Path) -> None:
 
     verified = Verified(final)
     async with downloader(FakeCdn(reply)) as d:
-        saved = await d.fetch(URL, LATER, final, verified)
+        saved = await d.fetch(URL, final, verified)
     assert (saved.size, saved.sha256) == (len(BODY), SHA)
     assert final.read_bytes() == BODY
     assert verified.calls == [(len(BODY), SHA)]
@@ -391,9 +398,9 @@ async def test_416_for_a_part_of_another_size_starts_over(final: Path) -> None:
     part_path(final).write_bytes(BODY + b"junk")
     async with downloader(FakeCdn()) as d:
         with pytest.raises(DownloadIncomplete, match="416"):
-            await d.fetch(URL, LATER, final, Verified(final))
+            await d.fetch(URL, final, Verified(final))
         assert not part_path(final).exists()
-        saved = await d.fetch(URL, LATER, final, Verified(final))
+        saved = await d.fetch(URL, final, Verified(final))
     assert final.read_bytes() == BODY
     assert saved.resumed_from == 0
 
@@ -409,19 +416,8 @@ async def test_refused_link_is_expired(final: Path, code: int) -> None:
     cdn = FakeCdn(lambda _request: httpx.Response(code, text="<Error>AccessDenied</Error>"))
     async with downloader(cdn) as d:
         with pytest.raises(DownloadUrlExpired, match=str(code)):
-            await d.fetch(URL, LATER, final, Verified(final))
+            await d.fetch(URL, final, Verified(final))
     assert part_path(final).read_bytes() == BODY[:10]
-    assert not final.exists()
-
-
-@pytest.mark.parametrize("expires_at", [NOW - 3600, NOW])
-async def test_expired_link_is_not_even_tried(final: Path, expires_at: float) -> None:
-    """A URL past its ``expires_at`` raises at once, without any request."""
-    cdn = FakeCdn()
-    async with downloader(cdn) as d:
-        with pytest.raises(DownloadUrlExpired):
-            await d.fetch(URL, expires_at, final, Verified(final))
-    assert cdn.requests == []
     assert not final.exists()
 
 
@@ -431,7 +427,7 @@ async def test_other_statuses_are_download_errors(final: Path, code: int) -> Non
     cdn = FakeCdn(lambda _request: httpx.Response(code, text="nope"))
     async with downloader(cdn) as d:
         with pytest.raises(DownloadError) as caught:
-            await d.fetch(URL, LATER, final, Verified(final))
+            await d.fetch(URL, final, Verified(final))
     assert type(caught.value) is DownloadError
     assert not final.exists()
     assert not part_path(final).exists()
@@ -465,7 +461,7 @@ async def test_full_disk(final: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     verified = Verified(final)
     async with downloader(FakeCdn()) as d:
         with pytest.raises(DiskFull, match="no space left"):
-            await d.fetch(URL, LATER, final, verified)
+            await d.fetch(URL, final, verified)
     assert not final.exists()
     assert not part_path(final).exists()
     assert verified.calls == []
@@ -478,7 +474,7 @@ async def test_full_disk_while_resuming(final: Path, monkeypatch: pytest.MonkeyP
     _fill_disk(monkeypatch)
     async with downloader(FakeCdn()) as d:
         with pytest.raises(DiskFull):
-            await d.fetch(URL, LATER, final, Verified(final))
+            await d.fetch(URL, final, Verified(final))
     assert not final.exists()
 
 
@@ -493,7 +489,7 @@ async def test_other_write_errors_are_download_errors(
     monkeypatch.setattr(Path, "open", read_only)
     async with downloader(FakeCdn()) as d:
         with pytest.raises(DownloadError, match="Permission denied") as caught:
-            await d.fetch(URL, LATER, final, Verified(final))
+            await d.fetch(URL, final, Verified(final))
     assert not isinstance(caught.value, DiskFull)
     assert not final.exists()
 
@@ -550,9 +546,180 @@ def test_finish_with_nothing_on_disk(final: Path) -> None:
 
 
 def test_remove_part(final: Path) -> None:
-    """A leftover .part is deleted, and deleting a missing one is not an error."""
+    """A leftover .part (of this version or an earlier one) is deleted, and deleting a missing
+    one is not an error."""
     final.parent.mkdir(parents=True)
     part_path(final).write_bytes(b"leftover")
+    legacy_part_path(final).write_bytes(b"older")
     remove_part(final)
     assert not part_path(final).exists()
+    assert not legacy_part_path(final).exists()
     remove_part(final)
+
+
+# --- an earlier version's temporary file -------------------------------------------------------
+
+
+async def test_an_earlier_versions_part_is_resumed(final: Path) -> None:
+    """A ``<final>.part`` left by an earlier version is adopted and resumed with Range."""
+    final.parent.mkdir(parents=True)
+    legacy_part_path(final).write_bytes(BODY[:1234])
+    cdn = FakeCdn()
+    async with downloader(cdn) as d:
+        saved = await d.fetch(URL, final, Verified(final))
+    assert cdn.requests[0].headers["range"] == "bytes=1234-"
+    assert saved == SavedFile(final, len(BODY), SHA, resumed_from=1234)
+    assert final.read_bytes() == BODY
+    assert not legacy_part_path(final).exists()
+    assert not part_path(final).exists()
+
+
+def test_finish_from_an_earlier_versions_part(final: Path) -> None:
+    """A verified ``<final>.part`` of an earlier version is renamed into place after a crash."""
+    final.parent.mkdir(parents=True)
+    legacy_part_path(final).write_bytes(BODY)
+    assert finish_from_disk(final, len(BODY), SHA) is True
+    assert final.read_bytes() == BODY
+    assert not legacy_part_path(final).exists()
+
+
+# --- bodies the server compressed although asked for identity ---------------------------------
+
+
+def encoded(
+    data: bytes, coding: str, *, status: int = 200, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    """A response whose body is ``data`` as sent, with ``Content-Encoding: coding``."""
+    return httpx.Response(
+        status,
+        headers={"Content-Encoding": coding, "Content-Length": str(len(data)), **(headers or {})},
+        stream=httpx.ByteStream(data),
+    )
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.99, 10 / len(GZIPPED)])
+async def test_a_gzip_stream_cut_inside_a_well_framed_body_is_incomplete(
+    final: Path, cut: float
+) -> None:
+    """A gzip body whose Content-Length matches but whose stream stops before its end is a cut
+    transfer, never a saved file."""
+    short = GZIPPED[: int(len(GZIPPED) * cut)]
+    verified = Verified(final)
+    async with downloader(FakeCdn(lambda _request: encoded(short, "gzip"))) as d:
+        with pytest.raises(DownloadIncomplete, match="end of stream"):
+            await d.fetch(URL, final, verified)
+    assert verified.calls == []
+    assert not final.exists()
+
+
+async def test_an_empty_gzip_body_is_incomplete(final: Path) -> None:
+    """A body announced as gzip with no bytes at all has no end of stream: incomplete."""
+    async with downloader(FakeCdn(lambda _request: encoded(b"", "gzip"))) as d:
+        with pytest.raises(DownloadIncomplete):
+            await d.fetch(URL, final, Verified(final))
+    assert not final.exists()
+
+
+@pytest.mark.parametrize(
+    ("coding", "data"),
+    [
+        ("gzip", GZIPPED),
+        ("x-gzip", GZIPPED),
+        ("gzip", gzip.compress(BODY[:5000]) + gzip.compress(BODY[5000:])),  # two members
+        ("deflate", zlib.compress(BODY)),
+        ("deflate", zlib.compress(BODY)[2:-4]),  # raw deflate, as some servers send it
+    ],
+)
+async def test_a_complete_compressed_body_is_saved_decoded(
+    final: Path, coding: str, data: bytes
+) -> None:
+    """A whole compressed body is saved as the file it encodes, with that file's digest."""
+    async with downloader(FakeCdn(lambda _request: encoded(data, coding))) as d:
+        saved = await d.fetch(URL, final, Verified(final))
+    assert (saved.size, saved.sha256) == (len(BODY), SHA)
+    assert final.read_bytes() == BODY
+
+
+async def test_a_compression_bomb_is_decoded_in_bounded_pieces(final: Path) -> None:
+    """A small gzip body that expands a thousandfold is written piece by piece, whole."""
+    huge = bytes(8 * 1024 * 1024)
+    async with downloader(FakeCdn(lambda _request: encoded(gzip.compress(huge), "gzip"))) as d:
+        saved = await d.fetch(URL, final, Verified(final))
+    assert saved.size == len(huge)
+    assert saved.sha256 == hashlib.sha256(huge).hexdigest()
+
+
+async def test_a_corrupt_gzip_body_is_an_error(final: Path) -> None:
+    """Bytes that are not gzip at all, announced as gzip, are refused."""
+    async with downloader(FakeCdn(lambda _request: encoded(b"not gzip" * 100, "gzip"))) as d:
+        with pytest.raises(DownloadError, match="not valid gzip"):
+            await d.fetch(URL, final, Verified(final))
+    assert not final.exists()
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "gzip, gzip"])
+async def test_an_encoding_that_cannot_be_checked_is_refused(final: Path, coding: str) -> None:
+    """A Content-Encoding we did not ask for and cannot check for completeness is refused."""
+    async with downloader(FakeCdn(lambda _request: encoded(b"xyz", coding))) as d:
+        with pytest.raises(DownloadError, match="not asked for"):
+            await d.fetch(URL, final, Verified(final))
+    assert not final.exists()
+
+
+async def test_a_compressed_answer_to_a_range_request_starts_over(final: Path) -> None:
+    """A 206 whose bytes are a slice of a compressed body cannot continue our file: the .part
+    is dropped, and the next try starts from byte 0."""
+    final.parent.mkdir(parents=True)
+    part_path(final).write_bytes(BODY[:100])
+    slice_range = {"Content-Range": f"bytes 100-{len(GZIPPED) - 1}/{len(GZIPPED)}"}
+    answers = iter([encoded(GZIPPED[100:], "gzip", status=206, headers=slice_range)])
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        return next(answers, None) or serve(request)
+
+    cdn = FakeCdn(reply)
+    async with downloader(cdn) as d:
+        with pytest.raises(DownloadIncomplete, match="compressed"):
+            await d.fetch(URL, final, Verified(final))
+        assert not part_path(final).exists()
+        saved = await d.fetch(URL, final, Verified(final))
+    assert "range" not in cdn.requests[1].headers
+    assert (saved.size, saved.sha256) == (len(BODY), SHA)
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+async def test_bytes_are_counted_as_they_are_written(final: Path) -> None:
+    """``on_bytes`` hears of every byte written, a resumed transfer's new bytes only, and the
+    bytes of a transfer cut short too."""
+    counted: list[int] = []
+    first = True
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        nonlocal first
+        if first:
+            first = False
+            return httpx.Response(
+                200, content=in_chunks(LARGE[:1_500_000], 65_536, httpx.ReadError("reset"))
+            )
+        return serve(request, LARGE)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(FakeCdn(flaky))) as http:
+        d = Downloader(http, on_bytes=counted.append)
+        with pytest.raises(DownloadIncomplete):
+            await d.fetch(URL, final, Verified(final))
+        assert sum(counted) == 1_500_000 == bytes_on_disk(final)
+        await d.fetch(URL, final, Verified(final))
+    assert sum(counted) == len(LARGE) == bytes_on_disk(final)
+    assert len(counted) > 2  # counted batch by batch, not once at the end
+
+
+def test_bytes_on_disk(final: Path) -> None:
+    """Bytes so far: the temporary file's size while it is written, the file's once saved."""
+    assert bytes_on_disk(final) == 0
+    final.parent.mkdir(parents=True)
+    part_path(final).write_bytes(b"x" * 10)
+    assert bytes_on_disk(final) == 10
+    part_path(final).rename(final)
+    assert bytes_on_disk(final) == 10

@@ -125,6 +125,7 @@ class _Handlers:
         self.daemon = daemon
         self.store = daemon.store
         self.settings = daemon.settings
+        self.download_dir = daemon.settings.download_dir
         self.metrics = daemon.metrics
         self.control_token = configured(daemon.settings.control_token)
         self.webhook_secret = configured(daemon.settings.webhook_secret)
@@ -207,7 +208,7 @@ class _Handlers:
         record = await self.store.get(ref.id)
         if record is None:  # stopped being tracked in between: a race with DELETE
             raise ApiProblem(409, "conflict", f"project {ref.id} was untracked meanwhile")
-        body = project_json(record, await self.store.outputs(ref.id))
+        body = project_json(record, await self.store.outputs(ref.id), self.download_dir)
         headers = {"Location": f"/v1/projects/{ref.id}"}
         return JSONResponse(body, 201 if created else 200, headers=headers)
 
@@ -248,7 +249,8 @@ class _Handlers:
         record = await self.store.get(pid)
         if record is None:
             raise ApiProblem(404, "not_tracked", f"project {pid} is not tracked")
-        return JSONResponse(project_json(record, await self.store.outputs(pid)))
+        outputs = await self.store.outputs(pid)
+        return JSONResponse(project_json(record, outputs, self.download_dir))
 
     async def list_projects(self, request: Request) -> Response:
         """``GET /v1/projects?status=&limit=&cursor=``: a page in id order, and counts."""
@@ -257,7 +259,7 @@ class _Handlers:
         page = await self.store.list_projects(state=state, limit=limit, cursor=cursor)
         counts = await self.store.count_by_state()
         outputs = await self.store.outputs_of([p.id for p in page.projects])
-        projects = [project_json(p, outputs[p.id]) for p in page.projects]
+        projects = [project_json(p, outputs[p.id], self.download_dir) for p in page.projects]
         return JSONResponse(
             {
                 "projects": projects,

@@ -46,12 +46,30 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Output": {
         "type": "object",
-        "required": ["index", "path", "state", "bytes", "sha256", "expires_at", "saved_at"],
+        "required": [
+            "index",
+            "path",
+            "state",
+            "bytes",
+            "bytes_received",
+            "sha256",
+            "expires_at",
+            "saved_at",
+        ],
         "properties": {
             "index": {"type": "integer", "minimum": 0},
             "path": {"type": "string", "description": "Relative to WATCHER_DOWNLOAD_DIR."},
             "state": {"type": "string", "enum": ["pending", "verified", "saved"]},
-            "bytes": {"type": ["integer", "null"]},
+            "bytes": {
+                "type": ["integer", "null"],
+                "description": "The verified size; null until the whole file is checked.",
+            },
+            "bytes_received": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "description": "Bytes on disk so far (the size of the file being written); "
+                "equals bytes once saved.",
+            },
             "sha256": {"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$"},
             "expires_at": _NULLABLE_TIME,
             "saved_at": _NULLABLE_TIME,
