@@ -371,6 +371,41 @@ def _raw_body(response: httpx.Response) -> AsyncIterator[bytes]:
     return response.aiter_raw()
 
 
+class Pace:
+    """When a transfer must next have made progress: ``min_rate * rate_window`` bytes in each
+    window (a window starts when the previous one's due was met), and the end by the deadline."""
+
+    def __init__(self, limits: TransferLimits, started: float) -> None:
+        self._limits = limits
+        self._deadline = started + limits.max_seconds
+        self._quota = limits.min_rate * limits.rate_window
+        self._window_end = started + limits.rate_window if self._quota > 0 else self._deadline
+        self._window_bytes = 0
+
+    @property
+    def due(self) -> float:
+        """When the transfer is cut unless :meth:`advance` moves it."""
+        return min(self._deadline, self._window_end)
+
+    def advance(self, received: int, now: float) -> bool:
+        """Count ``received`` bytes at ``now``; whether :attr:`due` moved."""
+        self._window_bytes += received
+        if not self._quota or self._window_bytes < self._quota:
+            return False
+        self._window_bytes = 0
+        self._window_end = now + self._limits.rate_window
+        return True
+
+    def cause(self, now: float) -> str:
+        """Why the transfer was cut at ``now``."""
+        if now >= self._deadline:
+            return f"it did not finish within {self._limits.max_seconds:g} s"
+        return (
+            f"fewer than {self._quota:.0f} bytes arrived in {self._limits.rate_window:g} s "
+            f"(the minimum is {self._limits.min_rate:g} bytes/s)"
+        )
+
+
 class _Transfer:
     """One response body on its way into the ``.part``: bounded, reported, checked."""
 
@@ -399,30 +434,24 @@ class _Transfer:
         body is cut short, too slow, or the task is cancelled: those bytes stay in the ``.part``
         for resuming.
         """
-        limits = self._limits
-        loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()  # the clock asyncio's timeouts run on
         started = last_report = last_handover = loop.time()
-        deadline = started + limits.max_seconds
-        quota = limits.min_rate * limits.rate_window  # bytes due in every window
-        window = limits.rate_window if quota > 0 else limits.max_seconds
-        window_bytes = 0
+        pace = Pace(self._limits, started)
         received = 0
         batch: list[bytes] = []
         batched = 0
         in_flight: asyncio.Future[None] | None = None
         try:
             try:
-                async with asyncio.timeout_at(min(deadline, started + window)) as timer:
+                async with asyncio.timeout_at(pace.due) as timer:
                     async for chunk in _raw_body(response):
                         batch.append(chunk)
                         batched += len(chunk)
                         received += len(chunk)
-                        window_bytes += len(chunk)
                         now = loop.time()
-                        if quota and window_bytes >= quota:  # this window's due is met
-                            window_bytes = 0
-                            timer.reschedule(min(deadline, now + window))
-                        if now - last_report >= limits.progress_seconds:
+                        if pace.advance(len(chunk), now):
+                            timer.reschedule(pace.due)
+                        if now - last_report >= self._limits.progress_seconds:
                             last_report = now
                             self._report(received, sink.written, now - started)
                         if batched >= BATCH_BYTES or now - last_handover >= HANDOVER_SECONDS:
@@ -438,17 +467,10 @@ class _Transfer:
                     await asyncio.shield(in_flight)
                 sink.absorb(batch)
         except TimeoutError:
-            elapsed = loop.time() - started
-            if loop.time() >= deadline:
-                cause = f"it did not finish within {limits.max_seconds:g} s"
-            else:
-                cause = (
-                    f"fewer than {quota:.0f} bytes arrived in {limits.rate_window:g} s "
-                    f"(the minimum is {limits.min_rate:g} bytes/s)"
-                )
+            now = loop.time()
             raise DownloadIncomplete(
-                f"the transfer was cut after {elapsed:.1f} s with {received} bytes received: "
-                f"{cause}; it resumes from its .part file"
+                f"the transfer was cut after {now - started:.1f} s with {received} bytes "
+                f"received: {pace.cause(now)}; it resumes from its .part file"
             ) from None
         return received
 

@@ -19,7 +19,9 @@ import pytest
 
 from watcher.downloader import (
     Downloader,
+    Pace,
     SavedFile,
+    TransferLimits,
     bytes_on_disk,
     finish_from_disk,
     remove_part,
@@ -723,3 +725,34 @@ def test_bytes_on_disk(final: Path) -> None:
     assert bytes_on_disk(final) == 10
     part_path(final).rename(final)
     assert bytes_on_disk(final) == 10
+
+
+# --- the pace a transfer must keep ------------------------------------------------------------
+
+
+def test_pace_moves_its_due_each_time_a_windows_bytes_arrive() -> None:
+    """Each window must bring ``min_rate * rate_window`` bytes; meeting it starts a new window."""
+    pace = Pace(TransferLimits(min_rate=100, rate_window=10, max_seconds=1_000), started=0.0)
+    assert pace.due == 10.0
+    assert pace.advance(999, now=3.0) is False  # 1 byte short of this window's 1000
+    assert pace.due == 10.0
+    assert pace.advance(1, now=4.0) is True
+    assert pace.due == 14.0
+    assert "fewer than 1000 bytes arrived in 10 s" in pace.cause(14.0)
+
+
+def test_pace_never_runs_past_the_deadline() -> None:
+    """However fast the bytes come, the due never passes the overall deadline."""
+    pace = Pace(TransferLimits(min_rate=1, rate_window=10, max_seconds=25), started=0.0)
+    for now in (5.0, 10.0, 20.0):
+        pace.advance(1_000, now=now)
+    assert pace.due == 25.0
+    assert pace.cause(25.0) == "it did not finish within 25 s"
+
+
+def test_pace_without_a_minimum_has_only_the_deadline() -> None:
+    """``min_rate=0``: no window, only the deadline."""
+    pace = Pace(TransferLimits(min_rate=0, rate_window=10, max_seconds=50), started=100.0)
+    assert pace.due == 150.0
+    assert pace.advance(0, now=120.0) is False
+    assert pace.due == 150.0
