@@ -285,17 +285,19 @@ class _Inflate:
     def _inflate(self, data: bytes) -> Iterator[bytes]:
         while True:
             if self._z.eof:  # a gzip body may hold several members, one after another
-                data = self._z.unused_data
                 if not data:
                     return
                 self._z = zlib.decompressobj(self._wbits)
             piece = self._z.decompress(data, CHUNK_SIZE)
+            self._started = True  # the header was accepted: no raw-deflate fallback from here
             if piece:
-                self._started = True
                 yield piece
-            data = self._z.unconsumed_tail
-            if not data and len(piece) < CHUNK_SIZE and not self._z.eof:
-                return  # every byte given is decoded, and no output is pending
+            if self._z.eof:
+                data = self._z.unused_data
+            else:
+                data = self._z.unconsumed_tail
+                if not data and len(piece) < CHUNK_SIZE:
+                    return  # every byte given is decoded, and no output is pending
 
 
 def _decoder_for(response: httpx.Response) -> _Decoder:

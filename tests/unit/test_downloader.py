@@ -642,6 +642,22 @@ async def test_a_complete_compressed_body_is_saved_decoded(
     assert final.read_bytes() == BODY
 
 
+async def test_a_second_gzip_member_starting_a_chunk_is_kept(final: Path) -> None:
+    """A gzip member that ends exactly where a chunk ends is followed by the next one, whole."""
+    members = [gzip.compress(BODY[:5000]), gzip.compress(BODY[5000:])]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for member in members:
+            yield member
+
+    cdn = FakeCdn(
+        lambda _request: httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=chunks())
+    )
+    async with downloader(cdn) as d:
+        saved = await d.fetch(URL, final, Verified(final))
+    assert (saved.size, saved.sha256) == (len(BODY), SHA)
+
+
 async def test_a_compression_bomb_is_decoded_in_bounded_pieces(final: Path) -> None:
     """A small gzip body that expands a thousandfold is written piece by piece, whole."""
     huge = bytes(8 * 1024 * 1024)
