@@ -19,6 +19,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from tests.integration.http_support import CONTROL_TOKEN, eventually, running
 from tests.support import watcher_env, watcher_settings
 from watcher.daemon import Daemon, Outcome
 from watcher.downloader import Downloader, TransferLimits
@@ -164,14 +165,6 @@ async def run_daemon(daemon: Daemon, limit: float = 20) -> Outcome:
     return await asyncio.wait_for(daemon.run(), limit)
 
 
-async def until(condition: Any, limit: float = 15) -> None:
-    """Wait until ``condition()`` holds, looking every 20 ms (what ``watcher status`` does:
-    another process has no event to wait on)."""
-    async with asyncio.timeout(limit):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
 # --- slow-drip transfers are bounded ------------------------------------------------------------
 
 
@@ -239,7 +232,7 @@ async def test_a_transfer_past_its_deadline_is_cut_and_resumed(tmp_path: Path) -
 
 async def test_a_running_download_shows_its_progress(serve: Any, tmp_path: Path) -> None:
     """While an output downloads, its bytes are counted in the metric, logged as progress, and
-    shown by ``watcher status`` (another process, reading the store and the disk)."""
+    shown by the API and by ``watcher status`` (another process, reading the store and disk)."""
     server: SimulatorServer = serve(one_output(2_000_000))
     (pid,) = server.simulator.create_projects(Kind.IMAGE, 1)
     body = server.simulator.expected_bytes(pid, 0)
@@ -248,42 +241,39 @@ async def test_a_running_download_shows_its_progress(serve: Any, tmp_path: Path)
         "download_min_rate": "0",
         "download_progress_seconds": "0.1",
         "shutdown_grace": "0",
+        "control_token": CONTROL_TOKEN,
     }
     settings = watcher_settings(server, tmp_path, **extra)
     store = SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True)
     async with SlowCdn(body, [Plan(fast=300_000, interval=0.01)]) as cdn:
         with capture_logs() as logs:
-            daemon = Daemon(settings, store, until_done=True, transport=ToCdn(cdn))
-            running = asyncio.create_task(daemon.run())
-            try:
+            daemon = Daemon(settings, store, transport=ToCdn(cdn))
 
-                def counted() -> float:
-                    value = daemon.metrics.registry.get_sample_value("watcher_download_bytes_total")
-                    return value or 0.0
+            def counted() -> float:
+                value = daemon.metrics.registry.get_sample_value("watcher_download_bytes_total")
+                return value or 0.0
 
-                def progress() -> list[dict[str, Any]]:
-                    return [
-                        dict(e)
-                        for e in logs
-                        if e["event"] == "download_progress" and e["bytes"] >= 300_000
-                    ]
+            def progress() -> list[dict[str, Any]]:
+                return [
+                    dict(e)
+                    for e in logs
+                    if e["event"] == "download_progress" and e["bytes"] >= 300_000
+                ]
 
-                await until(lambda: counted() >= 300_000 and progress())
+            async with running(daemon) as run:
+                await eventually(lambda: counted() >= 300_000 and progress())
+                shown = (await run.client.get(f"/v1/projects/{pid}")).json()
                 doc = await status_json(watcher_env(server, tmp_path, **extra))
                 table = await status_table(watcher_env(server, tmp_path, **extra))
-            finally:
-                daemon.request_stop()
-                await asyncio.wait_for(running, 10)
     assert counted() < len(body)  # counted as it streams, before the file is whole
     event = progress()[0]
-    assert event["bytes"] >= 300_000
     assert event["total"] == len(body)
     assert event["path"].endswith(f"image/{pid}/0-output.png")
-    (project,) = doc["projects"]
-    (output,) = project["outputs"]
-    assert output["state"] == "pending"
-    assert output["bytes"] is None
-    assert output["bytes_received"] >= 300_000
+    for project in (shown, doc["projects"][0]):
+        (output,) = project["outputs"]
+        assert output["state"] == "pending"
+        assert output["bytes"] is None
+        assert output["bytes_received"] >= 300_000
     assert re.search(r"0/1 \+\d+\.\d KiB", table), table
 
 
