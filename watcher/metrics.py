@@ -1,15 +1,54 @@
 """Prometheus metrics of one daemon, in a registry of its own (so tests can run several).
 
-Every metric is listed in the README. Gauges of projects by state are read from the store at
-scrape time by the HTTP server; the rest are counted here as things happen.
+Every metric is listed in the README. The registry also holds prometheus-client's standard
+``process_*`` and ``python_*`` collectors and ``watcher_build_info``.
+
+Gauges of projects by state are read from the store at scrape time by the HTTP server. On a
+shared store (PostgreSQL) every replica reads the same rows, so those gauges describe the whole
+fleet and carry ``scope="fleet"``: aggregate them with ``max``, never ``sum``. Every other metric
+is this process's own (``scope`` absent) and sums across replicas. The rest are counted here as
+things happen.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from watcher import __version__
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
-_LIFETIME = (60, 300, 900, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
+HOUR = 3600
+# Signed URLs live 24 h: seconds to an hour tell a download that nearly missed its expiry, the
+# fine steps on either side of 24 h tell "saved within a minute" from "saved an hour late" (a
+# fresh URL can show a little more than 24 h: its expiry is rounded, the clocks differ), and the
+# coarse buckets past that catch a longer lifetime.
+LIFETIME_BUCKETS = (
+    10,
+    60,
+    300,
+    900,
+    HOUR,
+    3 * HOUR,
+    6 * HOUR,
+    12 * HOUR,
+    18 * HOUR,
+    22 * HOUR,
+    23 * HOUR,
+    23.5 * HOUR,
+    23.75 * HOUR,
+    24 * HOUR - 300,
+    24 * HOUR - 60,
+    24 * HOUR,
+    24 * HOUR + 60,
+    24 * HOUR + 300,
+    25 * HOUR,
+    48 * HOUR,
+)
+# The label value of gauges that describe every replica's shared store, not this process.
+FLEET = "fleet"
 
 
 class Metrics:
@@ -18,6 +57,11 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        _standard_collectors(r)
+        self.build_info = Gauge(
+            "watcher_build_info", "Always 1; the watcher's version.", ["version"], registry=r
+        )
+        self.build_info.labels(__version__).set(1)
         self.polls = Counter(
             "watcher_polls", "GETs of a project's status, by kind.", ["kind"], registry=r
         )
@@ -57,7 +101,7 @@ class Metrics:
         self.url_lifetime_left = Histogram(
             "watcher_url_lifetime_left_seconds",
             "Seconds the signed URL still had to live when its download finished.",
-            buckets=_LIFETIME,
+            buckets=LIFETIME_BUCKETS,
             registry=r,
         )
         self.deletes = Counter(
@@ -70,7 +114,18 @@ class Metrics:
             registry=r,
         )
         self.projects = Gauge(
-            "watcher_projects", "Tracked projects by state.", ["state"], registry=r
+            "watcher_projects",
+            "Tracked projects by state, read from the store shared by every replica: "
+            "aggregate with max by (state), not sum.",
+            ["state", "scope"],
+            registry=r,
+        )
+        self.api_refused = Gauge(
+            "watcher_api_refused",
+            "1 while the Magic Hour API refuses this replica's requests, by reason: "
+            "unauthorized (401), payment_required (402).",
+            ["reason"],
+            registry=r,
         )
         self.in_flight = Gauge(
             "watcher_work_in_flight", "Projects being polled, downloaded or deleted.", registry=r
@@ -94,3 +149,11 @@ class Metrics:
             ["route", "code"],
             registry=r,
         )
+
+
+def _standard_collectors(registry: CollectorRegistry) -> None:
+    """prometheus-client's process, platform and garbage-collector series, in ``registry``
+    (the library registers them only in its default registry, which the watcher does not use)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from tests.integration.http_support import CONTROL_TOKEN, eventually, running
 from tests.support import Intercepted, watcher_settings
-from watcher import clock
+from watcher import __version__, clock
 from watcher.daemon import Daemon
 from watcher.http import create_app
 from watcher.http.app import MAX_BODY_BYTES, route_table
@@ -367,9 +367,9 @@ async def test_metrics_parse_and_count_what_happened(serve: Serve, tmp_path: Pat
         for family in text_string_to_metric_families(response.text)
         for s in family.samples
     }
-    assert samples[("watcher_projects", (("state", "saved"),))] == 3
-    assert samples[("watcher_projects", (("state", "polling"),))] == 0
-    assert samples[("watcher_projects", (("state", "failed"),))] == 0
+    assert samples[("watcher_projects", (("scope", "fleet"), ("state", "saved")))] == 3
+    assert samples[("watcher_projects", (("scope", "fleet"), ("state", "polling")))] == 0
+    assert samples[("watcher_projects", (("scope", "fleet"), ("state", "failed")))] == 0
     assert samples[("watcher_polls_total", (("kind", "image"),))] >= 3
     assert samples[("watcher_api_responses_total", (("code", "200"), ("method", "GET")))] >= 3
     assert samples[("watcher_downloads_total", (("result", "saved"),))] == 3
@@ -382,6 +382,41 @@ async def test_metrics_parse_and_count_what_happened(serve: Serve, tmp_path: Pat
         samples[("watcher_http_requests_total", (("code", "200"), ("route", "/v1/projects/{id}")))]
         >= 3
     )
+
+
+async def test_metrics_carry_the_standard_series_build_info_and_useful_lifetimes(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """/metrics over HTTP has the process_* and python_* series, watcher_build_info with the
+    version, the fleet-wide gauges labelled scope="fleet", and URL lifetimes fine enough that a
+    download made seconds after a 24 h URL was issued lands in a bucket narrower than an hour."""
+    server = serve(QUIET)
+    done = server.simulator.create_projects(
+        Kind.IMAGE, 2, ProjectOverrides(status=RemoteStatus.COMPLETE, outputs=1)
+    )
+    async with running(make_daemon(server, tmp_path, projects=" ".join(done))) as run:
+        for pid in done:
+            await _wait_state(run.client, pid, {"saved"})
+        response = await run.client.get("/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    for name in ("process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds"):
+        assert families[name].samples[0].value > 0, name
+    assert families["python_info"].samples[0].labels["implementation"]
+    assert "python_gc_collections" in families
+    (build,) = families["watcher_build_info"].samples
+    assert (build.labels, build.value) == ({"version": __version__}, 1)
+    assert {s.labels["scope"] for s in families["watcher_projects"].samples} == {"fleet"}
+    buckets = sorted(
+        (float(s.labels["le"]), s.value)
+        for s in families["watcher_url_lifetime_left_seconds"].samples
+        if s.name.endswith("_bucket")
+    )
+    lowest_with_both = next(i for i, (_, count) in enumerate(buckets) if count == 2)
+    assert lowest_with_both > 0
+    width = buckets[lowest_with_both][0] - buckets[lowest_with_both - 1][0]
+    assert width <= 600, buckets  # the simulator's URLs live 24 h; both were fresh
+    assert buckets[0][0] <= 60  # a nearly expired URL is told apart too
+    assert max(b for b, _ in buckets if b != float("inf")) > 24 * 3600
 
 
 async def test_metrics_count_retries_rate_limit_pauses_and_deletes(

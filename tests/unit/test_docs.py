@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from prometheus_client.metrics import MetricWrapperBase
+
 from watcher.metrics import Metrics
 from watcher.settings import ENV_PREFIX, Settings
 
@@ -46,9 +48,50 @@ def test_every_setting_is_documented() -> None:
             assert f"`{variable}`" in section, variable
 
 
-def test_every_metric_is_documented() -> None:
-    """Each metric of the daemon's registry has a row in the README's metrics table."""
-    exposed = {family.name for family in Metrics().registry.collect()}
+STANDARD_PREFIXES = ("process_", "python_")
+
+
+def metric_rows() -> dict[str, tuple[str, set[str], str]]:
+    """The README's metrics table: name (without ``_total``) -> (type, labels, meaning)."""
     section = README.split("## Metrics", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE)
-    assert exposed == {name.removesuffix("_total") for name in rows}
+    row = re.compile(r"^\| `([a-z_*]+)` \|([^|]*)\|([^|]*)\| (.*) \|$", re.MULTILINE)
+    return {
+        name.removesuffix("_total"): (kind.strip(), set(re.findall(r"`([a-z_]+)`", labels)), text)
+        for name, kind, labels, text in row.findall(section)
+    }
+
+
+def watcher_metrics() -> list[MetricWrapperBase]:
+    """The daemon's own metric objects (the standard collectors aside)."""
+    return [m for m in vars(Metrics()).values() if isinstance(m, MetricWrapperBase)]
+
+
+def test_every_metric_is_documented() -> None:
+    """Each metric of the daemon's registry has a row in the README's metrics table (the standard
+    process and interpreter series under their ``process_*`` and ``python_*`` rows), and no row
+    is stale."""
+    exposed = {family.name for family in Metrics().registry.collect()}
+    rows = set(metric_rows())
+    standard = {f"{prefix}*" for prefix in STANDARD_PREFIXES}
+    assert {p for p in standard if any(n.startswith(p[:-1]) for n in exposed)} == standard
+    assert {n for n in exposed if not n.startswith(STANDARD_PREFIXES)} == rows - standard
+
+
+def test_documented_types_and_labels_match_the_code() -> None:
+    """Each metric's row names its type and exactly the labels the code gives it."""
+    rows = metric_rows()
+    for metric in watcher_metrics():
+        kind, labels, _ = rows[metric._name]
+        assert kind == metric._type, metric._name
+        assert labels == set(metric._labelnames), metric._name
+
+
+def test_fleet_wide_gauges_say_how_to_aggregate_them() -> None:
+    """A gauge read from the shared store is labelled ``scope`` and its row says to use ``max``
+    (summing it over replicas would multiply it), as does the section's preamble."""
+    rows = metric_rows()
+    fleet = [m._name for m in watcher_metrics() if "scope" in m._labelnames]
+    assert fleet == ["watcher_projects"]
+    for name in fleet:
+        assert "`max`" in rows[name][2], name
+        assert f"max by (state) ({name})" in README

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from watcher import clock
 from watcher.errors import InvalidProjectId, StoreError, WatcherError
 from watcher.http.openapi import openapi_document
+from watcher.metrics import FLEET, Metrics
 from watcher.models import ProjectRef, State, parse_kind, validate_project_id
 from watcher.views import project_json
 from watcher.webhooks import (
@@ -54,7 +55,6 @@ from watcher.webhooks import (
 
 if TYPE_CHECKING:
     from watcher.daemon import Daemon
-    from watcher.metrics import Metrics
 
 log = structlog.get_logger("watcher")
 
@@ -390,10 +390,13 @@ def _page_parameters(request: Request) -> tuple[State | None, int, str | None]:
 
 
 async def refresh_gauges(daemon: Daemon) -> None:
-    """Set the gauges read at scrape time: projects by state, and the rate-limit pause left."""
+    """Set the gauges read at scrape time: projects by state (the fleet's: see
+    :mod:`watcher.metrics`), the API's refusals and the rate-limit pause left."""
     counts = await daemon.store.count_by_state()
     for state in State:
-        daemon.metrics.projects.labels(state.value).set(counts.get(state, 0))
+        daemon.metrics.projects.labels(state.value, FLEET).set(counts.get(state, 0))
+    daemon.metrics.api_refused.labels("unauthorized").set(int(daemon.unauthorized))
+    daemon.metrics.api_refused.labels("payment_required").set(int(daemon.payment_required))
     paused = daemon.api.throttle.paused_for if daemon.api is not None else 0.0
     daemon.metrics.rate_limit_paused.set(paused)
 
