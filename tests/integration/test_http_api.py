@@ -82,8 +82,10 @@ async def test_health_and_readiness_answer(serve: Serve, tmp_path: Path) -> None
     assert ready.json()["checks"] == {
         "store": "ok",
         "api_credentials": "ok",
+        "api_payment": "ok",
         "shutting_down": False,
     }
+    assert ready.json()["warnings"] == []
 
 
 async def test_track_show_list_and_untrack(serve: Serve, tmp_path: Path) -> None:
@@ -464,20 +466,61 @@ async def test_metrics_count_retries_rate_limit_pauses_and_deletes(
     assert samples[("watcher_deletes_total", (("result", "deleted"),))] == 4
 
 
-async def test_readiness_fails_when_the_api_token_is_refused(serve: Serve, tmp_path: Path) -> None:
-    """Once Magic Hour answers 401, /readyz says 503 with the credentials check failed while
-    /healthz stays 200."""
+async def test_a_refused_token_keeps_readiness_and_shows_in_the_body_and_metrics(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """Once Magic Hour answers 401, /readyz still answers 200 (the pod stays in the Service, so
+    webhooks and the control API keep working) with the credentials check and a warning naming
+    the token, and watcher_api_refused{reason="unauthorized"} is 1."""
     server = serve(QUIET)
     async with running(make_daemon(server, tmp_path)) as run:
         server.simulator.set_token("mhk_live_rotated")
         await run.client.post("/v1/projects", json={"id": "cmrefused", "kind": "image"})
         await eventually(lambda: run.daemon.unauthorized)
         ready = await run.client.get("/readyz")
-        health = await run.client.get("/healthz")
-    assert ready.status_code == 503
-    assert ready.json()["checks"]["api_credentials"] == "refused"
-    assert "WATCHER_API_TOKEN" in ready.json()["problems"][0]
-    assert health.status_code == 200
+        tracked = await run.client.post("/v1/projects", json={"id": "cmstill", "kind": "image"})
+        metrics = await run.client.get("/metrics")
+        document = (await run.client.get("/openapi.json")).json()
+    assert ready.status_code == 200
+    body = ready.json()
+    validate(document, "Readiness", body)
+    assert body["ready"] is True
+    assert body["checks"]["api_credentials"] == "refused"
+    assert body["problems"] == []
+    assert "WATCHER_API_TOKEN" in body["warnings"][0]
+    assert tracked.status_code == 201
+    refused = {
+        s.labels["reason"]: s.value
+        for family in text_string_to_metric_families(metrics.text)
+        if family.name == "watcher_api_refused"
+        for s in family.samples
+    }
+    assert refused == {"unauthorized": 1, "payment_required": 0}
+
+
+async def test_payment_required_keeps_readiness_and_shows_in_the_body(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """A 402 from Magic Hour is reported by /readyz (checks.api_payment, a warning) and the
+    gauge, with the answer still 200."""
+    server = serve(QUIET)
+
+    def payment_required(request: httpx.Request) -> httpx.Response | None:
+        """Every project GET answers 402."""
+        if "-projects/" in request.url.path:
+            return httpx.Response(402, json={"message": "out of credits"})
+        return None
+
+    daemon = make_daemon(server, tmp_path, Intercepted(payment_required))
+    async with running(daemon) as run:
+        await run.client.post("/v1/projects", json={"id": "cmpay", "kind": "image"})
+        await eventually(lambda: run.daemon.payment_required)
+        ready = await run.client.get("/readyz")
+        metrics = await run.client.get("/metrics")
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["api_payment"] == "required"
+    assert "402" in ready.json()["warnings"][0]
+    assert 'watcher_api_refused{reason="payment_required"} 1.0' in metrics.text
 
 
 async def test_readiness_fails_while_shutting_down_then_the_port_closes(

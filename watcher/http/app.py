@@ -4,8 +4,9 @@
 
 - ``/v1/projects`` (bearer auth with ``WATCHER_CONTROL_TOKEN`` when one is set): track, list,
   show and stop tracking projects. Stopping tracking never deletes anything remotely.
-- ``/healthz`` (the loop answers), ``/readyz`` (store reachable, API token not refused, not
-  shutting down), ``/metrics`` (Prometheus text) and ``/openapi.json``: no auth.
+- ``/healthz`` (the loop answers), ``/readyz`` (store reachable, not shutting down; a token
+  the API refuses is a warning, not a failure), ``/metrics`` (Prometheus text) and
+  ``/openapi.json``: no auth.
 - ``/webhooks/magic-hour``: Magic Hour's signed events; a verified event makes its project due
   at once (or tracks it, with ``WATCHER_WEBHOOK_AUTO_TRACK``). The GET itself is left to the
   daemon's dispatch loop, so the answer is immediate. Without ``WATCHER_WEBHOOK_SECRET`` the
@@ -155,8 +156,12 @@ class _Handlers:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, _request: Request) -> Response:
-        """Ready to work: store reachable, API token not refused, not shutting down."""
+        """Ready to serve: store reachable, not shutting down. A refusal by the Magic Hour API
+        (401, 402) is reported as a warning but keeps the answer 200: webhooks and the control
+        API still work, and every replica shares the token, so failing readiness would only take
+        the whole Service down with it."""
         problems: list[str] = []
+        warnings: list[str] = []
         try:
             await asyncio.wait_for(self.store.ping(), STORE_PING_SECONDS)
             store = "ok"
@@ -164,7 +169,9 @@ class _Handlers:
             store = "unreachable"
             problems.append(f"the store does not answer: {str(exc) or 'timed out'}")
         if self.daemon.unauthorized:
-            problems.append("the Magic Hour API refused the token (check WATCHER_API_TOKEN)")
+            warnings.append("the Magic Hour API refused the token (check WATCHER_API_TOKEN)")
+        if self.daemon.payment_required:
+            warnings.append("the Magic Hour API answered 402 payment required")
         if self.daemon.stopping:
             problems.append("the watcher is shutting down")
         body = {
@@ -172,9 +179,11 @@ class _Handlers:
             "checks": {
                 "store": store,
                 "api_credentials": "refused" if self.daemon.unauthorized else "ok",
+                "api_payment": "required" if self.daemon.payment_required else "ok",
                 "shutting_down": self.daemon.stopping,
             },
             "problems": problems,
+            "warnings": warnings,
         }
         return JSONResponse(body, 200 if not problems else 503)
 

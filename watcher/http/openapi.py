@@ -162,19 +162,29 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Readiness": {
         "type": "object",
-        "required": ["ready", "checks", "problems"],
+        "required": ["ready", "checks", "problems", "warnings"],
         "properties": {
             "ready": {"type": "boolean"},
             "checks": {
                 "type": "object",
-                "required": ["store", "api_credentials", "shutting_down"],
+                "required": ["store", "api_credentials", "api_payment", "shutting_down"],
                 "properties": {
                     "store": {"enum": ["ok", "unreachable"]},
                     "api_credentials": {"enum": ["ok", "refused"]},
+                    "api_payment": {"enum": ["ok", "required"]},
                     "shutting_down": {"type": "boolean"},
                 },
             },
-            "problems": {"type": "array", "items": {"type": "string"}},
+            "problems": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Why the watcher is not ready (503); empty when ready.",
+            },
+            "warnings": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Trouble that does not make it unready, e.g. a refused API token.",
+            },
         },
     },
     "WebhookEvent": {
@@ -216,7 +226,11 @@ _PATHS: dict[str, Any] = {
     "/readyz": {
         "get": {
             "operationId": "readyz",
-            "summary": "Readiness: store reachable, API token not refused, not shutting down.",
+            "summary": "Readiness: store reachable and not shutting down.",
+            "description": (
+                "A token or account the Magic Hour API refuses (401, 402) shows in `checks` and "
+                "`warnings` but keeps the answer 200: webhooks and the control API still work."
+            ),
             "tags": ["health"],
             "responses": {
                 "200": _json("Ready.", {"$ref": "#/components/schemas/Readiness"}),
