@@ -274,7 +274,9 @@ class Daemon:
         learned = await self._learn()
         log.info(
             "daemon_started",
+            version=__version__,
             replica=self.owner,
+            config=self.settings.summary(),
             download_dir=str(self.download_dir),
             projects_from_env=len(refs),
             projects_added=len(added),

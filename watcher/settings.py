@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit, urlunsplit
 
 import pydantic
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -169,6 +170,33 @@ class Settings(BaseSettings):
         except ValueError:
             return False
 
+    def summary(self) -> dict[str, object]:
+        """The effective settings that explain a run, for the ``daemon_started`` log line.
+
+        Never a secret: tokens and secrets appear only as whether they are set; the database URL
+        loses its password, and every URL its user information and query string.
+        """
+        return {
+            "api_base_url": redact_url(str(self.api_base_url)),
+            "store": store_summary(self.database_url),
+            "download_dir": str(self.download_dir.resolve()),
+            "delete_after_download": self.delete_after_download,
+            "poll_initial": self.poll_initial,
+            "poll_max": self.poll_max,
+            "max_concurrent_requests": self.max_concurrent_requests,
+            "max_concurrent_downloads": self.max_concurrent_downloads,
+            "max_requests_per_second": self.max_requests_per_second,
+            "request_timeout": self.request_timeout,
+            "shutdown_grace": self.shutdown_grace,
+            "lease_seconds": self.lease_seconds,
+            "http": f"{self.http_host}:{self.http_port}" if self.http_enabled else "off",
+            "control_token": configured_secret(self.control_token),
+            "webhooks": configured_secret(self.webhook_secret),
+            "webhook_auto_track": self.webhook_auto_track,
+            "notify_url": redact_url(str(self.notify_url)) if self.notify_url else None,
+            "log_level": self.log_level,
+        }
+
     def require_token(self) -> SecretStr:
         """The API token, or :class:`ConfigError` if neither variable sets one."""
         if self.api_token is None or not self.api_token.get_secret_value().strip():
@@ -177,6 +205,47 @@ class Settings(BaseSettings):
                 "holding it)"
             )
         return self.api_token
+
+
+def configured_secret(secret: SecretStr | None) -> bool:
+    """Whether a secret is set to something other than blanks (never the secret itself)."""
+    return secret is not None and bool(secret.get_secret_value().strip())
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user information (a password) or query string (a token)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def store_summary(database_url: str) -> dict[str, object]:
+    """Which store a database URL names and where, with no password.
+
+    ``{"kind": "sqlite", "path": …}``, ``{"kind": "postgresql", "host": …, "port": …,
+    "database": …, "user": …}`` or ``{"kind": "memory"}``.
+    """
+    if database_url.startswith("sqlite:///"):
+        return {"kind": "sqlite", "path": str(Path(database_url[len("sqlite:///") :]).resolve())}
+    if database_url.startswith("memory://"):
+        return {"kind": "memory"}
+    try:
+        parts = urlsplit(database_url)
+        port = parts.port
+    except ValueError:  # a malformed URL: nothing of it is echoed
+        return {"kind": "postgresql", "host": None}
+    if "@" in parts.path:  # a password holding "/" split the URL early: echo nothing of it
+        return {"kind": "postgresql", "host": None}
+    return {
+        "kind": "postgresql",
+        "host": parts.hostname,
+        "port": port,
+        "database": parts.path.lstrip("/") or None,
+        "user": parts.username,
+    }
 
 
 def _read_secret_file(path: Path, variable: str) -> SecretStr:

@@ -10,10 +10,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
+from tests import pg
 from tests.support import watcher_env
+from watcher import __version__
 from watcher.models import Kind, RemoteStatus
 from watcher.simulator.config import SimConfig
 from watcher.simulator.server import SimulatorServer
@@ -171,3 +174,51 @@ def test_demo_runs_from_nothing(tmp_path: Path) -> None:
     saved = [p for p in (tmp_path / "demo" / "downloads").rglob("*") if p.is_file()]
     assert saved
     assert not [p for p in saved if p.name.endswith(".part")]
+
+
+def test_daemon_started_logs_the_version_and_redacted_settings(
+    serve: Serve, tmp_path: Path, pg_empty_url: str
+) -> None:
+    """The ``daemon_started`` line of ``watcher run`` names the version and the effective
+    settings (API base URL, store, download directory, limits), and no line of the run holds
+    the API token, the control, webhook or notification secret, or the database's password."""
+    server = serve(SimConfig(seed=3, error_rate=0, cancel_rate=0))
+    password = "db-password-never-logged"
+    database = urlsplit(pg_empty_url).path.lstrip("/")
+    secrets = {
+        "control_token": "control-token-never-logged",
+        "webhook_secret": "webhook-secret-never-logged",
+        "notify_secret": "notify-secret-never-logged",
+    }
+    env = clean_env(
+        **watcher_env(
+            server,
+            tmp_path,
+            database_url=pg.database_url(database, password=password),
+            max_concurrent_downloads="3",
+            log_level="info",
+            **secrets,
+        )
+    )
+    result = run(["run", "--until-done"], env)
+    assert result.returncode == 0, result.stderr
+    (started,) = [e for e in json_lines(result.stdout) if e["event"] == "daemon_started"]
+    assert started["version"] == __version__
+    config = started["config"]
+    assert isinstance(config, dict)
+    assert config["api_base_url"] == server.base_url.rstrip("/") + "/"
+    assert config["store"] == {
+        "kind": "postgresql",
+        "host": "127.0.0.1",
+        "port": 5432,
+        "database": database,
+        "user": "postgres",
+    }
+    assert config["download_dir"] == str(tmp_path / "downloads")
+    assert config["max_concurrent_downloads"] == 3
+    assert config["max_requests_per_second"] == 2000
+    assert config["http"] == "off"
+    assert (config["control_token"], config["webhooks"]) == (True, True)
+    output = result.stdout + result.stderr
+    for secret in [server.simulator.config.token, password, *secrets.values()]:
+        assert secret not in output

@@ -8,7 +8,7 @@ from pathlib import Path
 from prometheus_client.metrics import MetricWrapperBase
 
 from watcher.metrics import Metrics
-from watcher.settings import ENV_PREFIX, Settings
+from watcher.settings import ENV_PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text("utf-8")
@@ -95,3 +95,11 @@ def test_fleet_wide_gauges_say_how_to_aggregate_them() -> None:
     for name in fleet:
         assert "`max`" in rows[name][2], name
         assert f"max by (state) ({name})" in README
+
+
+def test_the_start_up_summary_is_documented() -> None:
+    """Every key of the redacted settings that ``daemon_started`` logs is named in its row."""
+    logs = README.split("## Logs", 1)[1].split("\n## ", 1)[0]
+    (row,) = [line for line in logs.splitlines() if line.startswith("| `daemon_started` |")]
+    for key in load_settings({}).summary():
+        assert f"`{key}`" in row, key

@@ -264,3 +264,64 @@ def test_every_setting_has_a_variable() -> None:
     """Each setting is reachable as ``WATCHER_<NAME>`` (so unknown_variables is exact)."""
     environ = {f"WATCHER_{name.upper()}": "x" for name in Settings.model_fields}
     assert unknown_variables(environ) == []
+
+
+SECRETS = {
+    "WATCHER_API_TOKEN": "mhk_live_api_secret",
+    "WATCHER_CONTROL_TOKEN": "control-secret-value",
+    "WATCHER_WEBHOOK_SECRET": "webhook-secret-value",
+    "WATCHER_NOTIFY_SECRET": "notify-secret-value",
+}
+
+
+@pytest.mark.parametrize(
+    ("url", "store"),
+    [
+        (
+            "postgresql://watcher:db-pass-secret@db.internal:6432/fleet?sslmode=require",
+            {
+                "kind": "postgresql",
+                "host": "db.internal",
+                "port": 6432,
+                "database": "fleet",
+                "user": "watcher",
+            },
+        ),
+        ("postgresql://watcher:db-pass-secret@db.internal:bad/fleet", {"kind": "postgresql"}),
+        ("postgresql://watcher:db-pass/secret@db.internal/fleet", {"kind": "postgresql"}),
+        ("postgresql://db.internal/fleet?password=db-pass-secret", {"kind": "postgresql"}),
+        ("memory://", {"kind": "memory"}),
+    ],
+)
+def test_the_summary_names_the_store_without_its_password(
+    url: str, store: dict[str, object]
+) -> None:
+    """The start-up summary says which store and where, never the URL's password (not even of
+    a malformed URL), and never a token or secret: those show only as set or not."""
+    settings = load_settings(
+        {
+            **SECRETS,
+            "WATCHER_DATABASE_URL": url,
+            "WATCHER_NOTIFY_URL": "https://user:notify-pass-secret@hooks.example/in?key=q-secret",
+            "WATCHER_API_BASE_URL": "https://api.example:8443/base",
+        }
+    )
+    summary = settings.summary()
+    assert store.items() <= summary["store"].items()  # type: ignore[attr-defined]
+    assert summary["api_base_url"] == "https://api.example:8443/base"
+    assert summary["notify_url"] == "https://hooks.example/in"
+    assert summary["control_token"] is True
+    assert summary["webhooks"] is True
+    assert summary["max_requests_per_second"] == 50.0
+    text = repr(summary)
+    for secret in [*SECRETS.values(), "db-pass", "secret@", "notify-pass", "q-secret"]:
+        assert secret not in text, secret
+
+
+def test_the_summary_of_a_sqlite_store_gives_its_absolute_path(tmp_path: Path) -> None:
+    """A SQLite store is named with the absolute path of its file; unset secrets say False."""
+    settings = load_settings({"WATCHER_DATABASE_URL": f"sqlite:///{tmp_path / 'w.db'}"})
+    summary = settings.summary()
+    assert summary["store"] == {"kind": "sqlite", "path": str(tmp_path / "w.db")}
+    assert summary["control_token"] is False
+    assert summary["notify_url"] is None
