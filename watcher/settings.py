@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     def _empty_url_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("replica_id", mode="before")
+    @classmethod
+    def _empty_replica_is_default(cls, value: object) -> object:
+        return _default_replica_id() if value == "" else value
+
     @field_validator("log_format", mode="before")
     @classmethod
     def _empty_format_is_auto(cls, value: object) -> object:

@@ -8,7 +8,13 @@ from pathlib import Path
 from prometheus_client.metrics import MetricWrapperBase
 
 from watcher.metrics import Metrics
-from watcher.settings import ENV_PREFIX, Settings, load_settings
+from watcher.settings import (
+    ENV_PREFIX,
+    SECRET_FIELDS,
+    Settings,
+    configured_secret,
+    load_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text("utf-8")
@@ -103,3 +109,29 @@ def test_the_start_up_summary_is_documented() -> None:
     (row,) = [line for line in logs.splitlines() if line.startswith("| `daemon_started` |")]
     for key in load_settings({}).summary():
         assert f"`{key}`" in row, key
+
+
+EXAMPLE = (ROOT / "config" / "watcher.env.example").read_text("utf-8")
+
+
+def example_assignments() -> dict[str, str]:
+    """The commented-out ``# WATCHER_X=value`` lines of the example env file."""
+    pairs = re.findall(r"^# (WATCHER_[A-Z_]+)=(.*)$", EXAMPLE, re.MULTILINE)
+    assert len(pairs) == len(dict(pairs)), "a variable is shown twice"
+    return dict(pairs)
+
+
+def test_the_example_env_file_shows_every_setting_by_its_real_name() -> None:
+    """Each variable of config/watcher.env.example names a setting, and each setting is there."""
+    settings = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    assert set(example_assignments()) == settings
+
+
+def test_the_example_env_file_shows_the_defaults() -> None:
+    """Uncommented as shown, the example's values load to exactly the defaults (a ``_FILE``
+    variable shows an example path instead, and a secret's empty value means unset)."""
+    shown = {k: v for k, v in example_assignments().items() if not k.endswith("_FILE")}
+    loaded = load_settings(shown).model_dump()
+    for name in SECRET_FIELDS:  # blank is how the watcher reads "no secret" (configured())
+        loaded[name] = loaded[name] if configured_secret(loaded[name]) else None
+    assert loaded == load_settings({}).model_dump()

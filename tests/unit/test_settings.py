@@ -117,7 +117,7 @@ BAD_VALUES = {
     "WATCHER_LOG_LEVEL": "verbose",
     "WATCHER_HTTP_ENABLED": "perhaps",
     "WATCHER_HTTP_PORT": "65536",
-    "WATCHER_REPLICA_ID": "",
+    "WATCHER_REPLICA_ID": "r" * 201,
     "WATCHER_LEASE_SECONDS": "1",
 }
 
@@ -325,3 +325,9 @@ def test_the_summary_of_a_sqlite_store_gives_its_absolute_path(tmp_path: Path) -
     assert summary["store"] == {"kind": "sqlite", "path": str(tmp_path / "w.db")}
     assert summary["control_token"] is False
     assert summary["notify_url"] is None
+
+
+def test_an_empty_replica_id_means_the_default() -> None:
+    """``WATCHER_REPLICA_ID=`` (empty, as the example env file shows it) is the default name,
+    not a start-up error."""
+    assert load_settings({"WATCHER_REPLICA_ID": ""}).replica_id == Settings().replica_id
