@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
+import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
+from watcher import cli
 from watcher.metrics import Metrics
 from watcher.settings import (
     ENV_PREFIX,
@@ -135,3 +138,62 @@ def test_the_example_env_file_shows_the_defaults() -> None:
     for name in SECRET_FIELDS:  # blank is how the watcher reads "no secret" (configured())
         loaded[name] = loaded[name] if configured_secret(loaded[name]) else None
     assert loaded == load_settings({}).model_dump()
+
+
+OPERATOR_NOTES = (ROOT / "config" / "README.md").read_text("utf-8")
+
+
+def test_the_operator_notes_say_what_the_health_check_does_with_http_off(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """config/README.md says what ``watcher health`` really does with the HTTP server off: it
+    exits 0 (there is nothing to ask), it does not fail."""
+    for variable in [k for k in os.environ if k.upper().startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("WATCHER_HTTP_ENABLED", "false")
+    code = cli.main(["health"])
+    capsys.readouterr()
+    section = OPERATOR_NOTES.split("## Health check", 1)[1].split("\n## ", 1)[0]
+    sentence = " ".join(section.split()).split("`WATCHER_HTTP_ENABLED=false`", 1)[1][:120]
+    assert code == 0
+    assert "`watcher health` exits 0" in sentence
+
+
+HTTP_SOURCES = "\n".join(p.read_text("utf-8") for p in (ROOT / "watcher" / "http").glob("*.py"))
+
+
+def answered_errors() -> dict[str, str]:
+    """Every error code the HTTP app answers, with its status (``other`` when it varies)."""
+    raised = re.findall(r'(?:ApiProblem|problem)\(\s*(\d{3}),\s*"([a-z_]+)"', HTTP_SOURCES)
+    mapped = re.findall(r'(\d{3}): "([a-z_]+)"', HTTP_SOURCES)
+    fallback = re.findall(r'codes\.get\([^,]+, "([a-z_]+)"\)', HTTP_SOURCES)
+    errors = {code: status for status, code in [*raised, *mapped]}
+    errors.update(dict.fromkeys(fallback, "other"))
+    return errors
+
+
+def test_every_error_code_is_documented_with_its_status() -> None:
+    """The README's table of error codes holds exactly the codes the HTTP app answers, each with
+    the status it is answered with."""
+    section = README.split("## The HTTP server", 1)[1].split("\n## ", 1)[0]
+    documented = dict(re.findall(r"^\| `([a-z_]+)` \| (\d{3}|other) \|", section, re.MULTILINE))
+    answered = answered_errors()
+    assert len(answered) > 15
+    assert documented == answered
+
+
+def test_every_webhook_rejection_reason_is_documented() -> None:
+    """Each reason a signature check gives is named where the README explains the 401
+    ``invalid_signature`` answer and in the ``webhook_rejected`` log row."""
+    source = (ROOT / "watcher" / "webhooks.py").read_text("utf-8")
+    reasons = set(re.findall(r'SignatureRejected\(\s*"([a-z_]+)"', source))
+    assert reasons >= {"missing_header", "bad_signature"}
+    rows = [
+        line
+        for line in README.splitlines()
+        if line.startswith(("| `invalid_signature` |", "| `webhook_rejected` |"))
+    ]
+    assert len(rows) == 2
+    for row in rows:
+        assert all(f"`{reason}`" in row for reason in reasons), row
+    assert "`invalid_signature`" in rows[1]

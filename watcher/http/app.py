@@ -464,6 +464,17 @@ class _Observe:
             )
 
 
+def _methods(path: str, **handlers: Endpoint) -> Route:
+    """One route serving ``path`` with a handler per method, so that a 405 on it lists every
+    method in ``Allow`` (two routes of one path would each list only their own)."""
+
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return Route(path, endpoint, methods=list(handlers))
+
+
 def create_app(daemon: Daemon) -> Starlette:
     """The control plane's app, serving ``daemon``."""
     h = _Handlers(daemon)
@@ -472,10 +483,8 @@ def create_app(daemon: Daemon) -> Starlette:
         Route("/readyz", h.readyz, methods=["GET"]),
         Route("/metrics", h.metrics_text, methods=["GET"]),
         Route("/openapi.json", h.openapi_json, methods=["GET"]),
-        Route("/v1/projects", h.list_projects, methods=["GET"]),
-        Route("/v1/projects", h.track, methods=["POST"]),
-        Route("/v1/projects/{id}", h.show, methods=["GET"]),
-        Route("/v1/projects/{id}", h.untrack, methods=["DELETE"]),
+        _methods("/v1/projects", GET=h.list_projects, POST=h.track),
+        _methods("/v1/projects/{id}", GET=h.show, DELETE=h.untrack),
         Route("/webhooks/magic-hour", h.webhook, methods=["POST"]),
     ]
     labels: dict[object, str] = {route.endpoint: route.path for route in routes}

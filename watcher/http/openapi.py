@@ -280,8 +280,8 @@ _PATHS: dict[str, Any] = {
                 {
                     "name": "cursor",
                     "in": "query",
-                    "description": "The `next_cursor` of the previous page.",
-                    "schema": {"type": "string"},
+                    "description": "The `next_cursor` of the previous page (a project id).",
+                    "schema": {"type": "string", "pattern": _ID_PATTERN},
                 },
             ],
             "responses": {
