@@ -5,9 +5,10 @@ Every metric is listed in the README. The registry also holds prometheus-client'
 
 Gauges of projects by state are read from the store at scrape time by the HTTP server. On a
 shared store (PostgreSQL) every replica reads the same rows, so those gauges describe the whole
-fleet and carry ``scope="fleet"``: aggregate them with ``max``, never ``sum``. Every other metric
-is this process's own (``scope`` absent) and sums across replicas. The rest are counted here as
-things happen.
+fleet: they carry ``scope="fleet"`` and only one replica at a time reports them (the store's
+:meth:`~watcher.store.Store.reports_fleet_gauges` decides), so ``sum`` and ``max`` over replicas
+both give the fleet's count. Every other metric is this process's own and sums across replicas.
+The rest are counted here as things happen.
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ class Metrics:
         )
         self.projects = Gauge(
             "watcher_projects",
-            "Tracked projects by state, read from the store shared by every replica: "
-            "aggregate with max by (state), not sum.",
+            "Tracked projects by state in the whole fleet's store, reported by one replica "
+            "at a time.",
             ["state", "scope"],
             registry=r,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from watcher.models import Kind, ProjectRef, RemoteStatus, State
 from watcher.simulator.config import Faults, SimConfig
 from watcher.simulator.server import SimulatorServer
 from watcher.simulator.timeline import ProjectOverrides
-from watcher.store import SQLiteStore
+from watcher.store import PostgresStore, SQLiteStore
 
 pytestmark = pytest.mark.anyio
 
@@ -419,6 +420,46 @@ async def test_metrics_carry_the_standard_series_build_info_and_useful_lifetimes
     assert width <= 600, buckets  # the simulator's URLs live 24 h; both were fresh
     assert buckets[0][0] <= 60  # a nearly expired URL is told apart too
     assert max(b for b, _ in buckets if b != float("inf")) > 24 * 3600
+
+
+async def test_only_one_replica_reports_the_fleet_gauges(
+    serve: Serve, tmp_path: Path, pg_url: str
+) -> None:
+    """Two replicas on one PostgreSQL store: scraped over HTTP, exactly one exposes
+    watcher_projects (with the fleet's counts), so summing over replicas does not double them;
+    both expose their own counters and build info."""
+    server = serve(QUIET)
+    done = server.simulator.create_projects(
+        Kind.IMAGE, 2, ProjectOverrides(status=RemoteStatus.COMPLETE, outputs=1)
+    )
+
+    def replica(name: str, **extra: str) -> Daemon:
+        settings = watcher_settings(
+            server,
+            tmp_path,
+            database_url=pg_url,
+            replica_id=name,
+            control_token=CONTROL_TOKEN,
+            **extra,
+        )
+        return Daemon(settings, PostgresStore(pg_url, max_size=4))
+
+    async with (
+        running(replica("a", projects=" ".join(done))) as a,
+        running(replica("b")) as b,
+    ):
+        for pid in done:
+            await _wait_state(a.client, pid, {"saved"})
+        scrapes = [(await run.client.get("/metrics")).text for run in (a, b)]
+    reported = []
+    for text in scrapes:
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert "watcher_build_info" in families
+        samples = families["watcher_projects"].samples if "watcher_projects" in families else []
+        reported.append({s.labels["state"]: s.value for s in samples})
+    assert sorted(len(r) for r in reported) == [0, len(State)]
+    fleet = sum((Counter(r) for r in reported), Counter[str]())
+    assert fleet["saved"] == 2
 
 
 async def test_metrics_count_retries_rate_limit_pauses_and_deletes(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import psycopg
 import pytest
@@ -221,3 +221,38 @@ async def test_a_driver_error_becomes_a_store_error_without_the_password(pg_url:
     said = _everything_said(caught.value)
     assert SECRET not in said
     assert "postgres:***@" in str(caught.value)
+
+
+async def test_one_replica_at_a_time_reports_the_fleet_gauges(
+    replicas: tuple[PostgresStore, PostgresStore], pg_url: str
+) -> None:
+    """Of two replicas exactly one reports the store-derived gauges, and keeps doing so; when its
+    session dies (terminated by the server) or it closes, the other takes over, and the old one
+    does not report again alongside it."""
+    a, b = replicas
+    first = await a.reports_fleet_gauges()
+    assert [first, await b.reports_fleet_gauges()] == [True, False]
+    assert [await a.reports_fleet_gauges(), await b.reports_fleet_gauges()] == [True, False]
+
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as admin:
+        cursor = await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        assert [row[0] for row in await cursor.fetchall()] == [True]
+    assert await pg_until(b.reports_fleet_gauges)
+    assert await a.reports_fleet_gauges() is False  # reconnected, and finds the lock taken
+
+    await b.close()  # the server frees b's lock once its backend has gone: soon, not at once
+    assert await pg_until(a.reports_fleet_gauges)
+
+
+async def pg_until(check: Callable[[], Awaitable[bool]], within: float = 10) -> bool:
+    """Ask ``check`` until it says yes (the server ends a session, and frees its locks, a little
+    after the client sees it end)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

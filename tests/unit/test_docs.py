@@ -96,14 +96,14 @@ def test_documented_types_and_labels_match_the_code() -> None:
 
 
 def test_fleet_wide_gauges_say_how_to_aggregate_them() -> None:
-    """A gauge read from the shared store is labelled ``scope`` and its row says to use ``max``
-    (summing it over replicas would multiply it), as does the section's preamble."""
+    """A gauge read from the shared store is labelled ``scope`` and its row says that one
+    replica reports it, so that ``sum`` and ``max`` agree, as does the section's preamble."""
     rows = metric_rows()
     fleet = [m._name for m in watcher_metrics() if "scope" in m._labelnames]
     assert fleet == ["watcher_projects"]
     for name in fleet:
-        assert "`max`" in rows[name][2], name
-        assert f"max by (state) ({name})" in README
+        assert "one replica at a time" in rows[name][2], name
+        assert f"sum by (state) ({name})" in README
 
 
 def test_the_start_up_summary_is_documented() -> None:

@@ -419,3 +419,15 @@ class Store(abc.ABC):
         """
         del now, rate, burst
         return max(want, 0)
+
+    # --- the fleet's gauges ----------------------------------------------------------------------
+
+    async def reports_fleet_gauges(self) -> bool:
+        """Whether this process is the one that reports the gauges read from this store.
+
+        Every replica of a shared store reads the same rows, so if each reported them a ``sum``
+        over replicas would multiply them: a shared backend lets exactly one process at a time
+        say yes (PostgreSQL: whoever holds an advisory lock; it passes on when that process
+        dies). This default says yes: a store that one daemon alone works on is its own fleet.
+        """
+        return True

@@ -60,6 +60,8 @@ _Conn = AsyncConnection[DictRow]
 
 # Key of the advisory lock held while migrating (the bytes of "WATCHER").
 MIGRATION_LOCK_KEY = 0x57_41_54_43_48_45_52
+# Key of the advisory lock whose holder reports the fleet-wide gauges (the bytes of "WGAUGES").
+REPORTER_LOCK_KEY = 0x57_47_41_55_47_45_53
 # The one token bucket of the API budget.
 RATE_BUCKET = "api"
 _POOL_OPEN_TIMEOUT = 30.0
@@ -164,6 +166,11 @@ class PostgresStore(Store):
         self.max_size = max_size
         self._pool: AsyncConnectionPool[_Conn] | None = None
         self._opening = asyncio.Lock()
+        # The connection holding (or trying for) the reporter lock, outside the pool: the lock
+        # lives as long as this session.
+        self._reporter: _Conn | None = None
+        self._reports = False
+        self._reporting = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.display_url!r})"
@@ -214,6 +221,7 @@ class PostgresStore(Store):
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+        await self._drop_reporter()
 
     @contextlib.contextmanager
     def _wrap_errors(self) -> Iterator[None]:
@@ -561,3 +569,37 @@ class PostgresStore(Store):
                 _Q["update_rate_bucket"], {"name": RATE_BUCKET, "tokens": tokens, "updated_at": at}
             )
         return granted
+
+    # --- the fleet's gauges --------------------------------------------------------------------
+
+    async def reports_fleet_gauges(self) -> bool:
+        """Whether this replica holds the reporter lock, trying for it when it does not (one
+        dedicated connection, kept open: the lock is freed when the holder's session ends)."""
+        async with self._reporting:
+            if self._pool is None:
+                raise StoreError("the store is not open")
+            with self._wrap_errors():
+                try:
+                    return await self._try_reporter()
+                except psycopg.OperationalError:  # the session was lost, and the lock with it
+                    await self._drop_reporter()
+                    return await self._try_reporter()
+
+    async def _try_reporter(self) -> bool:
+        if self._reporter is None or self._reporter.closed:
+            self._reporter = await _Conn.connect(self._url, autocommit=True, row_factory=dict_row)
+            self._reports = False
+        if self._reports:
+            await self._reporter.execute(_Q["ping"])  # still connected: still the holder
+            return True
+        row = await (
+            await self._reporter.execute(_Q["try_reporter_lock"], {"key": REPORTER_LOCK_KEY})
+        ).fetchone()
+        self._reports = bool(row and row["held"])
+        return self._reports
+
+    async def _drop_reporter(self) -> None:
+        conn, self._reporter, self._reports = self._reporter, None, False
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
