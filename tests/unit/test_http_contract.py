@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import jsonschema
@@ -106,3 +107,16 @@ async def test_each_parameter_schema_accepts_exactly_what_the_handler_accepts(
         assert response.status_code == expected, (name, raw, response.text)
         if expected == 400:
             assert response.json()["error"] == "invalid_parameter"
+
+
+async def test_the_id_parameter_schema_accepts_exactly_what_the_handlers_accept(
+    client: httpx.AsyncClient,
+) -> None:
+    """The documented pattern of ``{id}`` and the handlers agree: an id it allows is looked up
+    (404 ``not_tracked`` on an empty store), one it refuses is 400 ``invalid_id``."""
+    (parameter,) = DOCUMENT["paths"]["/v1/projects/{id}"]["parameters"]
+    for raw in SAMPLES["cursor"]:
+        for method in ("GET", "DELETE"):
+            response = await client.request(method, f"/v1/projects/{quote(raw)}")
+            expected = "not_tracked" if schema_accepts(parameter["schema"], raw) else "invalid_id"
+            assert response.json()["error"] == expected, (method, raw)
