@@ -181,8 +181,9 @@ class Settings(BaseSettings):
         Never a secret: tokens and secrets appear only as whether they are set; the database URL
         loses its password, and every URL its user information and query string.
         """
+        notify_url = url_without_credentials(str(self.notify_url)) if self.notify_url else None
         return {
-            "api_base_url": redact_url(str(self.api_base_url)),
+            "api_base_url": url_without_credentials(str(self.api_base_url)),
             "store": store_summary(self.database_url),
             "download_dir": str(self.download_dir.resolve()),
             "delete_after_download": self.delete_after_download,
@@ -198,7 +199,7 @@ class Settings(BaseSettings):
             "control_token": configured_secret(self.control_token),
             "webhooks": configured_secret(self.webhook_secret),
             "webhook_auto_track": self.webhook_auto_track,
-            "notify_url": redact_url(str(self.notify_url)) if self.notify_url else None,
+            "notify_url": notify_url,
             "log_level": self.log_level,
         }
 
@@ -217,7 +218,7 @@ def configured_secret(secret: SecretStr | None) -> bool:
     return secret is not None and bool(secret.get_secret_value().strip())
 
 
-def redact_url(url: str) -> str:
+def url_without_credentials(url: str) -> str:
     """``url`` without user information (a password) or query string (a token)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
