@@ -243,7 +243,8 @@ def store_summary(database_url: str) -> dict[str, object]:
         port = parts.port
     except ValueError:  # a malformed URL: nothing of it is echoed
         return {"kind": "postgresql", "host": None}
-    if "@" in parts.path:  # a password holding "/" split the URL early: echo nothing of it
+    if "@" in parts.path + parts.query + parts.fragment:
+        # A password holding "/", "?" or "#" split the URL before its "@": echo nothing of it.
         return {"kind": "postgresql", "host": None}
     return {
         "kind": "postgresql",
