@@ -597,3 +597,47 @@ async def test_the_good_get_that_ends_polling_clears_its_failed_ones(store: Stor
     p = await store.get("p")
     assert p is not None
     assert (p.state, p.failures, p.stalled_since) == (State.DOWNLOADING, 0, None)
+
+
+async def test_a_not_found_project_is_revived_from_scratch(store: Store) -> None:
+    """Reviving makes a ``not_found`` project (same id and kind) poll again, due now, with what
+    the 404 left cleared; any other state, or another kind, is left as it is."""
+    await store.track(refs("gone", "done", "vid"), now=T0, delete_after_download=False)
+    claims = await store.claim_due(now=T0, limit=10, owner="r1", lease_seconds=LEASE)
+    finals = {"gone": State.NOT_FOUND, "done": State.CANCELED, "vid": State.NOT_FOUND}
+    for c in claims:
+        await store.record_final(
+            c, now=T0 + 1, state=finals[c.id], failure="GET: HTTP 404: no such project"
+        )
+    revived = await store.revive(
+        [*refs("gone", "done", "never"), ProjectRef(Kind.VIDEO, "vid")],
+        now=T0 + 5,
+        delete_after_download=True,
+    )
+    assert revived == ["gone"]
+    p = await store.get("gone")
+    assert p is not None
+    assert (p.state, p.due_at, p.tracked_at, p.delete_after_download) == (
+        State.POLLING,
+        T0 + 5,
+        T0 + 5,
+        True,
+    )
+    assert (p.failure, p.finished_at, p.remote_status, p.polls, p.failures) == (
+        None,
+        None,
+        None,
+        0,
+        0,
+    )
+    assert (p.stalled_since, p.interruptions, p.lease_owner) == (None, 0, None)
+    assert await store.next_due_at() == T0 + 5
+    (again,) = await store.claim_due(now=T0 + 5, limit=10, owner="r2", lease_seconds=LEASE)
+    assert again.id == "gone"
+    assert again.version > max(c.version for c in claims)
+    with pytest.raises(LeaseLost):  # the lease of the first life cannot write to the second
+        await store.record_final(
+            next(c for c in claims if c.id == "gone"), now=T0, state=State.SAVED
+        )
+    assert (await store.get("done")).state == State.CANCELED  # type: ignore[union-attr]
+    assert (await store.get("vid")).state == State.NOT_FOUND  # type: ignore[union-attr]

@@ -172,10 +172,12 @@ def group_outputs(
 
 @dataclass(slots=True)
 class TrackResult:
-    """What :meth:`Store.track` did: ids newly tracked and ids that were already there."""
+    """What :meth:`Store.track` did: ids newly tracked and ids that were already there (and,
+    filled in by the caller that went on to :meth:`Store.revive`, those of them revived)."""
 
     added: list[str] = field(default_factory=list)
     existing: list[str] = field(default_factory=list)
+    revived: list[str] = field(default_factory=list)
 
 
 class Store(abc.ABC):
@@ -219,6 +221,14 @@ class Store(abc.ABC):
         self, refs: list[ProjectRef], *, now: float, delete_after_download: bool
     ) -> TrackResult:
         """Start tracking ``refs`` (due at once); already tracked ids are left as they are."""
+
+    @abc.abstractmethod
+    async def revive(
+        self, refs: list[ProjectRef], *, now: float, delete_after_download: bool
+    ) -> list[str]:
+        """Track again, from scratch and due now, those of ``refs`` that ended ``not_found``
+        (same id and kind): a wrong base URL, or a project looked for before it existed, must
+        not be lost for good. Other projects are left as they are. Returns the revived ids."""
 
     @abc.abstractmethod
     async def untrack(self, project_id: str) -> bool:

@@ -74,6 +74,30 @@ class InMemoryStore(Store):
             result.added.append(ref.id)
         return result
 
+    async def revive(
+        self, refs: list[ProjectRef], *, now: float, delete_after_download: bool
+    ) -> list[str]:
+        revived: list[str] = []
+        for ref in refs:
+            p = self.projects.get(ref.id)
+            if p is None or p.kind != ref.kind or p.state != State.NOT_FOUND:
+                continue
+            self.projects[ref.id] = ProjectRecord(
+                id=ref.id,
+                kind=ref.kind,
+                state=State.POLLING,
+                remote_status=None,
+                delete_after_download=delete_after_download,
+                due_at=now,
+                attempt=0,
+                polls=0,
+                tracked_at=now,
+                updated_at=now,
+                lease_version=p.lease_version,
+            )
+            revived.append(ref.id)
+        return revived
+
     async def untrack(self, project_id: str) -> bool:
         self.output_rows.pop(project_id, None)
         return self.projects.pop(project_id, None) is not None

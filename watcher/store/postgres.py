@@ -304,6 +304,19 @@ class PostgresStore(Store):
                 result.existing.append(ref.id)
         return result
 
+    async def revive(
+        self, refs: list[ProjectRef], *, now: float, delete_after_download: bool
+    ) -> list[str]:
+        rows = await self._all(
+            "revive_projects",
+            ids=[ref.id for ref in refs],
+            kinds=[ref.kind.value for ref in refs],
+            delete_after_download=delete_after_download,
+            now=now,
+        )
+        revived = {row["id"] for row in rows}
+        return [pid for pid in dict.fromkeys(ref.id for ref in refs) if pid in revived]
+
     async def untrack(self, project_id: str) -> bool:
         return await self._count("delete_project", id=project_id) == 1
 

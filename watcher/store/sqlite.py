@@ -226,6 +226,28 @@ class SQLiteStore(Store):
 
         return await self._run(work)
 
+    async def revive(
+        self, refs: list[ProjectRef], *, now: float, delete_after_download: bool
+    ) -> list[str]:
+        def work() -> list[str]:
+            revived: list[str] = []
+            with _transaction(self._db):
+                for ref in refs:
+                    cursor = self._db.execute(
+                        _Q["revive_project"],
+                        {
+                            "id": ref.id,
+                            "kind": ref.kind.value,
+                            "delete_after_download": int(delete_after_download),
+                            "now": now,
+                        },
+                    )
+                    if cursor.rowcount == 1:
+                        revived.append(ref.id)
+            return revived
+
+        return await self._run(work)
+
     async def untrack(self, project_id: str) -> bool:
         def work() -> bool:
             with _transaction(self._db):

@@ -29,6 +29,17 @@ ORDER BY n
 ON CONFLICT (id) DO NOTHING
 RETURNING id
 
+-- name: revive_projects
+-- Tracked again from scratch: what the 404 left (note, counters, times) is cleared.
+UPDATE projects AS p
+SET state = 'polling', remote_status = NULL, delete_after_download = %(delete_after_download)s,
+    due_at = %(now)s, attempt = 0, polls = 0, tracked_at = %(now)s, updated_at = %(now)s,
+    terminal_at = NULL, finished_at = NULL, error_code = NULL, error_message = NULL,
+    failure = NULL, failures = 0, lease_owner = NULL, interruptions = 0, stalled_since = NULL
+FROM unnest(%(ids)s::text[], %(kinds)s::text[]) AS r (id, kind)
+WHERE p.id = r.id AND p.kind = r.kind AND p.state = 'not_found'
+RETURNING p.id
+
 -- name: delete_project
 DELETE FROM projects WHERE id = %(id)s
 

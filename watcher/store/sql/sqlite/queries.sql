@@ -5,6 +5,15 @@ INSERT INTO projects (id, kind, state, delete_after_download, due_at, tracked_at
 VALUES (:id, :kind, 'polling', :delete_after_download, :now, :now, :now)
 ON CONFLICT (id) DO NOTHING
 
+-- name: revive_project
+-- Tracked again from scratch: what the 404 left (note, counters, times) is cleared.
+UPDATE projects
+SET state = 'polling', remote_status = NULL, delete_after_download = :delete_after_download,
+    due_at = :now, attempt = 0, polls = 0, tracked_at = :now, updated_at = :now,
+    terminal_at = NULL, finished_at = NULL, error_code = NULL, error_message = NULL,
+    failure = NULL, failures = 0, lease_owner = NULL, interruptions = 0, stalled_since = NULL
+WHERE id = :id AND kind = :kind AND state = 'not_found'
+
 -- name: delete_project
 DELETE FROM projects WHERE id = :id
 
