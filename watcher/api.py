@@ -56,6 +56,8 @@ MAX_RETRY_AFTER = 300.0
 USER_AGENT = "magic-hour-watcher"
 
 RetryHook = Callable[[TransientApiError, int, float], None]
+# Asked for the token again after a 401: the current one, perhaps re-read from its file.
+TokenSource = Callable[[], SecretStr | None]
 _T = TypeVar("_T")
 
 
@@ -221,6 +223,7 @@ class MagicHourClient:
         sleep: Callable[[float], Awaitable[None]] | None = None,
         user_agent: str = USER_AGENT,
         deadline: float | None = None,
+        reload_token: TokenSource | None = None,
     ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
@@ -234,9 +237,26 @@ class MagicHourClient:
         self._user_agent = user_agent
         read_timeout = http.timeout.read or 30.0
         self._deadline = deadline or DEADLINE_READ_TIMEOUTS * read_timeout
+        self._reload_token = reload_token
 
     def __repr__(self) -> str:
         return f"MagicHourClient(base_url={self._base_url!r})"
+
+    def set_token(self, token: SecretStr) -> None:
+        """Send ``token`` from the next request on (a rotated secret); requests already on
+        their way keep the one they were built with."""
+        self._token = token
+
+    def _token_renewed(self, used: SecretStr) -> bool:
+        """After a 401 to a request sent with ``used``: whether another token is there to try
+        (swapped meanwhile, or re-read by ``reload_token``)."""
+        if self._token.get_secret_value() != used.get_secret_value():
+            return True
+        fresh = self._reload_token() if self._reload_token is not None else None
+        if fresh is None or fresh.get_secret_value() == used.get_secret_value():
+            return False
+        self._token = fresh
+        return True
 
     async def get_project(self, ref: ProjectRef) -> ProjectSnapshot:
         """``GET /v1/{kind}-projects/{id}``; raises :class:`ApiError` subclasses."""
@@ -307,9 +327,20 @@ class MagicHourClient:
             self._on_retry(exc, state.attempt_number, wait)
 
     async def _send(self, method: str, ref: ProjectRef) -> _Reply:
+        token = self._token
+        response, body = await self._exchange(method, ref, token)
+        if response.status_code == 401 and self._token_renewed(token):
+            # The token was rotated (its file re-read): once more with the new one.
+            response, body = await self._exchange(method, ref, self._token)
+        self._raise_for_status(method, ref, response, body)
+        return _Reply(body, response.headers.get("content-type", ""))
+
+    async def _exchange(
+        self, method: str, ref: ProjectRef, token: SecretStr
+    ) -> tuple[httpx.Response, bytes]:
         url = f"{self._base_url}{ref.kind.api_path}/{ref.id}"
         headers = {
-            "Authorization": f"Bearer {self._token.get_secret_value()}",
+            "Authorization": f"Bearer {token.get_secret_value()}",
             "Accept": "application/json",
             "User-Agent": self._user_agent,
         }
@@ -357,8 +388,7 @@ class MagicHourClient:
                     f"{method} {ref}: request failed ({type(exc).__name__})", cause="http_error"
                 ) from None
         self._count(method, str(response.status_code))
-        self._raise_for_status(method, ref, response, body)
-        return _Reply(body, response.headers.get("content-type", ""))
+        return response, body
 
     def _scrub(self, body: bytes) -> bytes:
         """``body`` without the API token, in case a server or proxy echoes the request back."""
@@ -414,7 +444,10 @@ class MagicHourClient:
         if code == 402:
             raise PaymentRequired(f"{what}: payment required ({message})", status_code=code)
         if code == 404:
-            raise ProjectNotFound(f"{what}: no such project ({message})", status_code=code)
+            path = response.request.url.path
+            raise ProjectNotFound(
+                f"{what}: no such project at {path} ({message})", status_code=code, path=path
+            )
         if 400 <= code < 500:
             raise ApiRejected(f"{what}: {message}", status_code=code)
         raise TransientApiError(f"{what}: {excerpt(body)!r}", status_code=code, cause="http_other")

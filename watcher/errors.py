@@ -97,7 +97,12 @@ class PaymentRequired(ApiError):
 
 
 class ProjectNotFound(ApiError):
-    """404: no such project."""
+    """404: no such project. ``path`` is the URL path that answered 404 (a wrong
+    ``WATCHER_API_BASE_URL`` shows there)."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, path: str = "") -> None:
+        super().__init__(message, status_code=status_code)
+        self.path = path
 
 
 class ApiRejected(ApiError):

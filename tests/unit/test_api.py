@@ -87,7 +87,12 @@ class Harness:
     """A client wired to a fake server, a fake clock for its throttle and a fake retry sleep."""
 
     def __init__(
-        self, api: FakeApi, http: httpx.AsyncClient, max_attempts: int, token: str = TOKEN
+        self,
+        api: FakeApi,
+        http: httpx.AsyncClient,
+        max_attempts: int,
+        token: str = TOKEN,
+        reload_token: Callable[[], SecretStr | None] | None = None,
     ) -> None:
         self.api = api
         self.clock = FakeClock()
@@ -106,6 +111,7 @@ class Harness:
             on_retry=lambda exc, attempt, wait: self.retries.append((exc.cause, attempt, wait)),
             metrics=self.metrics,
             sleep=self._sleep,
+            reload_token=reload_token,
         )
 
     async def _sleep(self, seconds: float) -> None:
@@ -120,11 +126,14 @@ class Harness:
 
 @asynccontextmanager
 async def harness(
-    *replies: Reply | Script, max_attempts: int = 3, token: str = TOKEN
+    *replies: Reply | Script,
+    max_attempts: int = 3,
+    token: str = TOKEN,
+    reload_token: Callable[[], SecretStr | None] | None = None,
 ) -> AsyncIterator[Harness]:
     api = FakeApi(*replies)
     async with httpx.AsyncClient(transport=httpx.MockTransport(api)) as http:
-        yield Harness(api, http, max_attempts, token)
+        yield Harness(api, http, max_attempts, token, reload_token)
 
 
 def _messages(exc: BaseException) -> Iterator[str]:
@@ -731,3 +740,62 @@ async def test_a_body_that_drips_forever_is_a_timeout() -> None:
         with pytest.raises(TransientApiError, match="no complete answer from") as caught:
             await client.get_project(REF)
     assert caught.value.cause == "timeout"
+
+
+# --- a rotated token, a 404's path -------------------------------------------------------------
+
+NEW_TOKEN = "mhk_live_R0tatedT0kenAlsoSecret4321"
+
+
+def accepts(token: str) -> Callable[[httpx.Request], httpx.Response]:
+    """A server that accepts only ``token``."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.headers["authorization"] == f"Bearer {token}":
+            return ok()
+        return httpx.Response(401, json={"message": "Unauthorized"})
+
+    return answer
+
+
+async def test_a_401_retries_once_with_the_token_read_again() -> None:
+    """After a 401 the client asks ``reload_token`` for the token; a new one is sent at once and
+    kept for the requests after it."""
+    async with harness(accepts(NEW_TOKEN), reload_token=lambda: SecretStr(NEW_TOKEN)) as h:
+        await h.client.get_project(REF)
+        await h.client.get_project(REF)
+    sent = [r.headers["authorization"] for r in h.api.requests]
+    assert sent == [f"Bearer {TOKEN}", f"Bearer {NEW_TOKEN}", f"Bearer {NEW_TOKEN}"]
+
+
+async def test_a_401_with_the_same_token_read_again_is_unauthorized() -> None:
+    """An unchanged token after a 401 is not sent again: the refusal stands."""
+    async with harness(accepts(NEW_TOKEN), reload_token=lambda: SecretStr(TOKEN)) as h:
+        with pytest.raises(Unauthorized):
+            await h.client.get_project(REF)
+    assert len(h.api.requests) == 1
+
+
+async def test_a_token_set_while_a_request_waited_is_tried_after_its_401() -> None:
+    """A token swapped in (SIGHUP) while a request with the old one was on its way: that
+    request's 401 is retried with the new token, without reading anything."""
+    swapped: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if not swapped:
+            swapped.append(request)
+            h.client.set_token(SecretStr(NEW_TOKEN))
+        return accepts(NEW_TOKEN)(request)
+
+    async with harness(answer) as h:
+        await h.client.get_project(REF)
+    assert [r.headers["authorization"] for r in h.api.requests][-1] == f"Bearer {NEW_TOKEN}"
+
+
+async def test_a_404_names_the_path_that_answered() -> None:
+    """ProjectNotFound carries the URL path that answered 404, in its text and as ``path``."""
+    async with harness(httpx.Response(404, json={"message": "Not found"})) as h:
+        with pytest.raises(ProjectNotFound) as caught:
+            await h.client.get_project(REF)
+    assert caught.value.path == f"/v1/image-projects/{REF.id}"
+    assert f"at /v1/image-projects/{REF.id}" in str(caught.value)
