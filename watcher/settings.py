@@ -111,6 +111,20 @@ class Settings(BaseSettings):
             return value.lower() or None
         return value
 
+    @field_validator("api_base_url")
+    @classmethod
+    def _no_version_in_base_url(cls, value: pydantic.HttpUrl) -> pydantic.HttpUrl:
+        # The client appends /v1/{kind}-projects/{id} itself: a base URL ending in /v1 asks for
+        # /v1/v1/..., which answers 404 for every project, and each would end not_found.
+        path = (value.path or "").rstrip("/")
+        if path.lower().endswith("/v1"):
+            root = str(value).rstrip("/")[: -len("/v1")]
+            raise ValueError(
+                f"must not end in /v1: the watcher adds /v1/{{kind}}-projects/{{id}} itself "
+                f"(use {root})"
+            )
+        return value
+
     @field_validator("projects")
     @classmethod
     def _valid_projects(cls, value: str) -> str:
@@ -268,6 +282,37 @@ def _read_secret_file(path: Path, variable: str) -> SecretStr:
     if not text:
         raise ValueError(f"{variable}: the file it names is empty")
     return SecretStr(text)
+
+
+def reread_secret_files(settings: Settings) -> tuple[Settings, list[str]]:
+    """``settings`` with every secret that comes from a ``*_FILE`` read from its file again, and
+    the ``*_FILE`` variables whose secret changed (SIGHUP, or a 401: a rotated container secret
+    takes effect without a restart).
+
+    All or nothing: if any file cannot be read or is empty, :class:`ConfigError` says which
+    (one line each) and the caller keeps the secrets it has. ``WATCHER_DATABASE_URL_FILE`` is
+    not re-read: the store's connections are already open.
+    """
+    update: dict[str, SecretStr] = {}
+    changed: list[str] = []
+    problems: list[str] = []
+    for name in sorted(SECRET_FIELDS):
+        path: Path | None = getattr(settings, f"{name}_file")
+        if path is None:
+            continue
+        variable = f"{ENV_PREFIX}{name.upper()}_FILE"
+        try:
+            secret = _read_secret_file(path, variable)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        current: SecretStr | None = getattr(settings, name)
+        if current is None or current.get_secret_value() != secret.get_secret_value():
+            update[name] = secret
+            changed.append(variable)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return (settings.model_copy(update=update) if update else settings), changed
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -8,7 +8,7 @@ import pytest
 
 from watcher.errors import ConfigError
 from watcher.models import Kind, ProjectRef
-from watcher.settings import Settings, load_settings, unknown_variables
+from watcher.settings import Settings, load_settings, reread_secret_files, unknown_variables
 
 TOKEN = "mhk_live_Zq8sECRETsECRETsECRET0042"
 
@@ -345,3 +345,66 @@ def test_an_empty_replica_id_means_the_default() -> None:
     """``WATCHER_REPLICA_ID=`` (empty, as the example env file shows it) is the default name,
     not a start-up error."""
     assert load_settings({"WATCHER_REPLICA_ID": ""}).replica_id == Settings().replica_id
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://api.magichour.ai/v1", "https://api.magichour.ai/v1/", "http://127.0.0.1:9/x/V1"],
+)
+def test_a_base_url_ending_in_v1_is_refused(url: str) -> None:
+    """The client adds ``/v1/...`` itself: a base URL ending in ``/v1`` would make every
+    project ``not_found``, so it is refused with what to use instead."""
+    message = _config_error({"WATCHER_API_BASE_URL": url})
+    assert message.startswith("WATCHER_API_BASE_URL: must not end in /v1")
+    assert f"(use {url.rstrip('/')[:-3]})" in message
+
+
+def test_a_base_url_with_v1_elsewhere_is_fine() -> None:
+    """Only a trailing ``/v1`` is refused."""
+    settings = load_settings({"WATCHER_API_BASE_URL": "https://proxy.test/v1x/magic"})
+    assert str(settings.api_base_url) == "https://proxy.test/v1x/magic"
+
+
+def test_secret_files_are_read_again(tmp_path: Path) -> None:
+    """``reread_secret_files`` reads every ``*_FILE`` secret again and names those that
+    changed; secrets given directly are left alone."""
+    token, control = tmp_path / "token", tmp_path / "control"
+    token.write_text(TOKEN + "\n")
+    control.write_text("control-secret-1\n")
+    settings = load_settings(
+        {
+            "WATCHER_API_TOKEN_FILE": str(token),
+            "WATCHER_CONTROL_TOKEN_FILE": str(control),
+            "WATCHER_WEBHOOK_SECRET": "webhook-secret-direct",
+        }
+    )
+    same, changed = reread_secret_files(settings)
+    assert changed == []
+    assert same is settings
+    token.write_text("mhk_live_rotated_token_0002\n")
+    fresh, changed = reread_secret_files(settings)
+    assert changed == ["WATCHER_API_TOKEN_FILE"]
+    assert fresh.api_token is not None
+    assert fresh.api_token.get_secret_value() == "mhk_live_rotated_token_0002"
+    assert fresh.control_token is not None
+    assert fresh.control_token.get_secret_value() == "control-secret-1"
+    assert fresh.webhook_secret is not None
+    assert fresh.webhook_secret.get_secret_value() == "webhook-secret-direct"
+
+
+def test_an_unreadable_secret_file_changes_nothing(tmp_path: Path) -> None:
+    """If one file cannot be read (or is empty) the re-read fails whole, naming the variable,
+    and no secret is replaced, not even those whose files are fine."""
+    token, control = tmp_path / "token", tmp_path / "control"
+    token.write_text(TOKEN + "\n")
+    control.write_text("control-secret-1\n")
+    settings = load_settings(
+        {"WATCHER_API_TOKEN_FILE": str(token), "WATCHER_CONTROL_TOKEN_FILE": str(control)}
+    )
+    token.write_text("mhk_live_rotated_token_0002\n")
+    control.write_text("")
+    with pytest.raises(ConfigError) as caught:
+        reread_secret_files(settings)
+    assert str(caught.value) == "WATCHER_CONTROL_TOKEN_FILE: the file it names is empty"
+    assert settings.api_token is not None
+    assert settings.api_token.get_secret_value() == TOKEN
