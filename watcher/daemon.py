@@ -36,8 +36,9 @@ from pathlib import Path
 
 import httpx
 import structlog
+from pydantic import SecretStr
 
-from watcher import __version__, clock
+from watcher import __version__, clock, logs
 from watcher.api import USER_AGENT, MagicHourClient
 from watcher.backoff import GiveUpLimits, PollPolicy, next_attempt, stalled_for_good
 from watcher.downloader import (
@@ -50,6 +51,7 @@ from watcher.downloader import (
 from watcher.errors import (
     ApiError,
     ApiRejected,
+    ConfigError,
     DiskFull,
     DownloadError,
     DownloadUrlExpired,
@@ -66,7 +68,7 @@ from watcher.models import Kind, ProjectRef, ProjectSnapshot, RemoteStatus, Stat
 from watcher.paths import is_part_name, output_relpath, part_path, resolve_inside
 from watcher.priority import PriorityGate
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats, next_poll_delay
-from watcher.settings import Settings
+from watcher.settings import SECRET_FIELDS, Settings, reread_secret_files
 from watcher.store import (
     Claim,
     LeaseLost,
@@ -100,6 +102,9 @@ _CRASH_NOTE = re.compile(r"crashed \((\d+)x in a row\): ")
 # A project whose GET has failed this many times in a row (about a quarter of an hour with the
 # default POLL_MAX) while other projects' GETs succeed is poison, not an outage: quarantined.
 MAX_POLL_FAILURES = 20
+# A run whose first GETs all answer 404, this many projects of them (or every project active at
+# start, if fewer), has most likely been pointed at the wrong WATCHER_API_BASE_URL.
+BASE_URL_SUSPECT_404S = 3
 
 EXIT_OK = 0
 EXIT_NOT_AS_CONFIGURED = 1
@@ -108,7 +113,12 @@ EXIT_UNAUTHORIZED = 3
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """How a run ended: its exit code and the final states it saw."""
+    """How a run ended: the process's exit code and the states of the run's projects.
+
+    A plain run exits 0 once stopped; ``until_done`` decides over the projects of this run only
+    (those named in ``WATCHER_PROJECTS``, tracked or revived while it ran, or worked on by it),
+    never over projects that ended in earlier runs.
+    """
 
     exit_code: int
     counts: dict[State, int]
@@ -156,6 +166,11 @@ class Daemon:
         self.unauthorized = False
         self.payment_required = False
         self._signals = 0
+        self._run_ids: set[str] = set()  # the projects of this run (see Outcome)
+        # Projects whose GET answered 404 before any API call succeeded (None once reported).
+        self._not_found_at_start: set[str] | None = set()
+        self._api_answered = False
+        self._suspect_after = BASE_URL_SUSPECT_404S
         self.started = asyncio.Event()
         self.api: MagicHourClient | None = None
         self.downloader: Downloader | None = None
@@ -195,6 +210,34 @@ class Daemon:
         """Look for due work now (a project was tracked or expedited)."""
         self._wake.set()
 
+    def reload_secrets(self, trigger: str) -> list[str]:
+        """Read every ``*_FILE`` secret again (``trigger``: SIGHUP, or a 401) and use the ones
+        that changed from now on: the API token in the next request, the control token and
+        webhook secret in the next check, the notify secret in the next delivery. An unreadable
+        or empty file is logged and changes nothing. Returns the ``*_FILE`` variables whose
+        secret changed."""
+        try:
+            settings, changed = reread_secret_files(self.settings)
+        except ConfigError as exc:
+            log.error("secrets_reload_failed", trigger=trigger, error=str(exc))  # noqa: TRY400
+            return []
+        for name in SECRET_FIELDS:
+            secret = getattr(settings, name)
+            logs.register_secret(secret.get_secret_value() if secret else None)
+        self.settings = settings
+        if self.api is not None and settings.api_token is not None:
+            self.api.set_token(settings.api_token)
+        if changed or trigger == "SIGHUP":
+            log.info("secrets_reloaded", trigger=trigger, changed=changed)
+        return changed
+
+    def _token_after_401(self) -> SecretStr | None:
+        """The API client's question after a 401: the token, its file read again."""
+        if self.settings.api_token_file is None:
+            return None
+        self.reload_secrets("unauthorized")
+        return self.settings.api_token
+
     def _http_client(self) -> httpx.AsyncClient:
         s = self.settings
         pool = s.max_concurrent_requests + s.max_concurrent_downloads + 4
@@ -222,6 +265,7 @@ class Daemon:
                 on_retry=self._on_api_retry,
                 metrics=self.metrics,
                 user_agent=self.user_agent,
+                reload_token=self._token_after_401,
             )
             self.downloader = Downloader(
                 http,
@@ -270,6 +314,10 @@ class Daemon:
         )
         refs = self.settings.project_refs
         added = await self.track(refs, delete_after_download=self.settings.delete_after_download)
+        self._run_ids.update(r.id for r in refs)
+        counts = await self.store.count_by_state()
+        active = sum(n for state, n in counts.items() if not state.is_final)
+        self._suspect_after = max(1, min(BASE_URL_SUSPECT_404S, active))
         swept = await self._sweep_parts(await self._active_ids())
         learned = await self._learn()
         log.info(
@@ -305,17 +353,30 @@ class Daemon:
                 with contextlib.suppress(StoreError):
                     await self._learn()
 
-    async def track(self, refs: Iterable[ProjectRef], *, delete_after_download: bool) -> list[str]:
-        """Track ``refs`` (idempotent); returns the ids that were new."""
-        result = await self.store.track(
-            list(refs), now=clock.now(), delete_after_download=delete_after_download
-        )
+    async def track(
+        self, refs: Iterable[ProjectRef], *, delete_after_download: bool, revive: bool = False
+    ) -> list[str]:
+        """Track ``refs`` (idempotent); with ``revive``, those that ended ``not_found`` are
+        tracked again from scratch. Returns the ids that were new or revived."""
+        refs = list(refs)
+        now = clock.now()
+        result = await self.store.track(refs, now=now, delete_after_download=delete_after_download)
         by_id = {r.id: r for r in refs}
         for pid in result.added:
             log.info("project_tracked", project_id=pid, kind=by_id[pid].kind.value)
-        if result.added:
+        revived: list[str] = []
+        if revive and result.existing:
+            again = [by_id[pid] for pid in dict.fromkeys(result.existing)]
+            revived = await self.store.revive(
+                again, now=now, delete_after_download=delete_after_download
+            )
+            for pid in revived:
+                log.info("project_revived", project_id=pid, kind=by_id[pid].kind.value)
+        started = [*result.added, *revived]
+        self._run_ids.update(started)
+        if started:
             self.wake()
-        return result.added
+        return started
 
     async def _active_ids(self) -> set[str]:
         ids: set[str] = set()
@@ -370,27 +431,38 @@ class Daemon:
                 log.warning("shutdown_cancelled_work", cancelled=len(pending))
 
     async def _outcome(self) -> Outcome:
-        counts = await self.store.count_by_state()
-        if self.unauthorized:
+        """The exit code (see :class:`Outcome`), logged as the code the process exits with."""
+        counts, as_configured = await self._run_counts()
+        if not self.until_done:
+            code = EXIT_OK
+        elif self.unauthorized:
             code = EXIT_UNAUTHORIZED
         else:
-            code = EXIT_OK
-            page_cursor = None
-            while True:
-                page = await self.store.list_projects(limit=1000, cursor=page_cursor)
-                for p in page.projects:
-                    wanted = State.DELETED if p.delete_after_download else State.SAVED
-                    if p.state != wanted:
-                        code = EXIT_NOT_AS_CONFIGURED
-                if page.next_cursor is None:
-                    break
-                page_cursor = page.next_cursor
+            code = EXIT_OK if as_configured else EXIT_NOT_AS_CONFIGURED
         log.info(
             "daemon_stopped",
             exit_code=code,
             **{f"projects_{s.value}": n for s, n in sorted(counts.items())},
         )
         return Outcome(code, counts)
+
+    async def _run_counts(self) -> tuple[dict[State, int], bool]:
+        """States of this run's projects (one pass over the store, in pages), and whether every
+        one ended as configured (``saved``, or ``deleted`` when deletion was asked)."""
+        counts: dict[State, int] = {}
+        as_configured = True
+        cursor = None
+        while True:
+            page = await self.store.list_projects(limit=1000, cursor=cursor)
+            for p in page.projects:
+                if p.id not in self._run_ids:
+                    continue
+                counts[p.state] = counts.get(p.state, 0) + 1
+                wanted = State.DELETED if p.delete_after_download else State.SAVED
+                as_configured = as_configured and p.state == wanted
+            if page.next_cursor is None:
+                return counts, as_configured
+            cursor = page.next_cursor
 
     # --- the dispatch loop ---------------------------------------------------------------------
 
@@ -417,6 +489,7 @@ class Daemon:
         for claim in await self.store.claim_due(
             now=now, limit=limit, owner=self.owner, lease_seconds=self.lease_seconds
         ):
+            self._run_ids.add(claim.id)
             stale = self._tasks.get(claim.id)
             if stale is not None:
                 # Our own lease ran out while the work went on (the store missed renewals, or the
@@ -553,13 +626,32 @@ class Daemon:
                 failure = f"outputs can no longer be fetched: the project is gone ({exc})"
                 await self._finish(claim, State.FAILED, failure=failure)
             else:
-                await self._finish(claim, State.NOT_FOUND, failure=str(exc))
+                self._suspect_base_url(p.id, exc)
+                await self._finish(claim, State.NOT_FOUND, failure=str(exc), path=exc.path)
             return None
         except ApiError as exc:
             await self._api_trouble(claim, exc)
             return None
         self._api_ok()
         return snapshot
+
+    def _suspect_base_url(self, project_id: str, exc: ProjectNotFound) -> None:
+        """Say loudly, once, when the first GETs of this run all answer 404: that is a wrong
+        ``WATCHER_API_BASE_URL`` far more often than projects that all vanished."""
+        if self._api_answered or self._not_found_at_start is None:
+            return
+        self._not_found_at_start.add(project_id)
+        if len(self._not_found_at_start) < self._suspect_after:
+            return
+        log.error(
+            "api_base_url_suspect",
+            base_url=str(self.settings.api_base_url),
+            path=exc.path,
+            not_found=len(self._not_found_at_start),
+            hint="every GET of this run so far answered 404: WATCHER_API_BASE_URL is probably "
+            "wrong (it must not end in /v1); once fixed, `watcher track` revives the projects",
+        )
+        self._not_found_at_start = None
 
     async def _poll(self, claim: Claim) -> None:
         started = clock.monotonic()
@@ -821,6 +913,7 @@ class Daemon:
         error_message: str | None = None,
         failure: str | None = None,
         already_gone: bool | None = None,
+        path: str | None = None,
     ) -> None:
         p = claim.project
         now = clock.now()
@@ -850,7 +943,7 @@ class Daemon:
         elif state == State.CANCELED:
             log.info("project_canceled", **fields)
         elif state == State.NOT_FOUND:
-            log.info("project_not_found", **fields, note=failure)
+            log.warning("project_not_found", **fields, path=path, note=failure)
         else:
             log.info("project_saved", **fields, note=failure)
 
@@ -991,6 +1084,7 @@ class Daemon:
         )
 
     def _api_ok(self) -> None:
+        self._api_answered = True
         if self.unauthorized or self.payment_required:
             log.info("api_recovered")
         self.unauthorized = self.payment_required = self._probe = False

@@ -111,6 +111,8 @@ class Notifier:
         async with self._http() as client:
             try:
                 while True:
+                    # SIGHUP may have re-read WATCHER_NOTIFY_SECRET_FILE.
+                    self._secret = configured(daemon.settings.notify_secret) or self._secret
                     try:
                         if await self.deliver_due(daemon.store, daemon.metrics, client) == BATCH:
                             continue  # a full batch: there may be more due right now

@@ -128,9 +128,18 @@ class _Handlers:
         self.settings = daemon.settings
         self.download_dir = daemon.settings.download_dir
         self.metrics = daemon.metrics
-        self.control_token = configured(daemon.settings.control_token)
-        self.webhook_secret = configured(daemon.settings.webhook_secret)
         self.openapi = openapi_document()
+
+    # Read at each use, not kept: SIGHUP re-reads the daemon's *_FILE secrets.
+    @property
+    def control_token(self) -> str | None:
+        """The control API's bearer token, if one is set."""
+        return configured(self.daemon.settings.control_token)
+
+    @property
+    def webhook_secret(self) -> str | None:
+        """The webhook signing secret, if one is set."""
+        return configured(self.daemon.settings.webhook_secret)
 
     # --- auth ----------------------------------------------------------------------------------
 
@@ -211,8 +220,8 @@ class _Handlers:
                 f"not {ref.kind.value}",
             )
         created = False
-        if existing is None:
-            added = await self.daemon.track([ref], delete_after_download=delete)
+        if existing is None or existing.state == State.NOT_FOUND:  # a 404 is revived
+            added = await self.daemon.track([ref], delete_after_download=delete, revive=True)
             created = ref.id in added
         record = await self.store.get(ref.id)
         if record is None:  # stopped being tracked in between: a race with DELETE
