@@ -1,8 +1,14 @@
-"""The ``watcher`` command: ``run``, ``track``, ``status``, ``simulate`` and ``demo``.
+"""The ``watcher`` command: ``run``, ``track``, ``untrack``, ``status``, ``health``,
+``simulate`` and ``demo``.
 
-Exit codes: 0 success; 1 a project did not end as configured (``run --until-done``) or the
-command failed; 2 bad settings or arguments (one line per problem, no traceback); 3 the API token
-was refused (``run --until-done``); 130 a second signal ended the daemon at once.
+Exit codes: 0 success (a plain ``run`` stopped by SIGTERM/SIGINT included); 1 a project of this
+run did not end as configured (``run --until-done``) or the command failed; 2 bad settings or
+arguments, or a port in use (one line per problem, no traceback); 3 the API token was refused
+(``run --until-done``); 130 a second signal ended the daemon at once; 141 stdout was closed
+early (``watcher status | head``). ``daemon_stopped`` logs the code ``run`` exits with.
+
+Signals of ``run``: SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP re-reads
+the ``*_FILE`` secrets and keeps running.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +32,21 @@ from watcher.daemon import Daemon, Outcome
 from watcher.errors import ConfigError, InvalidProjectId, WatcherError
 from watcher.models import Kind, ProjectRef, State, parse_kind, parse_project_spec
 from watcher.settings import Settings, load_settings, unknown_variables
-from watcher.store import OutputRecord, ProjectRecord, Store, create_store, sqlite_path
+from watcher.store import (
+    OutputRecord,
+    ProjectRecord,
+    Store,
+    TrackResult,
+    create_store,
+    sqlite_path,
+)
 from watcher.views import project_json
 from watcher.webhooks import configured
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 EXIT_SECOND_SIGNAL = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell shows for a tool cut off by `head`
 
 log = structlog.get_logger("watcher")
 
@@ -50,11 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--until-done",
         action="store_true",
-        help="exit once every tracked project is final (0 if all went as configured)",
+        help="exit once every tracked project is final; 0 if every project of this run "
+        "(named in WATCHER_PROJECTS, tracked while it ran, or worked on) ended as configured",
     )
     run.set_defaults(func=cmd_run)
 
-    track = sub.add_parser("track", help="track project ids (KIND:ID or ID)")
+    track = sub.add_parser(
+        "track", help="track project ids (KIND:ID or ID); a not_found one is tracked again"
+    )
     track.add_argument("ids", nargs="+", metavar="ID", help="ID or KIND:ID")
     track.add_argument("--kind", default="image", help="kind of bare ids: image, video, audio")
     track.add_argument(
@@ -65,10 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_url_argument(track)
     track.set_defaults(func=cmd_track)
 
+    untrack = sub.add_parser(
+        "untrack", help="stop tracking project ids (files stay; nothing is deleted remotely)"
+    )
+    untrack.add_argument("ids", nargs="+", metavar="ID", help="ID or KIND:ID")
+    _add_url_argument(untrack)
+    untrack.set_defaults(func=cmd_untrack)
+
     status = sub.add_parser("status", help="show tracked projects")
     status.add_argument("--json", action="store_true", help="one JSON document on stdout")
     status.add_argument("--state", help="only projects in this state")
-    status.add_argument("--limit", type=int, default=100, help="at most this many rows (100)")
+    status.add_argument(
+        "--limit", type=_positive_int, default=100, help="at most this many rows (100)"
+    )
+    status.add_argument("--wide", action="store_true", help="notes in full, not cut to fit")
     _add_url_argument(status)
     status.set_defaults(func=cmd_status)
 
@@ -90,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_url_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
@@ -103,6 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit as an ignored exception
+    except BrokenPipeError:
+        # The reader went away (`watcher status | head -1`): what it wanted it has. Point
+        # stdout at /dev/null so the interpreter's own flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"watcher: {line}", file=sys.stderr)
@@ -157,11 +202,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
-    return outcome.exit_code if args.until_done else 0
+    return outcome.exit_code
 
 
 async def run_daemon(daemon: Daemon) -> Outcome:
-    """Run ``daemon`` with SIGTERM/SIGINT wired to a graceful stop (a second one exits at once)."""
+    """Run ``daemon`` with SIGTERM/SIGINT wired to a graceful stop (a second one exits at once)
+    and SIGHUP to re-reading the ``*_FILE`` secrets (the daemon keeps running)."""
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:
@@ -172,12 +218,17 @@ async def run_daemon(daemon: Daemon) -> Outcome:
         log.info("signal_received", signal=signal.Signals(signum).name)
         daemon.request_stop()
 
+    def on_hangup() -> None:
+        log.info("signal_received", signal="SIGHUP")
+        daemon.reload_secrets("SIGHUP")
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         return await daemon.run()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
 
 
@@ -231,11 +282,13 @@ def cmd_track(args: argparse.Namespace) -> int:
                 print(f"{'tracked' if created else 'already tracked'} {ref.id}")
         return 0
     delete = settings.delete_after_download if override is None else override
-    added, existing, conflicts = asyncio.run(_track_in_store(settings, refs, delete=delete))
-    for pid in added:
+    result, conflicts = asyncio.run(_track_in_store(settings, refs, delete=delete))
+    for pid in result.added:
         print(f"tracked {pid}")
-    for pid in existing:
-        if pid not in conflicts:
+    for pid in result.revived:
+        print(f"tracked {pid} again (it was not_found)")
+    for pid in result.existing:
+        if pid not in conflicts and pid not in result.revived:
             print(f"already tracked {pid}")
     for message in conflicts.values():
         print(f"watcher: track: {message}", file=sys.stderr)
@@ -257,11 +310,16 @@ def _parse_refs(raw_ids: list[str], kind: Kind) -> list[ProjectRef]:
 
 async def _track_in_store(
     settings: Settings, refs: list[ProjectRef], *, delete: bool
-) -> tuple[list[str], list[str], dict[str, str]]:
-    """Track ``refs``: (added, already tracked, {id: message} for those tracked as another kind)."""
+) -> tuple[TrackResult, dict[str, str]]:
+    """Track ``refs``, reviving those that ended ``not_found``: what the store did, and
+    {id: message} for those tracked as another kind."""
     async with create_store(settings.database_url) as store:
-        result = await store.track(refs, now=clock.now(), delete_after_download=delete)
+        now = clock.now()
+        result = await store.track(refs, now=now, delete_after_download=delete)
         wanted = {r.id: r.kind for r in refs}
+        if result.existing:
+            again = [r for r in refs if r.id in set(result.existing)]
+            result.revived = await store.revive(again, now=now, delete_after_download=delete)
         conflicts = {}
         for pid in result.existing:
             record = await store.get(pid)
@@ -270,7 +328,33 @@ async def _track_in_store(
                     f"{pid} is already tracked as {record.kind.value}, "
                     f"not {wanted[pid].value}; untrack it first to change its kind"
                 )
-        return result.added, result.existing, conflicts
+        return result, conflicts
+
+
+def cmd_untrack(args: argparse.Namespace) -> int:
+    """``watcher untrack``: forget ids, through a running daemon's API (``--url``) or in the
+    store. Saved files stay; nothing is deleted at Magic Hour."""
+    settings = _settings()
+    ids = [ref.id for ref in _parse_refs(args.ids, Kind.IMAGE)]
+    if args.url:
+        from watcher.http.client import ControlClient  # noqa: PLC0415 - keep start-up light
+
+        with ControlClient(args.url, configured(settings.control_token)) as client:
+            gone = {pid: client.untrack(pid) for pid in ids}
+    else:
+        _require_database(settings.database_url)
+        gone = asyncio.run(_untrack_in_store(settings, ids))
+    for pid, was_tracked in gone.items():
+        if was_tracked:
+            print(f"untracked {pid}")
+        else:
+            print(f"watcher: untrack: {pid} is not tracked", file=sys.stderr)
+    return 0 if all(gone.values()) else EXIT_FAILED
+
+
+async def _untrack_in_store(settings: Settings, ids: list[str]) -> dict[str, bool]:
+    async with create_store(settings.database_url) as store:
+        return {pid: await store.untrack(pid) for pid in ids}
 
 
 async def _collect(
@@ -311,7 +395,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             "counts": {s.value: n for s, n in sorted(counts.items())},
             "projects": [project_json(p, o, settings.download_dir) for p, o in rows],
         }
-    print(json.dumps(doc, indent=2) if args.json else render_status(doc, args.state))
+    text = (
+        json.dumps(doc, indent=2) if args.json else render_status(doc, args.state, wide=args.wide)
+    )
+    print(text)
     return 0
 
 
@@ -355,13 +442,28 @@ def _human_bytes(n: int) -> str:
     return f"{size:.1f} GiB"
 
 
-def render_status(doc: dict[str, Any], state: str | None = None) -> str:
+NOTE_CHARS = 60
+
+
+def render_status(
+    doc: dict[str, Any],
+    state: str | None = None,
+    *,
+    wide: bool = False,
+    now: float | None = None,
+) -> str:
     """The table of a ``status --json`` document (as the store or the control API gives it),
-    listing projects in ``state`` only if given; says so when more exist than it shows."""
+    listing projects in ``state`` only if given; says so when more exist than it shows.
+
+    AGE is the time since the project was tracked, NEXT the time until its next poll (``now``
+    for one that is due, ``-`` once final). Notes are cut to fit unless ``wide``.
+    """
+    at = clock.now() if now is None else now
     counts: dict[str, int] = doc["counts"]
     summary = ", ".join(f"{s} {n}" for s, n in sorted(counts.items())) or "no projects"
-    header = ("ID", "KIND", "STATE", "REMOTE", "POLLS", "SAVED", "NOTE")
+    header = ("ID", "KIND", "STATE", "REMOTE", "POLLS", "SAVED", "AGE", "NEXT", "NOTE")
     lines = [header]
+    cut = False
     for p in doc["projects"]:
         outputs = p["outputs"]
         saved = sum(1 for o in outputs if o["state"] == "saved")
@@ -376,9 +478,12 @@ def render_status(doc: dict[str, Any], state: str | None = None) -> str:
                 p["remote_status"] or "-",
                 str(p["polls"]),
                 _saved_cell(saved, len(outputs), so_far),
-                note[:60],
+                _since(p["tracked_at"], at),
+                _until(p["next_due_at"], at),
+                note if wide else _cut(note),
             )
         )
+        cut = cut or (not wide and len(note) > NOTE_CHARS)
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -388,7 +493,38 @@ def render_status(doc: dict[str, Any], state: str | None = None) -> str:
     total = counts.get(state, 0) if state else sum(counts.values())
     if shown < total:
         text.append(f"(showing {shown} of {total}: --limit for more, --state to filter)")
+    if cut:
+        text.append("(notes cut short: --wide or --json for the whole of each)")
     return "\n".join([f"projects: {summary}", *text])
+
+
+def _cut(note: str) -> str:
+    return note if len(note) <= NOTE_CHARS else note[: NOTE_CHARS - 1] + "…"
+
+
+def _seconds_of(iso_time: str | None) -> float | None:
+    return None if iso_time is None else datetime.fromisoformat(iso_time).timestamp()
+
+
+def _since(iso_time: str | None, now: float) -> str:
+    at = _seconds_of(iso_time)
+    return "-" if at is None else _duration(now - at)
+
+
+def _until(iso_time: str | None, now: float) -> str:
+    at = _seconds_of(iso_time)
+    if at is None:
+        return "-"
+    return "now" if at <= now else f"in {_duration(at - now)}"
+
+
+def _duration(seconds: float) -> str:
+    """``45s``, ``12m``, ``5h``, ``3d``: a span as people read it at a glance."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
 
 
 # --- demo ------------------------------------------------------------------------------------

@@ -158,8 +158,10 @@ def test_status_table_is_readable(serve: Serve, tmp_path: Path) -> None:
     assert run(["track", "video:abc123", "image:def456"], env).returncode == 0
     table = run(["status"], env).stdout.splitlines()
     assert table[0] == "projects: polling 2"
-    assert table[1].split() == ["ID", "KIND", "STATE", "REMOTE", "POLLS", "SAVED", "NOTE"]
+    header = ["ID", "KIND", "STATE", "REMOTE", "POLLS", "SAVED", "AGE", "NEXT", "NOTE"]
+    assert table[1].split() == header
     assert sorted(line.split()[0] for line in table[2:]) == ["abc123", "def456"]
+    assert {line.split()[-1] for line in table[2:]} == {"now"}  # due at once: NEXT, no note
     first = run(["status", "--limit", "1"], env).stdout.splitlines()
     assert first[-1] == "(showing 1 of 2: --limit for more, --state to filter)"
     assert run(["status", "--state", "polling"], env).stdout.splitlines()[-1].startswith("def456")

@@ -1,5 +1,5 @@
-"""A client of a running watcher's control API, for ``watcher track --url`` and
-``watcher status --url``.
+"""A client of a running watcher's control API, for ``watcher track --url``,
+``watcher untrack --url`` and ``watcher status --url``.
 
 It speaks the API of :mod:`watcher.http.app` and turns every failure (unreachable, token
 refused, an error answer) into :class:`ControlApiError` with a message fit for a terminal. It
@@ -92,6 +92,19 @@ class ControlClient:
         response = self._request("POST", "/v1/projects", body=body, expect=(200, 201))
         project: dict[str, Any] = response.json()
         return response.status_code == 201, project
+
+    def untrack(self, project_id: str) -> bool:
+        """Stop tracking ``project_id``; False if it was not tracked."""
+        response = self._request("DELETE", f"/v1/projects/{project_id}", expect=(204, 404))
+        if response.status_code == 204:
+            return True
+        try:
+            not_tracked = response.json().get("error") == "not_tracked"
+        except (ValueError, AttributeError):
+            not_tracked = False
+        if not not_tracked:  # a 404 from something that is not a watcher's API
+            raise ControlApiError(f"HTTP 404 from {self.url}: is this a watcher's API?")
+        return False
 
     def status(self, *, state: str | None = None, limit: int = 100) -> dict[str, Any]:
         """``{"counts": …, "projects": […]}``: at most ``limit`` projects, in id order."""

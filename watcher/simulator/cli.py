@@ -28,7 +28,7 @@ _T = TypeVar("_T")
 DEFAULT_PORT = 8787
 _CONFIG = SimConfig()
 _FAULTS = Faults()
-_DEFAULT = "(%(default)s)"
+_DEFAULT = "(default: %(default)s)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,48 +40,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1", help="address to bind (%(default)s)")
+    group.add_argument("--host", default="127.0.0.1", help=f"address to bind {_DEFAULT}")
     group.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="port to bind; 0 picks a free one"
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port to bind; 0 picks a free one {_DEFAULT}",
     )
-    group.add_argument("--token", default=_CONFIG.token, help="accepted API token")
-    group.add_argument("--seed", type=int, default=_CONFIG.seed, help="seed of every draw")
+    group.add_argument("--token", default=_CONFIG.token, help=f"accepted API token {_DEFAULT}")
+    group.add_argument(
+        "--seed", type=int, default=_CONFIG.seed, help=f"seed of every draw {_DEFAULT}"
+    )
 
 
 def _add_project_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("projects")
     for kind in Kind:
         group.add_argument(
-            f"--{kind.value}", type=int, default=0, metavar="N", help=f"{kind.value} projects"
+            f"--{kind.value}",
+            type=int,
+            default=0,
+            metavar="N",
+            help=f"{kind.value} projects to create {_DEFAULT}",
         )
     _add_pair(group, "--queued-seconds", float, _CONFIG.queued_seconds, "time spent queued")
     _add_pair(group, "--rendering-seconds", float, _CONFIG.rendering_seconds, "time rendering")
     _add_pair(group, "--image-outputs", int, _CONFIG.image_outputs, "outputs per image project")
     _add_pair(group, "--output-bytes", int, _CONFIG.output_bytes, "size of each output")
     group.add_argument(
-        "--error-rate", type=float, default=_CONFIG.error_rate, metavar="P", help=_DEFAULT
+        "--error-rate",
+        type=float,
+        default=_CONFIG.error_rate,
+        metavar="P",
+        help=f"share of projects that end in error {_DEFAULT}",
     )
     group.add_argument(
-        "--cancel-rate", type=float, default=_CONFIG.cancel_rate, metavar="P", help=_DEFAULT
+        "--cancel-rate",
+        type=float,
+        default=_CONFIG.cancel_rate,
+        metavar="P",
+        help=f"share of projects that end canceled {_DEFAULT}",
     )
     group.add_argument(
         "--url-lifetime",
         type=float,
         default=_CONFIG.url_lifetime,
         metavar="SECONDS",
-        help="how long a signed download URL stays valid (%(default)s)",
+        help=f"how long a signed download URL stays valid {_DEFAULT}",
     )
     group.add_argument(
         "--timeline-start",
         choices=("created", "first_get"),
         default=_CONFIG.timeline_start,
-        help="when the render clock starts (%(default)s)",
+        help=f"when the render clock starts {_DEFAULT}",
     )
     group.add_argument(
         "--after-delete",
         choices=("404", "disabled"),
         default=_CONFIG.after_delete,
-        help="what GET answers after DELETE: 404, or 200 with enabled=false (%(default)s)",
+        help=f"what GET answers after DELETE: 404, or 200 with enabled=false {_DEFAULT}",
     )
 
 
@@ -99,33 +116,39 @@ def _add_pair(
         nargs=2,
         default=default,
         metavar=("MIN", "MAX"),
-        help=f"{what}, drawn uniformly per project ({low} {high})",
+        help=f"{what}, drawn uniformly per project (default: {low} {high})",
     )
 
 
 def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("faults (probabilities per request)")
     for name in ("429", "5xx", "reset", "slow", "broken-json", "truncate"):
-        group.add_argument(f"--rate-{name}", type=float, default=0.0, metavar="P", help=_DEFAULT)
+        group.add_argument(
+            f"--rate-{name}",
+            type=float,
+            default=0.0,
+            metavar="P",
+            help=f"chance of a {name} fault per request {_DEFAULT}",
+        )
     group.add_argument(
         "--retry-after",
         type=float,
         default=_FAULTS.retry_after,
         metavar="SECONDS",
-        help="the delay a 429 asks for (%(default)s)",
+        help=f"the delay a 429 asks for {_DEFAULT}",
     )
     group.add_argument(
         "--retry-after-form",
         choices=("alternate", "seconds", "http-date"),
         default=_FAULTS.retry_after_form,
-        help="how Retry-After is written (%(default)s)",
+        help=f"how Retry-After is written {_DEFAULT}",
     )
     group.add_argument(
         "--slow-seconds",
         type=float,
         default=_FAULTS.slow_seconds,
         metavar="SECONDS",
-        help="how long a slow response stalls (%(default)s)",
+        help=f"how long a slow response stalls {_DEFAULT}",
     )
 
 
@@ -205,7 +228,12 @@ def _serve(simulator: Simulator, refs: list[str], host: str, port: int) -> int:
             sys.stdout.flush()
             while not stop.wait(0.5):
                 pass
-    except (OSError, RuntimeError) as exc:
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        sys.stderr.write(
+            f"watcher simulate: cannot listen on {host}:{port}: {exc.strerror or exc}\n"
+        )
+        return 2
+    except RuntimeError as exc:
         sys.stderr.write(f"watcher simulate: cannot serve on {host}:{port}: {exc}\n")
         return 1
     finally:
