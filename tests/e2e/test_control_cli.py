@@ -45,9 +45,34 @@ def wait_healthy(url: str, daemon: subprocess.Popen[str]) -> None:
         time.sleep(0.05)
 
 
+def revive_and_untrack(
+    url: str, env: dict[str, str], headers: dict[str, str], ids: list[str]
+) -> None:
+    """A project the API has never heard of ends not_found and ``track --url`` revives it;
+    ``untrack --url`` forgets projects, and says which were not tracked."""
+    missing = "nosuchproject1"
+    assert run(["track", "--url", url, f"audio:{missing}"], env).returncode == 0
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{url}/v1/projects/{missing}", headers=headers).json()["state"] != (
+        "not_found"
+    ):
+        assert time.monotonic() < deadline, "the missing project never ended not_found"
+        time.sleep(0.05)
+    revived = run(["track", "--url", url, f"audio:{missing}"], env)
+    assert revived.stdout.splitlines() == [f"tracked {missing}"], revived.stderr
+
+    untracked = run(["untrack", "--url", url, missing, ids[0]], env)
+    assert untracked.returncode == 0, untracked.stderr
+    assert untracked.stdout.splitlines() == [f"untracked {missing}", f"untracked {ids[0]}"]
+    again = run(["untrack", "--url", url, ids[0]], env)
+    assert again.returncode == 1
+    assert f"{ids[0]} is not tracked" in again.stderr
+
+
 def test_track_and_status_through_a_running_daemon(serve: Serve, tmp_path: Path) -> None:
-    """``track --url`` adds projects through the API (new, then already tracked), ``status
-    --url`` shows them saved, a wrong token fails with exit 1, and SIGTERM still ends cleanly."""
+    """``track --url`` adds projects through the API (new, then already tracked, and a
+    ``not_found`` one again), ``status --url`` shows them saved, ``untrack --url`` forgets them,
+    a wrong token fails with exit 1, and SIGTERM still ends cleanly."""
     server = serve(CONFIG)
     ids = server.simulator.create_projects(
         Kind.AUDIO, 2, ProjectOverrides(status=RemoteStatus.COMPLETE)
@@ -93,6 +118,8 @@ def test_track_and_status_through_a_running_daemon(serve: Serve, tmp_path: Path)
         table = run(["status", "--url", url], env).stdout.splitlines()
         assert table[0] == "projects: saved 2"
         assert sorted(line.split()[0] for line in table[2:]) == sorted(ids)
+
+        revive_and_untrack(url, env, headers, ids)
 
         wrong = run(["status", "--url", url], {**env, "WATCHER_CONTROL_TOKEN": "wrong"})
         assert wrong.returncode == 1
