@@ -317,7 +317,7 @@ class Daemon:
         self._run_ids.update(r.id for r in refs)
         counts = await self.store.count_by_state()
         active = sum(n for state, n in counts.items() if not state.is_final)
-        self._suspect_after = max(1, min(BASE_URL_SUSPECT_404S, active))
+        self._suspect_after = min(BASE_URL_SUSPECT_404S, active) or BASE_URL_SUSPECT_404S
         swept = await self._sweep_parts(await self._active_ids())
         learned = await self._learn()
         log.info(

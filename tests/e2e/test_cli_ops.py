@@ -222,6 +222,25 @@ def test_status_into_a_closed_pipe_ends_without_a_traceback(tmp_path: Path) -> N
     assert result.returncode == 141
 
 
+def test_simulate_into_a_closed_pipe_ends_quietly() -> None:
+    """``watcher simulate | head -1`` once the reader is gone: status 141, not a port error."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [*WATCHER, "simulate", "--port", "0", "--image", "1"],
+            env=clean_env(),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr.decode() == ""
+    assert result.returncode == 141
+
+
 # --- ports in use --------------------------------------------------------------------------------
 
 

@@ -228,6 +228,8 @@ def _serve(simulator: Simulator, refs: list[str], host: str, port: int) -> int:
             sys.stdout.flush()
             while not stop.wait(0.5):
                 pass
+    except BrokenPipeError:
+        raise  # stdout closed (`watcher simulate | head -1`): the command's exit, not the port's
     except OSError as exc:  # the port is taken, or the address is not this machine's
         sys.stderr.write(
             f"watcher simulate: cannot listen on {host}:{port}: {exc.strerror or exc}\n"
