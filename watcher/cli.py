@@ -140,14 +140,16 @@ def _add_url_argument(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``watcher`` command."""
     args = build_parser().parse_args(argv)
+    code: int | None = None
     try:
-        code: int = args.func(args)
+        code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit as an ignored exception
     except BrokenPipeError:
         # The reader went away (`watcher status | head -1`): what it wanted it has. Point
-        # stdout at /dev/null so the interpreter's own flush at exit cannot fail again.
+        # stdout at /dev/null so the interpreter's own flush at exit cannot fail again. The
+        # daemon's own exit code stands: its log shipper dying is not how its work ended.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+        return code if code is not None and args.command == "run" else EXIT_BROKEN_PIPE
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"watcher: {line}", file=sys.stderr)
