@@ -634,3 +634,24 @@ async def test_a_download_that_never_progresses_is_given_up(serve: Serve, tmp_pa
     assert p.failure is not None
     assert p.failure.startswith("outputs could not be saved: 4 tries in a row over")
     assert "503" in p.failure
+
+
+async def test_one_missing_project_among_good_ones_is_no_base_url_alarm(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """A single 404 among projects that exist is logged as that project's ``not_found`` (a
+    warning with its path), never as a suspect ``WATCHER_API_BASE_URL``."""
+    server = serve()
+    good = server.simulator.create_projects(
+        Kind.IMAGE, 2, ProjectOverrides(status=RemoteStatus.COMPLETE)
+    )
+    settings = watcher_settings(server, tmp_path, projects=" ".join([*good, "cmissing00000001"]))
+    with capture_logs() as logs:
+        outcome = await run_daemon(
+            Daemon(settings, SQLiteStore(str(tmp_path / "w.db")), until_done=True)
+        )
+    assert outcome.counts == {State.SAVED: 2, State.NOT_FOUND: 1}
+    (missing,) = [e for e in logs if e["event"] == "project_not_found"]
+    assert missing["log_level"] == "warning"
+    assert missing["path"] == "/v1/image-projects/cmissing00000001"
+    assert not [e for e in logs if e["event"] == "api_base_url_suspect"]
