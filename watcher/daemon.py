@@ -68,7 +68,7 @@ from watcher.models import Kind, ProjectRef, ProjectSnapshot, RemoteStatus, Stat
 from watcher.paths import is_part_name, output_relpath, part_path, resolve_inside
 from watcher.priority import PriorityGate
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats, next_poll_delay
-from watcher.settings import SECRET_FIELDS, Settings, reread_secret_files
+from watcher.settings import ENV_PREFIX, SECRET_FIELDS, Settings, reread_secret_files
 from watcher.store import (
     Claim,
     LeaseLost,
@@ -171,6 +171,8 @@ class Daemon:
         self._not_found_at_start: set[str] | None = set()
         self._api_answered = False
         self._suspect_after = BASE_URL_SUSPECT_404S
+        self._held_by_401: set[str] = set()  # rescheduled to the next recheck by a refusal
+        self._background: set[asyncio.Task[None]] = set()
         self.started = asyncio.Event()
         self.api: MagicHourClient | None = None
         self.downloader: Downloader | None = None
@@ -229,7 +231,33 @@ class Daemon:
             self.api.set_token(settings.api_token)
         if changed or trigger == "SIGHUP":
             log.info("secrets_reloaded", trigger=trigger, changed=changed)
+        if self.unauthorized and f"{ENV_PREFIX}API_TOKEN_FILE" in changed:
+            self._try_new_token_now()
         return changed
+
+    def _try_new_token_now(self) -> None:
+        """Polling is stopped by a refused token and a new one came: try it now, not at the
+        next recheck (the first project probes; the rest follow once it is accepted)."""
+        self._paused_until = 0.0
+        if self.api is not None:
+            self.api.throttle.resume()
+        self._release_held()
+
+    def _release_held(self) -> None:
+        """Make the projects a refused token put off to the next recheck due now."""
+        held, self._held_by_401 = self._held_by_401, set()
+        if held:
+            task = asyncio.get_running_loop().create_task(self._expedite(held))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        self._wake.set()
+
+    async def _expedite(self, project_ids: set[str]) -> None:
+        now = clock.now()
+        for pid in sorted(project_ids):
+            with contextlib.suppress(StoreError):
+                await self.store.expedite(pid, now=now)
+        self._wake.set()
 
     def _token_after_401(self) -> SecretStr | None:
         """The API client's question after a 401: the token, its file read again."""
@@ -1010,6 +1038,7 @@ class Daemon:
                 await self.store.note_active(UNAUTHORIZED_NOTE, now=clock.now())
             self._on_unauthorized(exc)
             await self._retry(claim, UNAUTHORIZED_NOTE, count=False, delay=AUTH_RECHECK_SECONDS)
+            self._held_by_401.add(claim.id)
         elif isinstance(exc, PaymentRequired):
             if not self.payment_required:
                 await self.store.note_active(PAYMENT_NOTE, now=clock.now())
@@ -1085,6 +1114,8 @@ class Daemon:
 
     def _api_ok(self) -> None:
         self._api_answered = True
+        if self.unauthorized:
+            self._release_held()
         if self.unauthorized or self.payment_required:
             log.info("api_recovered")
         self.unauthorized = self.payment_required = self._probe = False

@@ -59,6 +59,7 @@ class Throttle:
         self._tokens = self._capacity
         self._stamp = now()
         self._paused_until = 0.0
+        self._resumed = asyncio.Event()
         self.pauses = 0
 
     def current_rate(self, at: float) -> float:
@@ -82,6 +83,30 @@ class Throttle:
         self.pauses += 1
         return True
 
+    def resume(self) -> None:
+        """End the current pause now (the refused API token was replaced): calls waiting it out
+        go on at once, and the rate climbs back as after any pause."""
+        at = self._now()
+        if at >= self._paused_until:
+            return
+        self._paused_until = at
+        self._tokens = 0.0
+        self._stamp = at
+        self._resumed.set()
+
+    async def _wait_out_pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if :meth:`resume` ends the pause first."""
+        self._resumed.clear()
+        waits = {
+            asyncio.ensure_future(self._sleep(seconds)),
+            asyncio.ensure_future(self._resumed.wait()),
+        }
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+
     @property
     def paused_for(self) -> float:
         """Seconds left in the current pause (0 if none)."""
@@ -92,8 +117,8 @@ class Throttle:
             while True:
                 at = self._now()
                 if at < self._paused_until:
-                    await self._sleep(self._paused_until - at)
-                    self._stamp = self._paused_until
+                    await self._wait_out_pause(self._paused_until - at)
+                    self._stamp = min(self._paused_until, self._now())
                     continue
                 rate = self.current_rate(at)
                 self._tokens = min(self._capacity, self._tokens + (at - self._stamp) * rate)

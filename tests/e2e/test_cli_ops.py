@@ -345,3 +345,37 @@ def test_a_401_rereads_the_token_file_and_retries_at_once(serve: Serve, tmp_path
     text = log.read_text()
     assert TOKEN_A not in text
     assert TOKEN_B not in text
+
+
+def test_sighup_with_a_fixed_token_ends_the_refusal_at_once(serve: Serve, tmp_path: Path) -> None:
+    """A token refused from the start stops polling; writing the right one to the file and
+    sending SIGHUP makes the daemon poll every project again at once, not at the next recheck
+    five minutes later."""
+    server = serve(SimConfig(seed=3, token=TOKEN_B, error_rate=0, cancel_rate=0))
+    sim = server.simulator
+    ids = sim.create_projects(Kind.IMAGE, 2, SLOW)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN_A + "\n")
+    env = clean_env(**watcher_env(server, tmp_path, projects=" ".join(ids), log_format="json"))
+    del env["WATCHER_API_TOKEN"]
+    env["WATCHER_API_TOKEN_FILE"] = str(token_file)
+    log = tmp_path / "daemon.log"
+    daemon = spawn([*WATCHER, "run"], env, log)
+    try:
+        wait_for(
+            "api_unauthorized", lambda: any(e["event"] == "api_unauthorized" for e in logged(log))
+        )
+        token_file.write_text(TOKEN_B + "\n")
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(
+            "a good poll of every project",
+            lambda: {e.project_id for e in sim.events() if e.status_code == 200} == set(ids),
+        )
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    events = [e["event"] for e in logged(log)]
+    assert "api_recovered" in events
+    assert events[-1] == "daemon_stopped"

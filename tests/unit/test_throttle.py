@@ -235,3 +235,32 @@ async def test_a_failing_shared_budget_falls_back_to_the_local_limit() -> None:
     times = await _admit(throttle, clock, 10)
     assert times[:5] == [0.0] * 5
     assert times[-1] == pytest.approx(1.0)
+
+
+async def test_resume_lets_a_call_waiting_out_a_pause_through_at_once() -> None:
+    """A call waiting out a long pause goes on as soon as ``resume`` ends it (a replaced API
+    token), not when the pause would have ended."""
+    clock = FakeClock()
+    never = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        if seconds > 60:  # the pause: only resume can end it in this test
+            await never.wait()
+        await clock.sleep(seconds)
+
+    throttle = Throttle(rate=100, concurrency=4, now=clock.now, sleep=sleep)
+    throttle.pause(300)
+
+    async def call() -> float:
+        async with throttle.slot():
+            return clock.now()
+
+    waiting = asyncio.create_task(call())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    resumed_at = clock.now()
+    throttle.resume()
+    admitted = await asyncio.wait_for(waiting, 5)
+    assert admitted - resumed_at < 1.0  # at the resumed ramp's rate, not 300 s later
+    assert throttle.paused_for == 0.0
