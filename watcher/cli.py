@@ -66,7 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--until-done",
         action="store_true",
         help="exit once every tracked project is final; 0 if every project of this run "
-        "(named in WATCHER_PROJECTS, tracked while it ran, or worked on) ended as configured",
+        "(active at start, named in WATCHER_PROJECTS, tracked while it ran, or worked on) ended "
+        "as configured",
+    )
+    run.add_argument(
+        "--judge",
+        choices=("run", "all"),
+        default="run",
+        help="with --until-done, whose end decides the exit code: this run's projects, or "
+        "every project in the store (a fleet's finisher) (default: run)",
     )
     run.set_defaults(func=cmd_run)
 
@@ -191,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in unknown_variables():
         log.warning("unknown_setting", variable=name, hint="not a WATCHER_* setting; a typo?")
     store = create_store(settings.database_url, exclusive=True)
-    daemon = Daemon(settings, store, until_done=args.until_done)
+    daemon = Daemon(settings, store, until_done=args.until_done, judge_all=args.judge == "all")
     server = None
     if settings.http_enabled:
         server = HttpServer.bind(settings.http_host, settings.http_port)

@@ -116,8 +116,9 @@ class Outcome:
     """How a run ended: the process's exit code and the states of the run's projects.
 
     A plain run exits 0 once stopped; ``until_done`` decides over the projects of this run only
-    (those named in ``WATCHER_PROJECTS``, tracked or revived while it ran, or worked on by it),
-    never over projects that ended in earlier runs.
+    (active when it started, named in ``WATCHER_PROJECTS``, tracked or revived while it ran, or
+    worked on by it), never over projects that ended in earlier runs; with ``judge_all``, over
+    every project in the store (a fleet's finisher).
     """
 
     exit_code: int
@@ -133,6 +134,7 @@ class Daemon:
         store: Store,
         *,
         until_done: bool = False,
+        judge_all: bool = False,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -140,6 +142,7 @@ class Daemon:
         self.settings = settings
         self.store = store
         self.until_done = until_done
+        self.judge_all = judge_all  # until_done: every stored project decides, not this run's
         self.rng = rng or random.Random()
         self.metrics = metrics or Metrics()
         self.policy = PollPolicy(settings.poll_initial, settings.poll_max)
@@ -343,6 +346,9 @@ class Daemon:
         refs = self.settings.project_refs
         added = await self.track(refs, delete_after_download=self.settings.delete_after_download)
         self._run_ids.update(r.id for r in refs)
+        if self.until_done:  # what this run waits for is its own, whoever works on it
+            self._run_ids |= await self._active_ids((State.POLLING,))
+            self._run_ids |= await self._active_ids()
         counts = await self.store.count_by_state()
         active = sum(n for state, n in counts.items() if not state.is_final)
         self._suspect_after = min(BASE_URL_SUSPECT_404S, active) or BASE_URL_SUSPECT_404S
@@ -406,9 +412,11 @@ class Daemon:
             self.wake()
         return started
 
-    async def _active_ids(self) -> set[str]:
+    async def _active_ids(
+        self, states: tuple[State, ...] = (State.DOWNLOADING, State.DELETING)
+    ) -> set[str]:
         ids: set[str] = set()
-        for state in (State.DOWNLOADING, State.DELETING):
+        for state in states:
             cursor = None
             while True:
                 page = await self.store.list_projects(state=state, limit=1000, cursor=cursor)
@@ -483,7 +491,7 @@ class Daemon:
         while True:
             page = await self.store.list_projects(limit=1000, cursor=cursor)
             for p in page.projects:
-                if p.id not in self._run_ids:
+                if p.id not in self._run_ids and not self.judge_all:
                     continue
                 counts[p.state] = counts.get(p.state, 0) + 1
                 wanted = State.DELETED if p.delete_after_download else State.SAVED

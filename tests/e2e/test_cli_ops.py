@@ -167,7 +167,7 @@ def test_sigterm_on_a_plain_run_logs_the_code_it_exits_with(serve: Serve, tmp_pa
 
 def test_until_done_decides_over_the_projects_of_this_run(serve: Serve, tmp_path: Path) -> None:
     """A project that ended ``not_found`` in an earlier run does not fail a later
-    ``run --until-done`` whose own projects were all saved."""
+    ``run --until-done`` whose own projects were all saved; ``--judge all`` counts it."""
     server = serve(QUICK)
     env = clean_env(**watcher_env(server, tmp_path, log_format="json"))
     old = run(["run", "--until-done"], dict(env, WATCHER_PROJECTS="image:doesnotexist1"))
@@ -184,6 +184,10 @@ def test_until_done_decides_over_the_projects_of_this_run(serve: Serve, tmp_path
     assert last["exit_code"] == 0
     assert last["projects_saved"] == 1
     assert "projects_not_found" not in last
+
+    everything = run(["run", "--until-done", "--judge", "all"], env)  # a fleet's finisher
+    assert everything.returncode == 1
+    assert json_lines(everything.stdout)[-1]["projects_not_found"] == 1
 
 
 # --- status edges --------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_three_replicas_one_killed(serve: Serve, tmp_path: Path, pg_url: str) ->
     assert_taken_over_in_time(pg_url, within=LEASE_SECONDS + 3)
 
     finish = subprocess.run(
-        [*WATCHER, "run", "--until-done"],
+        [*WATCHER, "run", "--until-done", "--judge", "all"],
         env={**base, "WATCHER_REPLICA_ID": "r4", "WATCHER_HTTP_ENABLED": "false"},
         capture_output=True,
         text=True,
