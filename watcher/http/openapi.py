@@ -302,7 +302,7 @@ _PATHS: dict[str, Any] = {
                 },
             },
             "responses": {
-                "201": _json("Now tracked.", _PROJECT_REF),
+                "201": _json("Now tracked (new, or a not_found project again).", _PROJECT_REF),
                 "200": _json("Was already tracked; unchanged.", _PROJECT_REF),
                 "400": _error("Bad JSON, an unknown field, a bad id or an unknown kind."),
                 "401": _UNAUTHORIZED,
