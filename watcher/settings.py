@@ -8,7 +8,9 @@ each naming its variable; the CLI prints those lines and exits with status 2. Se
 from __future__ import annotations
 
 import os
+import re
 import socket
+import unicodedata
 from collections.abc import Mapping
 from ipaddress import ip_address
 from pathlib import Path
@@ -24,9 +26,21 @@ from watcher.models import ProjectRef, parse_project_list
 
 ENV_PREFIX = "WATCHER_"
 SECRET_FIELDS = frozenset({"api_token", "control_token", "webhook_secret", "notify_secret"})
+# Secrets that are HTTP header values (the API's bearer token, the control API's).
+HEADER_TOKENS = frozenset({"api_token", "control_token"})
+# Settings that ``WATCHER_<NAME>_FILE`` can supply instead of the variable itself.
+SECRET_FILE_FIELDS = (
+    "api_token",
+    "control_token",
+    "webhook_secret",
+    "notify_secret",
+    "database_url",
+)
 # Settings whose value an error message never repeats: the secrets, and the database URL (a
 # ``postgresql://user:password@host`` given by mistake would otherwise be printed back).
 UNECHOED_FIELDS = SECRET_FIELDS | {"database_url"}
+
+_DNS_NAME = re.compile(r"[A-Za-z0-9_.-]{1,253}")
 
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
 
@@ -74,6 +88,7 @@ class Settings(BaseSettings):
     http_enabled: bool = True
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, Field(ge=0, le=65_535)] = 8080
+    http_allowed_hosts: str = ""
     control_token: SecretStr | None = None
     control_token_file: Path | None = None
 
@@ -134,9 +149,22 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("http_allowed_hosts")
+    @classmethod
+    def _valid_host_names(cls, value: str) -> str:
+        for name in _split_names(value):
+            if name != "*" and not _is_host_name(name):
+                raise ValueError(
+                    f"{name[:80]!r} is not a host name (names or IP addresses without a port, "
+                    "comma separated, or *)"
+                )
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:
+        if any(unicodedata.category(c) == "Cc" for c in value):
+            raise ValueError("contains a line break or another control character")
         if not value.startswith(("sqlite:///", "memory://", "postgresql://", "postgres://")):
             raise ValueError("expected sqlite:///path/to/file.db or postgresql://user@host/db")
         return value
@@ -150,6 +178,15 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator(*SECRET_FIELDS)
+    @classmethod
+    def _secret_shape(cls, value: SecretStr | None, info: pydantic.ValidationInfo) -> object:
+        if value is not None and value.get_secret_value().strip():
+            problem = secret_problem(str(info.field_name), value.get_secret_value())
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _secrets_from_files(cls, data: object) -> object:
@@ -157,27 +194,28 @@ class Settings(BaseSettings):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        for name in (
-            "api_token",
-            "control_token",
-            "webhook_secret",
-            "notify_secret",
-            "database_url",
-        ):
+        for name in SECRET_FILE_FIELDS:
             path = data.get(f"{name}_file")
             if path in (None, ""):
                 continue
             if data.get(name) not in (None, ""):
                 variable = f"{ENV_PREFIX}{name.upper()}"
                 raise ValueError(f"set {variable} or {variable}_FILE, not both")
-            secret = _read_secret_file(Path(str(path)), f"{ENV_PREFIX}{name.upper()}_FILE")
-            data[name] = secret.get_secret_value() if name == "database_url" else secret
+            try:
+                data[name] = read_secret_file(name, Path(str(path)))
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return data
 
     @property
     def project_refs(self) -> list[ProjectRef]:
         """The projects listed in ``WATCHER_PROJECTS``."""
         return parse_project_list(self.projects)
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        """The extra ``Host`` names of ``WATCHER_HTTP_ALLOWED_HOSTS``, lowercase."""
+        return [name.lower() for name in _split_names(self.http_allowed_hosts)]
 
     @property
     def http_is_loopback(self) -> bool:
@@ -272,16 +310,64 @@ def store_summary(database_url: str) -> dict[str, object]:
     }
 
 
-def _read_secret_file(path: Path, variable: str) -> SecretStr:
+def _is_host_name(name: str) -> bool:
+    """A DNS name or an IP address (IPv6 without brackets), no port."""
     try:
-        text = path.read_text("utf-8").strip()
+        ip_address(name)
+    except ValueError:
+        return _DNS_NAME.fullmatch(name) is not None
+    return True
+
+
+def _split_names(value: str) -> list[str]:
+    return [name for name in re.split(r"[\s,]+", value) if name]
+
+
+def secret_problem(name: str, value: str) -> str | None:
+    """What is wrong with the value of the secret setting ``name``, or ``None``; never the value.
+
+    Every secret is refused with a line break, another control character, or surrounding
+    whitespace in it; the two tokens sent or compared as HTTP header values (the API token, the
+    control token) must also be printable ASCII without spaces.
+    """
+    if any(unicodedata.category(c) == "Cc" or c in "\u2028\u2029" for c in value):
+        where = "ends with" if value.rstrip("\r\n") != value else "contains"
+        return (
+            f"{where} a line break or another control character (a secret copied with its "
+            f"trailing newline? {ENV_PREFIX}{name.upper()}_FILE strips it)"
+        )
+    if value != value.strip():
+        return "starts or ends with whitespace"
+    if name in HEADER_TOKENS and not (value.isascii() and value.isprintable() and " " not in value):
+        return "must be printable ASCII without spaces: it is sent in an HTTP header"
+    return None
+
+
+def read_secret_file(name: str, path: Path) -> str:
+    """The secret ``WATCHER_<NAME>_FILE`` holds, read now: the file's text without its
+    surrounding whitespace (the trailing newline of a Kubernetes or Docker secret), checked like
+    the variable's own value. :class:`ConfigError` naming the ``_FILE`` variable, never the
+    secret, if the file is unreadable, empty or holds a malformed secret.
+
+    The one reader of secret files: start-up and every later re-read (SIGHUP, a 401) use it.
+    """
+    variable = f"{ENV_PREFIX}{name.upper()}_FILE"
+    try:
+        raw = path.read_bytes()
     except OSError as exc:
         # The path is not echoed: an operator who put the secret itself there must not see it
         # printed (and logged by whatever collects the container's output).
-        raise ValueError(f"{variable}: cannot read the file it names: {exc.strerror}") from None
+        raise ConfigError(f"{variable}: cannot read the file it names: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{variable}: the file it names is not UTF-8 text") from None
     if not text:
-        raise ValueError(f"{variable}: the file it names is empty")
-    return SecretStr(text)
+        raise ConfigError(f"{variable}: the file it names is empty")
+    problem = secret_problem(name, text)
+    if problem is not None:
+        raise ConfigError(f"{variable}: the secret in the file it names {problem}")
+    return text
 
 
 def reread_secret_files(settings: Settings) -> tuple[Settings, list[str]]:
@@ -289,7 +375,8 @@ def reread_secret_files(settings: Settings) -> tuple[Settings, list[str]]:
     the ``*_FILE`` variables whose secret changed (SIGHUP, or a 401: a rotated container secret
     takes effect without a restart).
 
-    All or nothing: if any file cannot be read or is empty, :class:`ConfigError` says which
+    All or nothing: if any file cannot be read, is empty or holds a malformed secret (see
+    :func:`read_secret_file`), :class:`ConfigError` says which
     (one line each) and the caller keeps the secrets it has. ``WATCHER_DATABASE_URL_FILE`` is
     not re-read: the store's connections are already open.
     """
@@ -302,8 +389,8 @@ def reread_secret_files(settings: Settings) -> tuple[Settings, list[str]]:
             continue
         variable = f"{ENV_PREFIX}{name.upper()}_FILE"
         try:
-            secret = _read_secret_file(path, variable)
-        except ValueError as exc:
+            secret = SecretStr(read_secret_file(name, path))
+        except ConfigError as exc:
             problems.append(str(exc))
             continue
         current: SecretStr | None = getattr(settings, name)

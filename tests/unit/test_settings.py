@@ -408,3 +408,88 @@ def test_an_unreadable_secret_file_changes_nothing(tmp_path: Path) -> None:
     assert str(caught.value) == "WATCHER_CONTROL_TOKEN_FILE: the file it names is empty"
     assert settings.api_token is not None
     assert settings.api_token.get_secret_value() == TOKEN
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("WATCHER_API_TOKEN", f"{TOKEN}\n", "ends with a line break"),
+        ("WATCHER_API_TOKEN", f"{TOKEN}\r\n", "ends with a line break"),
+        ("WATCHER_API_TOKEN", f"{TOKEN[:8]}\n{TOKEN[8:]}", "contains a line break"),
+        ("WATCHER_API_TOKEN", f"{TOKEN}é", "printable ASCII"),
+        ("WATCHER_API_TOKEN", f"{TOKEN[:8]} {TOKEN[8:]}", "printable ASCII"),
+        ("WATCHER_API_TOKEN", f" {TOKEN}", "whitespace"),
+        ("WATCHER_CONTROL_TOKEN", f"{TOKEN}\n", "ends with a line break"),
+        ("WATCHER_CONTROL_TOKEN", f"{TOKEN}\u00a0", "whitespace"),
+        ("WATCHER_CONTROL_TOKEN", f"{TOKEN}ü", "printable ASCII"),
+        ("WATCHER_WEBHOOK_SECRET", f"{TOKEN}\x1b[2J", "control character"),
+        ("WATCHER_NOTIFY_SECRET", f"{TOKEN}\n", "ends with a line break"),
+    ],
+)
+def test_a_malformed_secret_is_refused_at_start_up(
+    variable: str, value: str, fragment: str
+) -> None:
+    """A token with a line break, a control character, surrounding whitespace or (for the two
+    sent in HTTP headers) a non-ASCII character is one settings line naming its variable, and
+    the secret is not shown."""
+    message = _config_error({variable: value})
+    assert message.startswith(f"{variable}: "), message
+    assert fragment in message
+    assert "\n" not in message
+    _assert_token_hidden(message)
+
+
+def test_signing_secrets_may_be_any_unicode() -> None:
+    """The webhook and notification secrets are HMAC keys (UTF-8), not header values."""
+    settings = load_settings(
+        {"WATCHER_WEBHOOK_SECRET": "clé-secrète", "WATCHER_NOTIFY_SECRET": "ключ"}
+    )
+    assert settings.webhook_secret is not None
+    assert settings.webhook_secret.get_secret_value() == "clé-secrète"
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (f"{TOKEN}é\n".encode(), "printable ASCII"),
+        (f"{TOKEN[:8]}\n{TOKEN[8:]}\n".encode(), "contains a line break"),
+        (TOKEN.encode() + b"\xff\n", "not UTF-8"),
+    ],
+)
+def test_a_malformed_secret_file_is_refused_naming_the_file_variable(
+    tmp_path: Path, content: bytes, fragment: str
+) -> None:
+    """The secret in a ``_FILE`` is checked like the variable; the error names the ``_FILE``."""
+    secret = tmp_path / "token"
+    secret.write_bytes(content)
+    message = _config_error({"WATCHER_API_TOKEN_FILE": str(secret)})
+    assert message.startswith("WATCHER_API_TOKEN_FILE: "), message
+    assert fragment in message
+    _assert_token_hidden(message)
+
+
+def test_a_kubernetes_secret_file_loses_its_trailing_newline(tmp_path: Path) -> None:
+    """Every ``_FILE`` secret drops the trailing newline a Secret volume or ``echo`` leaves."""
+    names = ("API_TOKEN", "CONTROL_TOKEN", "WEBHOOK_SECRET", "NOTIFY_SECRET", "DATABASE_URL")
+    environ = {}
+    for name in names:
+        path = tmp_path / name.lower()
+        path.write_text(("sqlite:///x.db" if name == "DATABASE_URL" else TOKEN) + "\r\n", "utf-8")
+        environ[f"WATCHER_{name}_FILE"] = str(path)
+    settings = load_settings(environ)
+    for secret in (settings.api_token, settings.control_token, settings.webhook_secret):
+        assert secret is not None
+        assert secret.get_secret_value() == TOKEN
+    assert settings.database_url == "sqlite:///x.db"
+
+
+def test_a_secret_file_that_became_malformed_is_refused_on_reread(tmp_path: Path) -> None:
+    """A re-read checks the secret as start-up does: a rotated file holding a non-ASCII token
+    is refused naming its variable, and the secrets in use stay."""
+    secret = tmp_path / "token"
+    secret.write_text(f"{TOKEN}\n", "utf-8")
+    settings = load_settings({"WATCHER_API_TOKEN_FILE": str(secret)})
+    secret.write_text(f"{TOKEN}é\n", "utf-8")
+    with pytest.raises(ConfigError, match=r"^WATCHER_API_TOKEN_FILE: .*printable ASCII"):
+        reread_secret_files(settings)
+    assert settings.require_token().get_secret_value() == TOKEN
