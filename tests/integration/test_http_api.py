@@ -32,6 +32,7 @@ from watcher.store import PostgresStore, SQLiteStore
 pytestmark = pytest.mark.anyio
 
 Serve = Callable[..., SimulatorServer]
+JSON = {"content-type": "application/json"}
 QUIET = SimConfig(
     seed=21,
     queued_seconds=(0.05, 0.2),
@@ -166,7 +167,7 @@ async def test_bad_requests_get_clear_json_errors(serve: Serve, tmp_path: Path) 
     async with running(make_daemon(serve(QUIET), tmp_path)) as run:
         client = run.client
         for body, status, error in BAD_TRACKS:
-            response = await client.post("/v1/projects", content=body)
+            response = await client.post("/v1/projects", content=body, headers=JSON)
             assert response.status_code == status, (body[:60], response.text)
             assert response.json()["error"] == error
             assert response.json()["message"]
@@ -175,7 +176,7 @@ async def test_bad_requests_get_clear_json_errors(serve: Serve, tmp_path: Path) 
             for _ in range(80):
                 yield b"x" * 1024
 
-        streamed = await client.post("/v1/projects", content=chunks())
+        streamed = await client.post("/v1/projects", content=chunks(), headers=JSON)
         assert (streamed.status_code, streamed.json()["error"]) == (413, "body_too_large")
 
         for query, fragment in [

@@ -35,7 +35,7 @@ async def test_an_event_during_an_in_flight_poll_is_followed_by_another_poll() -
 
     body = json.dumps({"type": "image.completed", "payload": {"id": "cm1"}}).encode()
     transport = httpx.ASGITransport(app=create_app(daemon))
-    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         delivery = asyncio.create_task(
             client.post(
                 "/webhooks/magic-hour",
@@ -74,7 +74,7 @@ async def test_readiness_fails_when_the_store_does_not_answer() -> None:
     """/readyz answers 503 naming the store while /healthz still answers 200."""
     settings = load_settings({"WATCHER_API_TOKEN": "t"})
     transport = httpx.ASGITransport(app=create_app(Daemon(settings, DeadStore())))
-    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         ready = await client.get("/readyz")
         health = await client.get("/healthz")
     assert ready.status_code == 503

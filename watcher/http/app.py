@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from watcher import clock
 from watcher.errors import InvalidProjectId, StoreError, WatcherError
+from watcher.http.guard import HostPolicy, RequestGuard
 from watcher.http.openapi import openapi_document
 from watcher.metrics import FLEET, Metrics
 from watcher.models import ProjectRef, State, parse_kind, validate_project_id
@@ -504,7 +505,9 @@ def create_app(daemon: Daemon) -> Starlette:
         routes=routes,
         exception_handlers={HTTPException: _http_exception, ApiProblem: _api_problem},
     )
-    app.add_middleware(_Observe, metrics=daemon.metrics, routes=labels)
+    policy = HostPolicy(daemon.settings.http_host, daemon.settings.allowed_hosts)
+    app.add_middleware(RequestGuard, policy=policy)
+    app.add_middleware(_Observe, metrics=daemon.metrics, routes=labels)  # outermost: sees all
     return app
 
 
