@@ -113,7 +113,9 @@ def parse_event(body: bytes) -> WebhookEvent:
     """
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise InvalidEvent("the body is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, the int digit limit
         raise InvalidEvent(f"the body is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidEvent("the body is not a JSON object")

@@ -84,11 +84,19 @@ class ApiProblem(WatcherError):
         self.headers = headers
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a lone surrogate taken from a request
+    (``"\\ud800"`` is valid JSON) cannot make the answer unencodable."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def problem(
     status: int, error: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """The JSON error response every failure of this API uses."""
-    return JSONResponse({"error": error, "message": message}, status, headers=headers)
+    return AsciiJSONResponse({"error": error, "message": message}, status, headers=headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -111,6 +119,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         raise ApiProblem(400, "client_disconnected", "the client went away mid-body") from None
     return b"".join(chunks)
+
+
+def json_body(raw: bytes) -> object:
+    """The request body parsed as JSON, or 400 ``invalid_json`` for anything JSON cannot
+    read: bad syntax or UTF-8, nesting too deep for the parser, numbers too long to convert."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ApiProblem(400, "invalid_json", "the body is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, the int digit limit
+        raise ApiProblem(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
 
 
 def _project_id(raw: str) -> str:
@@ -232,10 +251,7 @@ class _Handlers:
         return JSONResponse(body, 201 if created else 200, headers=headers)
 
     def _track_request(self, raw: bytes) -> tuple[ProjectRef, bool]:
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiProblem(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        data = json_body(raw)
         if not isinstance(data, dict):
             raise ApiProblem(400, "invalid_request", 'expected a JSON object {"id", "kind"}')
         unknown = sorted(set(data) - TRACK_FIELDS)
