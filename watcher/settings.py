@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, Field(ge=0, le=65_535)] = 8080
     http_allowed_hosts: str = ""
+    http_max_connections: Annotated[int, Field(ge=1, le=100_000)] = 100
+    http_read_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
     control_token: SecretStr | None = None
     control_token_file: Path | None = None
 

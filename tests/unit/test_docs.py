@@ -21,7 +21,9 @@ from watcher.settings import (
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text("utf-8")
-EVENT_CALL = re.compile(r'log\.(?:debug|info|warning|error|exception)\(\s*"([a-z_]+)"')
+EVENT_CALL = re.compile(
+    r'(?:log\.(?:debug|info|warning|error|exception)\(|BurstLog\()\s*"([a-z_]+)"'
+)
 
 
 def logged_events() -> set[str]:

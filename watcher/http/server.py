@@ -7,6 +7,14 @@ and writes no access log (the app logs ``http_request`` through structlog instea
 keeps answering while the daemon drains, so ``/readyz`` can say it is shutting down; when the
 daemon cancels its side tasks, connections get one second to finish.
 
+Connections are bounded, so that whoever reaches the port cannot use up the process's file
+descriptors (which the store, the downloads and the API client need too): a connection must
+deliver each request, head and body, within ``WATCHER_HTTP_READ_TIMEOUT`` seconds or it is
+closed; beyond ``WATCHER_HTTP_MAX_CONNECTIONS`` (at most half the descriptor limit) a new
+connection is answered 503 and closed at once. Accept errors (``EMFILE`` and the like, which
+asyncio reports through the loop's exception handler with a traceback each time) become one
+JSON warning per burst, as do the connections shed.
+
 It also owns :func:`check_settings`, the start-up refusal to listen on a non-loopback address
 without ``WATCHER_CONTROL_TOKEN``. The routes are in :mod:`watcher.http.app`.
 """
@@ -16,13 +24,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
+import json
+import logging
+import resource
 import socket
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import h11
 import structlog
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from watcher import clock
 from watcher.errors import ConfigError
 from watcher.http.app import create_app
 from watcher.webhooks import configured
@@ -35,6 +51,11 @@ log = structlog.get_logger("watcher")
 
 GRACEFUL_SECONDS = 1
 STOP_SECONDS = 3.0
+BURST_SECONDS = 60.0
+# What accept() fails with when the process or the system is out of descriptors or memory.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Request states in which the client still owes us bytes of the request.
+RECEIVING = (h11.IDLE, h11.SEND_BODY)
 
 
 def check_settings(settings: Settings) -> None:
@@ -47,6 +68,210 @@ def check_settings(settings: Settings) -> None:
             "not a loopback address, or anyone who reaches the port controls the watcher "
             "(or set WATCHER_HTTP_HOST=127.0.0.1)"
         )
+
+
+class BurstLog:
+    """One warning per burst of a repeated event: the first occurrence is logged at once, later
+    ones are counted and logged (with ``occurrences``) at most once per ``every`` seconds."""
+
+    def __init__(
+        self,
+        event: str,
+        every: float = BURST_SECONDS,
+        monotonic: Callable[[], float] = clock.monotonic,
+        level: str = "warning",
+    ) -> None:
+        self.event = event
+        self.every = every
+        self.level = level
+        self._monotonic = monotonic
+        self._pending = 0
+        self._logged_at: float | None = None
+
+    def note(self, **keys: object) -> None:
+        """One more occurrence; logs it (and those held back) unless one was logged lately."""
+        self._pending += 1
+        now = self._monotonic()
+        if self._logged_at is not None and now - self._logged_at < self.every:
+            return
+        log.log(
+            logging.getLevelNamesMapping()[self.level.upper()],
+            self.event,
+            occurrences=self._pending,
+            **keys,
+        )
+        self._pending = 0
+        self._logged_at = now
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """How much of the process the HTTP server's connections may take."""
+
+    max_connections: int
+    read_timeout: float
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, descriptor_limit: int | None = None
+    ) -> ConnectionLimits:
+        """The configured limits, the cap kept within half of ``descriptor_limit`` (default:
+        the process's soft ``RLIMIT_NOFILE``)."""
+        if descriptor_limit is None:
+            descriptor_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        cap = settings.http_max_connections
+        if descriptor_limit != resource.RLIM_INFINITY:
+            cap = max(1, min(cap, descriptor_limit // 2))
+        return cls(cap, settings.http_read_timeout)
+
+
+def _refusal_bytes() -> bytes:
+    body = json.dumps(
+        {"error": "too_many_connections", "message": "the server is at its connection limit"}
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class BoundedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for receiving each request and a connection cap.
+
+    uvicorn has neither: ``limit_concurrency`` answers 503 only once a request arrives, and
+    nothing closes a connection that never sends one. :func:`bounded_protocol` makes the
+    subclass of one server, carrying its limits and its burst logs.
+    """
+
+    limits: ClassVar[ConnectionLimits]
+    refused: ClassVar[BurstLog]
+    timed_out: ClassVar[BurstLog]
+    REFUSAL: ClassVar[bytes] = _refusal_bytes()
+
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self.refused.note(reason="connection_limit", limit=self.limits.max_connections)
+            transport.write(self.REFUSAL)
+            transport.close()
+            return
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state in RECEIVING and not self.transport.is_closing():
+            self._arm()  # a request under way (or the next one on a kept-alive connection)
+        else:
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._disarm()  # idle until the next request: uvicorn's keep-alive timeout applies
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.limits.read_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or self.conn.their_state not in RECEIVING:
+            return
+        self.timed_out.note(reason="read_timeout", timeout=self.limits.read_timeout)
+        self.transport.close()
+
+
+def bounded_protocol(limits: ConnectionLimits) -> type[BoundedH11Protocol]:
+    """The protocol class of one server with ``limits``."""
+    return type(
+        "ServerProtocol",
+        (BoundedH11Protocol,),
+        {
+            "limits": limits,
+            "refused": BurstLog("http_connections_shed"),
+            "timed_out": BurstLog("http_connections_shed"),
+        },
+    )
+
+
+class AcceptErrors:
+    """The event loop's exception handler while the server runs.
+
+    accept() failing for lack of descriptors or memory is one ``http_accept_failed`` warning
+    per burst: asyncio reports it once per queued connection, with a traceback, and retries a
+    second later (thousands of lines a second). Anything else goes to the handler it replaced,
+    or, if there was none, is one ``event_loop_error`` per burst instead of a plain-text
+    traceback on stderr.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.previous = loop.get_exception_handler()
+        self.accept_failed = BurstLog("http_accept_failed")
+        self.other = BurstLog("event_loop_error", level="error")
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS and "socket" in context:
+            self.accept_failed.note(
+                error=f"{errno.errorcode.get(exc.errno or 0, '?')}: {exc.strerror}"
+            )
+        elif self.previous is not None:
+            self.previous(loop, context)
+        else:
+            self.other.note(message=str(context.get("message")), exception=repr(exc))
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle the loop's errors until the block ends, then restore the previous handler."""
+        self.loop.set_exception_handler(self)
+        try:
+            yield
+        finally:
+            self.loop.set_exception_handler(self.previous)
+
+
+class UvicornLog(logging.Handler):
+    """Where uvicorn's own standard-library log records go while the server runs: its warnings
+    (one per malformed request, otherwise plain text on stderr) become one ``http_bad_request``
+    warning per burst; its errors are ``http_server_error``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.bad_requests = BurstLog("http_bad_request")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.ERROR:
+            self.bad_requests.note(detail=record.getMessage())
+        else:
+            log.error(
+                "http_server_error",
+                detail=record.getMessage(),
+                exception=repr(record.exc_info[1]) if record.exc_info else None,
+            )
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Take uvicorn's records until the block ends."""
+        logger = logging.getLogger("uvicorn.error")
+        logger.addHandler(self)
+        propagate, logger.propagate = logger.propagate, False
+        try:
+            yield
+        finally:
+            logger.removeHandler(self)
+            logger.propagate = propagate
 
 
 class ServerState(enum.Enum):
@@ -116,9 +341,10 @@ class HttpServer:
         if self.state is not ServerState.BOUND:
             raise RuntimeError(f"cannot serve an HTTP server that is {self.state.value}")
         self.state = ServerState.SERVING
+        limits = ConnectionLimits.from_settings(daemon.settings)
         config = uvicorn.Config(
             create_app(daemon),
-            http="h11",
+            http=bounded_protocol(limits),
             ws="none",
             lifespan="off",
             log_config=None,
@@ -128,14 +354,21 @@ class HttpServer:
             timeout_graceful_shutdown=GRACEFUL_SECONDS,
         )
         self._server = server = _Server(config)
-        serving = asyncio.create_task(server.serve(sockets=[self._socket]), name="http-server")
-        log.info("http_started", host=self.host, port=self.port)
-        try:
-            await asyncio.shield(serving)
-        finally:
-            await self._stop(server, serving)
-            self.close()
-            log.info("http_stopped")
+        with AcceptErrors(asyncio.get_running_loop()).installed(), UvicornLog().installed():
+            serving = asyncio.create_task(server.serve(sockets=[self._socket]), name="http-server")
+            log.info(
+                "http_started",
+                host=self.host,
+                port=self.port,
+                max_connections=limits.max_connections,
+                read_timeout=limits.read_timeout,
+            )
+            try:
+                await asyncio.shield(serving)
+            finally:
+                await self._stop(server, serving)
+                self.close()
+                log.info("http_stopped")
 
     async def _stop(self, server: _Server, serving: asyncio.Task[None]) -> None:
         if serving.done():
