@@ -40,6 +40,7 @@ from watcher.store import (
     create_store,
     sqlite_path,
 )
+from watcher.terminal import printable
 from watcher.views import project_json
 from watcher.webhooks import configured
 
@@ -160,13 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code if code is not None and args.command == "run" else EXIT_BROKEN_PIPE
     except ConfigError as exc:
         for line in str(exc).splitlines():
-            print(f"watcher: {line}", file=sys.stderr)
+            print(f"watcher: {printable(line)}", file=sys.stderr)
         return EXIT_USAGE
     except InvalidProjectId as exc:
-        print(f"watcher: {exc}", file=sys.stderr)
+        print(f"watcher: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except WatcherError as exc:
-        print(f"watcher: {exc}", file=sys.stderr)
+        print(f"watcher: {printable(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     return code
 
@@ -301,7 +302,7 @@ def cmd_track(args: argparse.Namespace) -> int:
         if pid not in conflicts and pid not in result.revived:
             print(f"already tracked {pid}")
     for message in conflicts.values():
-        print(f"watcher: track: {message}", file=sys.stderr)
+        print(f"watcher: track: {printable(message)}", file=sys.stderr)
     return EXIT_FAILED if conflicts else 0
 
 
@@ -471,8 +472,9 @@ def render_status(
     at = clock.now() if now is None else now
     counts: dict[str, int] = doc["counts"]
     summary = ", ".join(f"{s} {n}" for s, n in sorted(counts.items())) or "no projects"
+    summary = printable(summary)
     header = ("ID", "KIND", "STATE", "REMOTE", "POLLS", "SAVED", "AGE", "NEXT", "NOTE")
-    lines = [header]
+    lines: list[tuple[str, ...]] = [header]
     cut = False
     for p in doc["projects"]:
         outputs = p["outputs"]
@@ -480,19 +482,19 @@ def render_status(
         so_far = sum(o.get("bytes_received") or 0 for o in outputs if o["state"] != "saved")
         error = p["error"]
         note = p["failure"] or (f"{error['code']}: {error['message']}" if error else "")
-        lines.append(
-            (
-                p["id"],
-                p["kind"],
-                p["state"],
-                p["remote_status"] or "-",
-                str(p["polls"]),
-                _saved_cell(saved, len(outputs), so_far),
-                _since(p["tracked_at"], at),
-                _until(p["next_due_at"], at),
-                note if wide else _cut(note),
-            )
+        note = printable(note)  # before the cut, which then counts what is shown
+        cells = (
+            p["id"],
+            p["kind"],
+            p["state"],
+            p["remote_status"] or "-",
+            str(p["polls"]),
+            _saved_cell(saved, len(outputs), so_far),
+            _since(p["tracked_at"], at),
+            _until(p["next_due_at"], at),
+            note if wide else _cut(note),
         )
+        lines.append(tuple(printable(str(cell)) for cell in cells))
         cut = cut or (not wide and len(note) > NOTE_CHARS)
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = [

@@ -16,6 +16,8 @@ from typing import Any, TextIO, cast
 
 import structlog
 
+from watcher.terminal import printable
+
 _SECRETS: set[str] = set()
 REDACTED = "[REDACTED]"
 MIN_SECRET_LENGTH = 4
@@ -48,6 +50,18 @@ def redact_secrets(
         return event_dict
     for key, value in event_dict.items():
         event_dict[key] = _redact_value(value)
+    return event_dict
+
+
+def neutralise_controls(
+    _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor of the console rendering: escape sequences in values (an API's error
+    message) are shown, not sent to the terminal. A traceback keeps its line breaks."""
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            lines = value.split("\n") if key == "exception" else [value]
+            event_dict[key] = "\n".join(printable(line) for line in lines)
     return event_dict
 
 
@@ -101,6 +115,7 @@ def configure(level: str = "info", fmt: str | None = None, stream: TextIO | None
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             redact_secrets,
+            *([neutralise_controls] if console else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
