@@ -2,7 +2,9 @@
 
 Every event has a stable name and stable keys (see the README's table). Secrets registered with
 :func:`register_secret` are replaced by ``[REDACTED]`` in every string value before rendering, as a
-last line of defence: the code never puts them in an event in the first place.
+last line of defence: the code never puts them in an event in the first place. Events that
+outsiders can repeat at will (refused connections, malformed requests) go through
+:class:`BurstLog`, one line per burst.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO, cast
 
 import structlog
 
+from watcher import clock
 from watcher.terminal import printable
 
 _SECRETS: set[str] = set()
+BURST_SECONDS = 60.0
 REDACTED = "[REDACTED]"
 MIN_SECRET_LENGTH = 4
 
@@ -63,6 +67,40 @@ def neutralise_controls(
             lines = value.split("\n") if key == "exception" else [value]
             event_dict[key] = "\n".join(printable(line) for line in lines)
     return event_dict
+
+
+class BurstLog:
+    """One warning per burst of a repeated event: the first occurrence is logged at once, later
+    ones are counted and logged (with ``occurrences``) at most once per ``every`` seconds."""
+
+    def __init__(
+        self,
+        event: str,
+        every: float = BURST_SECONDS,
+        monotonic: Callable[[], float] = clock.monotonic,
+        level: str = "warning",
+    ) -> None:
+        self.event = event
+        self.every = every
+        self.level = level
+        self._monotonic = monotonic
+        self._pending = 0
+        self._logged_at: float | None = None
+
+    def note(self, **keys: object) -> None:
+        """One more occurrence; logs it (and those held back) unless one was logged lately."""
+        self._pending += 1
+        now = self._monotonic()
+        if self._logged_at is not None and now - self._logged_at < self.every:
+            return
+        structlog.get_logger("watcher").log(
+            logging.getLevelNamesMapping()[self.level.upper()],
+            self.event,
+            occurrences=self._pending,
+            **keys,
+        )
+        self._pending = 0
+        self._logged_at = now
 
 
 class _ClosedReaderSafe:

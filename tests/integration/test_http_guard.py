@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from tests.integration.http_support import running
 from tests.integration.test_http_api import QUIET, make_daemon
@@ -119,3 +120,17 @@ async def test_signed_webhooks_still_arrive_through_a_public_host(
             },
         )
     assert (answer.status_code, answer.json()["action"]) == (200, "tracked")
+
+
+async def test_refusals_are_logged_once_per_burst(serve: Serve, tmp_path: Path) -> None:
+    """A page hammering the API leaves one ``http_request_refused`` line naming the first
+    refusal, so a misconfigured proxy can be diagnosed and a hostile page cannot flood."""
+    daemon = make_daemon(serve(QUIET), tmp_path, control_token="")
+    with capture_logs() as logs:
+        async with running(daemon) as run, httpx.AsyncClient(base_url=run.server.url) as client:
+            for _ in range(20):
+                await client.get("/v1/projects", headers={"host": "evil.example"})
+    refused = [e for e in logs if e["event"] == "http_request_refused"]
+    assert [(e["error"], e["host"], e["occurrences"]) for e in refused] == [
+        ("host_not_allowed", "evil.example", 1)
+    ]

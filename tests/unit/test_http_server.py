@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from watcher.http.server import AcceptErrors, BurstLog, ConnectionLimits
+from watcher.http.server import AcceptErrors, ConnectionLimits
+from watcher.logs import BurstLog
 from watcher.settings import load_settings
 
 

@@ -31,6 +31,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from watcher.logs import BurstLog
+
 LOCAL_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 EXEMPT_PATHS = frozenset({"/webhooks/magic-hour"})
 ALLOWED_FETCH_SITES = frozenset({"same-origin", "none"})
@@ -103,31 +105,45 @@ def has_body(headers: Headers) -> bool:
     return headers.get("content-length", "0").strip() not in ("", "0")
 
 
-def _refusal(status: int, error: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": error, "message": message}, status)
+class Refusal(JSONResponse):
+    """The JSON error answer of a refused request, which remembers its code."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__({"error": error, "message": message}, status)
+        self.error = error
 
 
 class RequestGuard:
-    """ASGI middleware: answers 400/403/415 to what the module docstring describes."""
+    """ASGI middleware: answers 400/403/415 to what the module docstring describes, and logs
+    the refusals as one ``http_request_refused`` warning per burst (a misconfigured proxy shows
+    up in the log, a hostile page cannot flood it)."""
 
     def __init__(self, app: ASGIApp, policy: HostPolicy) -> None:
         self.app = app
         self.policy = policy
+        self.refused = BurstLog("http_request_refused")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
-        refusal = self.refusal(Headers(scope=scope))
+        headers = Headers(scope=scope)
+        refusal = self.refusal(headers)
         if refusal is None:
             await self.app(scope, receive, send)
-        else:
-            await refusal(scope, receive, send)
+            return
+        self.refused.note(
+            error=refusal.error,
+            path=scope["path"][:200],
+            host=headers.get("host", "")[:200],
+            origin=headers.get("origin", "")[:200] or None,
+        )
+        await refusal(scope, receive, send)
 
-    def refusal(self, headers: Headers) -> JSONResponse | None:
+    def refusal(self, headers: Headers) -> Refusal | None:
         """The answer refusing this request, or ``None`` to let it through."""
         if not self.policy.accepts(headers.get("host")):
-            return _refusal(
+            return Refusal(
                 400,
                 "host_not_allowed",
                 "this server does not answer to that Host; add the name to "
@@ -135,11 +151,11 @@ class RequestGuard:
             )
         reason = cross_site(headers)
         if reason is not None:
-            return _refusal(
+            return Refusal(
                 403, "cross_site_request", f"requests from web pages are refused ({reason})"
             )
         if has_body(headers) and not is_json(headers.get("content-type")):
-            return _refusal(
+            return Refusal(
                 415, "unsupported_media_type", "request bodies must be sent as application/json"
             )
         return None

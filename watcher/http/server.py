@@ -29,7 +29,7 @@ import json
 import logging
 import resource
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -38,9 +38,9 @@ import structlog
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from watcher import clock
 from watcher.errors import ConfigError
 from watcher.http.app import create_app
+from watcher.logs import BurstLog
 from watcher.webhooks import configured
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ log = structlog.get_logger("watcher")
 
 GRACEFUL_SECONDS = 1
 STOP_SECONDS = 3.0
-BURST_SECONDS = 60.0
 # What accept() fails with when the process or the system is out of descriptors or memory.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Request states in which the client still owes us bytes of the request.
@@ -68,40 +67,6 @@ def check_settings(settings: Settings) -> None:
             "not a loopback address, or anyone who reaches the port controls the watcher "
             "(or set WATCHER_HTTP_HOST=127.0.0.1)"
         )
-
-
-class BurstLog:
-    """One warning per burst of a repeated event: the first occurrence is logged at once, later
-    ones are counted and logged (with ``occurrences``) at most once per ``every`` seconds."""
-
-    def __init__(
-        self,
-        event: str,
-        every: float = BURST_SECONDS,
-        monotonic: Callable[[], float] = clock.monotonic,
-        level: str = "warning",
-    ) -> None:
-        self.event = event
-        self.every = every
-        self.level = level
-        self._monotonic = monotonic
-        self._pending = 0
-        self._logged_at: float | None = None
-
-    def note(self, **keys: object) -> None:
-        """One more occurrence; logs it (and those held back) unless one was logged lately."""
-        self._pending += 1
-        now = self._monotonic()
-        if self._logged_at is not None and now - self._logged_at < self.every:
-            return
-        log.log(
-            logging.getLevelNamesMapping()[self.level.upper()],
-            self.event,
-            occurrences=self._pending,
-            **keys,
-        )
-        self._pending = 0
-        self._logged_at = now
 
 
 @dataclass(frozen=True, slots=True)
