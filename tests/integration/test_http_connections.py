@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from tests.integration.http_support import running
+from tests.integration.http_support import eventually, running
 from tests.integration.test_http_api import QUIET, make_daemon
+from watcher.daemon import Daemon
 from watcher.simulator.server import SimulatorServer
 
 pytestmark = pytest.mark.anyio
@@ -26,23 +27,24 @@ async def until_closed(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(), 15)
 
 
-async def test_idle_and_slow_connections_are_closed(serve: Serve, tmp_path: Path) -> None:
-    """Sockets that send nothing, half a request head, or a head without its body are closed by
-    the server; those beyond the cap get a JSON 503 at once; then a request is answered."""
-    daemon = make_daemon(
+def daemon_with_cap(serve: Serve, tmp_path: Path) -> Daemon:
+    """A token-less daemon (so that a POST waits for its body) with a small cap."""
+    return make_daemon(
         serve(QUIET),
         tmp_path,
-        control_token="",  # so that the POST waits for its body
+        control_token="",
         http_max_connections=str(CAP),
         http_read_timeout="0.5",
     )
+
+
+async def test_idle_and_slow_connections_are_closed(serve: Serve, tmp_path: Path) -> None:
+    """Sockets that send nothing, half a request head, or a head without its body are closed by
+    the server without an answer, and the server goes on answering requests."""
     with capture_logs() as logs:
-        async with running(daemon) as run:
+        async with running(daemon_with_cap(serve, tmp_path)) as run:
             port = run.server.port
             opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CAP)]
-            # Beyond the cap: refused while the others are still idle.
-            extra = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-            refusals = [await until_closed(reader) for reader, _ in extra]
             half_head, no_body = opened[0][1], opened[1][1]
             half_head.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             no_body.write(
@@ -50,16 +52,44 @@ async def test_idle_and_slow_connections_are_closed(serve: Serve, tmp_path: Path
                 b"content-type: application/json\r\ncontent-length: 40\r\n\r\n{"
             )
             leftovers = [await until_closed(reader) for reader, _ in opened]
-            for _, writer in opened + extra:
+            for _, writer in opened:
                 writer.close()
             health = await run.client.get("/healthz")
-    assert all(r.startswith(b"HTTP/1.1 503 ") for r in refusals), refusals
-    assert all(b'"too_many_connections"' in r for r in refusals)
-    assert leftovers == [b""] * CAP  # closed without an answer
+    assert leftovers == [b""] * CAP
     assert health.status_code == 200
     shed = [e for e in logs if e["event"] == "http_connections_shed"]
-    assert {e["reason"] for e in shed} == {"connection_limit", "read_timeout"}
-    assert len(shed) == 2  # one line per burst, not one per connection
+    assert [(e["reason"], e["occurrences"]) for e in shed] == [("read_timeout", 1)]
+
+
+async def test_idle_sockets_at_the_cap_cannot_lock_a_client_out(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """With the cap filled by idle sockets, a real request takes the place of the oldest one;
+    with the cap filled by requests under way, a new connection gets a JSON 503 at once."""
+    with capture_logs() as logs:
+        async with running(daemon_with_cap(serve, tmp_path)) as run:
+            port = run.server.port
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CAP)]
+            served = await run.client.get("/healthz")
+            evicted = await until_closed(idle[0][0])
+            for _, writer in idle:
+                writer.close()
+            busy = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CAP)]
+            for _, writer in busy:
+                writer.write(b"GET /healthz HTTP/1.1\r\n")
+                await writer.drain()
+            await eventually(lambda: run.server.connection_counts() == (CAP, 0))
+            extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", port)
+            refusal = await until_closed(extra_reader)
+            extra_writer.close()
+            for _, writer in busy:
+                writer.close()
+    assert served.status_code == 200
+    assert evicted == b""
+    assert refusal.startswith(b"HTTP/1.1 503 ")
+    assert b'"too_many_connections"' in refusal
+    shed = [e["reason"] for e in logs if e["event"] == "http_connections_shed"]
+    assert {"idle_evicted", "connection_limit"} <= set(shed)
 
 
 async def test_a_kept_alive_connection_serves_request_after_request(

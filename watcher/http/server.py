@@ -11,7 +11,7 @@ Connections are bounded, so that whoever reaches the port cannot use up the proc
 descriptors (which the store, the downloads and the API client need too): a connection must
 deliver each request, head and body, within ``WATCHER_HTTP_READ_TIMEOUT`` seconds or it is
 closed; beyond ``WATCHER_HTTP_MAX_CONNECTIONS`` (at most half the descriptor limit) a new
-connection is answered 503 and closed at once. Accept errors (``EMFILE`` and the like, which
+connection replaces the longest-idle one, or is answered 503 and closed when none is idle. Accept errors (``EMFILE`` and the like, which
 asyncio reports through the loop's exception handler with a traceback each time) become one
 JSON warning per burst, as do the connections shed.
 
@@ -105,12 +105,17 @@ class BoundedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for receiving each request and a connection cap.
 
     uvicorn has neither: ``limit_concurrency`` answers 503 only once a request arrives, and
-    nothing closes a connection that never sends one. :func:`bounded_protocol` makes the
-    subclass of one server, carrying its limits and its burst logs.
+    nothing closes a connection that never sends one. At the cap, a new connection takes the
+    place of the longest-idle one (connected or kept alive, no request under way), so sockets
+    held open by someone else cannot lock a real client out; only when every connection is
+    busy is the new one answered 503. :func:`bounded_protocol` makes the subclass of one
+    server, carrying its limits, its idle connections and its burst logs.
     """
 
     limits: ClassVar[ConnectionLimits]
+    idle: ClassVar[dict[BoundedH11Protocol, None]]  # insertion-ordered: the oldest first
     refused: ClassVar[BurstLog]
+    evicted: ClassVar[BurstLog]
     timed_out: ClassVar[BurstLog]
     REFUSAL: ClassVar[bytes] = _refusal_bytes()
 
@@ -118,14 +123,16 @@ class BoundedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections:
+        if len(self.connections) > self.limits.max_connections and not self._evict_one():
             self.refused.note(reason="connection_limit", limit=self.limits.max_connections)
             transport.write(self.REFUSAL)
             transport.close()
             return
+        self.idle[self] = None
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        self.idle.pop(self, None)
         super().data_received(data)
         if self.conn.their_state in RECEIVING and not self.transport.is_closing():
             self._arm()  # a request under way (or the next one on a kept-alive connection)
@@ -134,11 +141,26 @@ class BoundedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._disarm()  # idle until the next request: uvicorn's keep-alive timeout applies
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return  # closing, or a pipelined request is already under way
+        if not self.conn.trailing_data[0]:
+            self._disarm()  # idle until the next request: uvicorn's keep-alive timeout applies
+            self.idle[self] = None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.idle.pop(self, None)
         self._disarm()
         super().connection_lost(exc)
+
+    def _evict_one(self) -> bool:
+        """Close the longest-idle connection to make room; ``False`` if none is idle."""
+        victim = next(iter(self.idle), None)
+        if victim is None:
+            return False
+        del self.idle[victim]
+        victim.transport.close()
+        self.evicted.note(reason="idle_evicted", limit=self.limits.max_connections)
+        return True
 
     def _arm(self) -> None:
         if self._deadline is None:
@@ -164,7 +186,9 @@ def bounded_protocol(limits: ConnectionLimits) -> type[BoundedH11Protocol]:
         (BoundedH11Protocol,),
         {
             "limits": limits,
+            "idle": {},
             "refused": BurstLog("http_connections_shed"),
+            "evicted": BurstLog("http_connections_shed"),
             "timed_out": BurstLog("http_connections_shed"),
         },
     )
@@ -265,6 +289,7 @@ class HttpServer:
         self.port: int = sock.getsockname()[1]
         self.state = ServerState.BOUND
         self._server: _Server | None = None
+        self._protocol: type[BoundedH11Protocol] | None = None
 
     @classmethod
     def bind(cls, host: str, port: int) -> HttpServer:
@@ -291,6 +316,12 @@ class HttpServer:
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
 
+    def connection_counts(self) -> tuple[int, int]:
+        """(open connections, those of them idle: no request under way)."""
+        if self._server is None or self._protocol is None:
+            return 0, 0
+        return len(self._server.server_state.connections), len(self._protocol.idle)
+
     @property
     def started(self) -> bool:
         """Whether uvicorn accepts connections."""
@@ -307,9 +338,10 @@ class HttpServer:
             raise RuntimeError(f"cannot serve an HTTP server that is {self.state.value}")
         self.state = ServerState.SERVING
         limits = ConnectionLimits.from_settings(daemon.settings)
+        self._protocol = bounded_protocol(limits)
         config = uvicorn.Config(
             create_app(daemon),
-            http=bounded_protocol(limits),
+            http=self._protocol,
             ws="none",
             lifespan="off",
             log_config=None,
