@@ -10,10 +10,11 @@ daemon cancels its side tasks, connections get one second to finish.
 Connections are bounded, so that whoever reaches the port cannot use up the process's file
 descriptors (which the store, the downloads and the API client need too): a connection must
 deliver each request, head and body, within ``WATCHER_HTTP_READ_TIMEOUT`` seconds or it is
-closed; beyond ``WATCHER_HTTP_MAX_CONNECTIONS`` (at most half the descriptor limit) a new
-connection replaces the longest-idle one, or is answered 503 and closed when none is idle. Accept errors (``EMFILE`` and the like, which
-asyncio reports through the loop's exception handler with a traceback each time) become one
-JSON warning per burst, as do the connections shed.
+closed; beyond ``WATCHER_HTTP_MAX_CONNECTIONS`` (at most a quarter of the descriptor limit),
+a new connection replaces one idle for a second or more, or is answered 503 and closed.
+Accept errors (``EMFILE`` and the like, which asyncio reports through the loop's exception
+handler with a traceback each time) become one JSON warning per burst, as do the connections
+shed and uvicorn's complaints about malformed requests.
 
 It also owns :func:`check_settings`, the start-up refusal to listen on a non-loopback address
 without ``WATCHER_CONTROL_TOKEN``. The routes are in :mod:`watcher.http.app`.
@@ -51,6 +52,7 @@ log = structlog.get_logger("watcher")
 
 GRACEFUL_SECONDS = 1
 STOP_SECONDS = 3.0
+EVICT_AFTER_SECONDS = 1.0
 # What accept() fails with when the process or the system is out of descriptors or memory.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Request states in which the client still owes us bytes of the request.
@@ -76,17 +78,22 @@ class ConnectionLimits:
     max_connections: int
     read_timeout: float
 
+    @property
+    def evict_after(self) -> float:
+        """How long a connection must have been idle before a newcomer may take its place."""
+        return min(EVICT_AFTER_SECONDS, self.read_timeout / 2)
+
     @classmethod
     def from_settings(
         cls, settings: Settings, descriptor_limit: int | None = None
     ) -> ConnectionLimits:
-        """The configured limits, the cap kept within half of ``descriptor_limit`` (default:
+        """The configured limits, the cap kept within a quarter of ``descriptor_limit`` (default:
         the process's soft ``RLIMIT_NOFILE``)."""
         if descriptor_limit is None:
             descriptor_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         cap = settings.http_max_connections
         if descriptor_limit != resource.RLIM_INFINITY:
-            cap = max(1, min(cap, descriptor_limit // 2))
+            cap = max(1, min(cap, descriptor_limit // 4))
         return cls(cap, settings.http_read_timeout)
 
 
@@ -106,14 +113,15 @@ class BoundedH11Protocol(H11Protocol):
 
     uvicorn has neither: ``limit_concurrency`` answers 503 only once a request arrives, and
     nothing closes a connection that never sends one. At the cap, a new connection takes the
-    place of the longest-idle one (connected or kept alive, no request under way), so sockets
-    held open by someone else cannot lock a real client out; only when every connection is
-    busy is the new one answered 503. :func:`bounded_protocol` makes the subclass of one
-    server, carrying its limits, its idle connections and its burst logs.
+    place of the longest-idle one (connected or kept alive, no request under way) if that has
+    been idle for :attr:`ConnectionLimits.evict_after`, so sockets held open by someone else
+    cannot lock a real client out, while a flood of new connections cannot push out clients
+    that just connected; otherwise the newcomer is answered 503. :func:`bounded_protocol`
+    makes the subclass of one server, carrying its limits, idle connections and burst logs.
     """
 
     limits: ClassVar[ConnectionLimits]
-    idle: ClassVar[dict[BoundedH11Protocol, None]]  # insertion-ordered: the oldest first
+    idle: ClassVar[dict[BoundedH11Protocol, float]]  # since when (loop time), oldest first
     refused: ClassVar[BurstLog]
     evicted: ClassVar[BurstLog]
     timed_out: ClassVar[BurstLog]
@@ -128,7 +136,7 @@ class BoundedH11Protocol(H11Protocol):
             transport.write(self.REFUSAL)
             transport.close()
             return
-        self.idle[self] = None
+        self.idle[self] = self.loop.time()
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -145,7 +153,7 @@ class BoundedH11Protocol(H11Protocol):
             return  # closing, or a pipelined request is already under way
         if not self.conn.trailing_data[0]:
             self._disarm()  # idle until the next request: uvicorn's keep-alive timeout applies
-            self.idle[self] = None
+            self.idle[self] = self.loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.idle.pop(self, None)
@@ -153,9 +161,11 @@ class BoundedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def _evict_one(self) -> bool:
-        """Close the longest-idle connection to make room; ``False`` if none is idle."""
-        victim = next(iter(self.idle), None)
-        if victim is None:
+        """Close the longest-idle connection to make room; ``False`` if none has been idle for
+        long (a client that just connected is about to send its request: under a flood of
+        new connections the newcomers are refused instead of pushing real clients out)."""
+        victim, since = next(iter(self.idle.items()), (None, 0.0))
+        if victim is None or self.loop.time() - since < self.limits.evict_after:
             return False
         del self.idle[victim]
         victim.transport.close()
@@ -349,6 +359,9 @@ class HttpServer:
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_SECONDS,
+            # asyncio accepts up to `backlog` connections per loop turn, each holding a
+            # descriptor before the protocol can refuse it: keep that burst to the cap.
+            backlog=limits.max_connections,
         )
         self._server = server = _Server(config)
         with AcceptErrors(asyncio.get_running_loop()).installed(), UvicornLog().installed():
