@@ -306,8 +306,10 @@ _PATHS: dict[str, Any] = {
                 "200": _json("Was already tracked; unchanged.", _PROJECT_REF),
                 "400": _error("Bad JSON, an unknown field, a bad id or an unknown kind."),
                 "401": _UNAUTHORIZED,
+                "403": _error("Sent from another site's web page (Origin, Sec-Fetch-Site)."),
                 "409": _error("Already tracked as another kind."),
                 "413": _error("The body is larger than 64 KiB."),
+                "415": _error("The body is not declared application/json."),
             },
         },
     },
@@ -392,7 +394,11 @@ def openapi_document() -> dict[str, Any]:
             "description": (
                 "Control plane of the watcher: track Magic Hour projects, read their state, "
                 "probe health, scrape metrics and receive Magic Hour webhooks. Routes under "
-                "/v1 need `Authorization: Bearer <WATCHER_CONTROL_TOKEN>` when a token is set."
+                "/v1 need `Authorization: Bearer <WATCHER_CONTROL_TOKEN>` when a token is set. "
+                "Every route but the webhook answers 400 `host_not_allowed` to a Host that is "
+                "not an IP address, localhost or a name in WATCHER_HTTP_ALLOWED_HOSTS, 403 "
+                "`cross_site_request` to a request from another site's web page, and 415 "
+                "`unsupported_media_type` to a body not sent as application/json."
             ),
         },
         "paths": copy.deepcopy(_PATHS),
