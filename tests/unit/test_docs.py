@@ -166,7 +166,9 @@ HTTP_SOURCES = "\n".join(p.read_text("utf-8") for p in (ROOT / "watcher" / "http
 
 def answered_errors() -> dict[str, str]:
     """Every error code the HTTP app answers, with its status (``other`` when it varies)."""
-    raised = re.findall(r'(?:ApiProblem|problem)\(\s*(\d{3}),\s*"([a-z_]+)"', HTTP_SOURCES)
+    raised = re.findall(
+        r'(?:ApiProblem|problem|Refusal|refusal_bytes)\(\s*(\d{3}),\s*"([a-z_]+)"', HTTP_SOURCES
+    )
     mapped = re.findall(r'(\d{3}): "([a-z_]+)"', HTTP_SOURCES)
     fallback = re.findall(r'codes\.get\([^,]+, "([a-z_]+)"\)', HTTP_SOURCES)
     errors = {code: status for status, code in [*raised, *mapped]}

@@ -34,7 +34,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
     """A client of the app of an idle daemon on an in-memory store, without a control token."""
     daemon = Daemon(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
     transport = httpx.ASGITransport(app=create_app(daemon))
-    async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
         yield http
 
 

@@ -32,6 +32,7 @@ import resource
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import h11
@@ -97,12 +98,11 @@ class ConnectionLimits:
         return cls(cap, settings.http_read_timeout)
 
 
-def _refusal_bytes() -> bytes:
-    body = json.dumps(
-        {"error": "too_many_connections", "message": "the server is at its connection limit"}
-    ).encode()
+def refusal_bytes(status: int, error: str, message: str) -> bytes:
+    """A whole HTTP/1.1 answer with a JSON error, sent before any request was read."""
+    body = json.dumps({"error": error, "message": message}).encode()
     head = (
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
@@ -125,7 +125,9 @@ class BoundedH11Protocol(H11Protocol):
     refused: ClassVar[BurstLog]
     evicted: ClassVar[BurstLog]
     timed_out: ClassVar[BurstLog]
-    REFUSAL: ClassVar[bytes] = _refusal_bytes()
+    REFUSAL: ClassVar[bytes] = refusal_bytes(
+        503, "too_many_connections", "the server is at its connection limit"
+    )
 
     _deadline: asyncio.TimerHandle | None = None
 
