@@ -1,5 +1,6 @@
-"""No request body makes the control plane answer 500: hostile JSON to the tracking API and to
-the webhook receiver (signed, so it reaches the parser) gets a 4xx JSON error and tracks nothing."""
+"""No request makes the control plane answer 500: hostile JSON to the tracking API and to the
+webhook receiver (signed, so it reaches the parser), absurd numbers in the query or in
+``Content-Length``, get a 4xx JSON error and track nothing."""
 
 from __future__ import annotations
 
@@ -80,3 +81,26 @@ async def test_hostile_signed_webhooks_are_refused_with_400(body: bytes) -> None
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "invalid_event"
     assert await daemon.store.count_by_state() == {}
+
+
+@pytest.mark.parametrize("limit", ["9" * 5000, "²", "\u0661\u0660", "1e3", " 5", "-1"])
+async def test_a_limit_that_is_not_plain_digits_is_400(limit: str) -> None:
+    """``limit`` must be ASCII digits: 5000 of them, a superscript or Arabic-Indic digits are
+    400 ``invalid_parameter``, not a 500 (or a page of ten)."""
+    daemon = Daemon(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
+    async with client_of(daemon) as client:
+        response = await client.get("/v1/projects", params={"limit": limit})
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_parameter")
+
+
+async def test_an_absurd_content_length_is_413() -> None:
+    """A declared length of 5000 digits is refused as too large, not parsed into a 500."""
+    daemon = Daemon(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
+    async with client_of(daemon) as client:
+        response = await client.post(
+            "/v1/projects",
+            content=b"{}",
+            headers={"content-type": "application/json", "content-length": "9" * 5000},
+        )
+    assert (response.status_code, response.json()["error"]) == (413, "body_too_large")
+    assert "5000 digits" in response.json()["message"]

@@ -101,11 +101,14 @@ def problem(
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 beyond ``limit`` bytes (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiProblem(
-            413, "body_too_large", f"the body is {declared} bytes; at most {limit} are accepted"
-        )
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit():  # anything else is the server's to refuse
+        size = whole_number(declared)
+        if size is None or size > limit:
+            shown = f"{size} bytes" if size is not None else f"{len(declared)} digits long"
+            raise ApiProblem(
+                413, "body_too_large", f"the body is {shown}; at most {limit} bytes are accepted"
+            )
     chunks: list[bytes] = []
     size = 0
     try:
@@ -119,6 +122,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         raise ApiProblem(400, "client_disconnected", "the client went away mid-body") from None
     return b"".join(chunks)
+
+
+def whole_number(text: str, max_digits: int = 18) -> int | None:
+    """``text`` as a whole number if it is ASCII digits only, and not absurdly long; else
+    ``None``. (``str.isdigit`` admits ``²`` and ``int`` admits Arabic-Indic digits; ``int`` refuses 5000
+    digits with ValueError: none of that may reach a handler as a number, or as a 500.)"""
+    if not (text.isascii() and text.isdigit()) or len(text) > max_digits:
+        return None
+    return int(text)
 
 
 def json_body(raw: bytes) -> object:
@@ -409,7 +421,8 @@ def _page_parameters(request: Request) -> tuple[State | None, int, str | None]:
                 400, "invalid_parameter", f"unknown status {params['status']!r}: one of {names}"
             ) from None
     raw_limit = params.get("limit", str(DEFAULT_PAGE))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+    limit = whole_number(raw_limit)
+    if limit is None or not 1 <= limit <= MAX_PAGE:
         raise ApiProblem(
             400, "invalid_parameter", f"limit must be a whole number from 1 to {MAX_PAGE}"
         )
@@ -421,7 +434,7 @@ def _page_parameters(request: Request) -> tuple[State | None, int, str | None]:
             raise ApiProblem(
                 400, "invalid_parameter", "cursor is not one this API handed out"
             ) from None
-    return state, int(raw_limit), cursor
+    return state, limit, cursor
 
 
 async def refresh_gauges(daemon: Daemon) -> None:
