@@ -126,8 +126,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def whole_number(text: str, max_digits: int = 18) -> int | None:
     """``text`` as a whole number if it is ASCII digits only, and not absurdly long; else
-    ``None``. (``str.isdigit`` admits ``²`` and ``int`` admits Arabic-Indic digits; ``int`` refuses 5000
-    digits with ValueError: none of that may reach a handler as a number, or as a 500.)"""
+    ``None``. (``str.isdigit`` admits ``²``, ``int`` admits Arabic-Indic digits and refuses
+    5000 digits with ValueError: none of that may reach a handler as a number, or as a 500.)"""
     if not (text.isascii() and text.isdigit()) or len(text) > max_digits:
         return None
     return int(text)
