@@ -62,3 +62,14 @@ def pg_empty_url() -> Iterator[str]:
     pg.create_database(name)
     yield pg.database_url(name)
     pg.drop_database(name)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[pg.OwnServer]:
+    """A started PostgreSQL server of the test's own, which it may stop and start; removed after."""
+    server = pg.OwnServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()

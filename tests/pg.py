@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -25,6 +31,7 @@ from psycopg import sql
 
 from watcher.store.postgres import PostgresStore, redact_url
 
+BIN = Path("/usr/lib/postgresql/15/bin")
 ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -90,3 +97,64 @@ def migrate(url: str) -> None:
 
     with ThreadPoolExecutor(max_workers=1) as thread:
         thread.submit(lambda: asyncio.run(run())).result()
+
+
+class OwnServer:
+    """A PostgreSQL server of one test's own, which the test may stop and start again: its own
+    data directory under ``/tmp`` (owned by ``postgres``) and its own port on 127.0.0.1. The
+    machine's shared server is never touched.
+
+    Made with ``initdb`` and driven with ``pg_ctl``, run as ``postgres`` when the tests run as
+    root (``initdb`` refuses root). :meth:`remove` stops it and deletes its directory.
+    """
+
+    def __init__(self) -> None:
+        if not (BIN / "initdb").exists():
+            message = f"no PostgreSQL binaries at {BIN} (initdb, pg_ctl)"
+            if os.environ.get("CI"):
+                pytest.fail(message, pytrace=False)
+            pytest.skip(message)
+        self.root = Path(tempfile.mkdtemp(prefix="watcher-own-pg-"))
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._pg("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    def _pg(self, program: str, *args: str) -> None:
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        result = subprocess.run(
+            [*as_postgres, str(BIN / program), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"{program} failed: {result.stdout}{result.stderr}")
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.root / "server.log")
+        self._pg("pg_ctl", "-D", str(self.data), "-l", log, "-o", options, "-w", "start")
+
+    def stop(self) -> None:
+        """Stop the server at once (``-m fast``: clients are disconnected)."""
+        self._pg("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        """Stop the server if it runs, and delete its directory."""
+        if (self.data / "postmaster.pid").exists():
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port

@@ -199,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
     for name in unknown_variables():
         log.warning("unknown_setting", variable=name, hint="not a WATCHER_* setting; a typo?")
-    store = create_store(settings.database_url, exclusive=True)
+    store = create_store(settings.database_url, exclusive=True, timeout=settings.store_timeout)
     daemon = Daemon(settings, store, until_done=args.until_done, judge_all=args.judge == "all")
     server = None
     if settings.http_enabled:

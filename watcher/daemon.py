@@ -19,6 +19,14 @@ DELETE itself, which is sent only after the store has durably recorded every out
 A ``kill -9`` at any instant leaves either the old state (the work is redone: a GET repeated, a
 download resumed from its ``.part``, a DELETE re-sent, where a 404 counts as done) or the new one.
 
+A store that does not answer (:class:`StoreUnavailable`; see :mod:`watcher.outage`) ends
+nothing: the dispatch loop stops claiming and probes the store with a write after a backoff, the
+leases held are renewed first thing when it answers, and a project's work whose store call
+failed waits for the store, then goes on from what the store durably holds under the same lease
+(:meth:`Daemon._resume`). That is the crash-recovery path without the crash: the failed write
+had not been committed, so the step it recorded is redone or finished from disk, as after a
+``kill -9`` at that instant, and nothing is lost.
+
 Shutdown (SIGTERM/SIGINT): stop claiming, let running work finish for ``shutdown_grace`` seconds,
 cancel the rest (``.part`` files stay for resuming), release our leases, close the store.
 """
@@ -60,11 +68,13 @@ from watcher.errors import (
     PaymentRequired,
     ProjectNotFound,
     StoreError,
+    StoreUnavailable,
     TransientApiError,
     Unauthorized,
 )
 from watcher.metrics import Metrics
 from watcher.models import Kind, ProjectRef, ProjectSnapshot, RemoteStatus, State
+from watcher.outage import StoreHealth
 from watcher.paths import is_part_name, output_relpath, part_path, resolve_inside
 from watcher.priority import PriorityGate
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats, next_poll_delay
@@ -180,6 +190,11 @@ class Daemon:
         self.api: MagicHourClient | None = None
         self.downloader: Downloader | None = None
         self.download_gate = PriorityGate(settings.max_concurrent_downloads)
+        self.store_health = StoreHealth(
+            initial=settings.store_retry_initial,
+            maximum=settings.store_retry_max,
+            rng=self.rng,
+        )
         self.disk_full_retry_seconds = DISK_FULL_RETRY_SECONDS
         # Extra long-lived loops (the HTTP server) started in the daemon's task group.
         self.side_tasks: list[Callable[[Daemon], Coroutine[object, object, None]]] = []
@@ -333,6 +348,8 @@ class Daemon:
         )
 
     async def _fleet_budget(self, want: int) -> int:
+        if self.store_health.down:  # no wait on a store that does not answer: our own limit holds
+            return want
         rate = self.settings.max_requests_per_second
         return await self.store.take_rate_tokens(
             now=clock.now(), rate=rate, burst=max(1.0, rate), want=want
@@ -505,17 +522,50 @@ class Daemon:
     async def _dispatch_loop(self) -> None:
         while not self.stopping:
             self._wake.clear()
-            now = clock.now()
-            if self.until_done and not self._tasks and await self.store.next_due_at() is None:
-                log.info("daemon_done")
-                self.request_stop()
-                return
-            if self.unauthorized and self.until_done:
-                self.request_stop()
-                return
-            if now >= self._paused_until:
-                await self._claim(now)
-            await self._sleep_until_due(now)
+            try:
+                if self.store_health.down:
+                    await self._probe_store()
+                elif await self._dispatch_once():
+                    return
+            except StoreError as exc:
+                self.store_failed(exc, during="claim")
+
+    async def _dispatch_once(self) -> bool:
+        """Claim what is due, then wait until more is; ``True`` when the run is over."""
+        now = clock.now()
+        if self.until_done and not self._tasks and await self.store.next_due_at() is None:
+            log.info("daemon_done")
+            self.request_stop()
+            return True
+        if self.unauthorized and self.until_done:
+            self.request_stop()
+            return True
+        if now >= self._paused_until:
+            await self._claim(now)
+        await self._sleep_until_due(now)
+        return False
+
+    def store_failed(self, exc: StoreError, *, during: str) -> None:
+        """A store call failed: the outage begins (or goes on); the dispatch loop probes."""
+        self.store_health.failed(exc, during=during)
+        self._wake.set()
+
+    async def _probe_store(self) -> None:
+        """During an outage: after the backoff, try a write (SQLite may be readable while another
+        process holds its write lock). It renews the leases held, first, so that no claim of
+        ours (nor another replica's) takes over the work in flight; with no work running, it
+        releases whatever lease is still in this replica's name (none, or a crashed task's).
+        Raises :class:`StoreError` while the store still does not answer."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), self.store_health.next_delay())
+        if self.stopping:
+            return
+        now = clock.now()
+        if any(not task.done() for task, _ in self._tasks.values()):
+            await self._renew_all(now)
+        else:
+            await self.store.release_leases(now=now, owner=self.owner)
+        self.store_health.recovered()
 
     async def _claim(self, now: float) -> None:
         room = self.max_in_flight - len(self._tasks)
@@ -562,18 +612,25 @@ class Daemon:
         while not self.stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval)
-            now = clock.now()
-            refused: set[tuple[str, int]] = set()
-            for task, claim in list(self._tasks.values()):
-                if task.done():
-                    continue
-                with contextlib.suppress(StoreError):
-                    if await self.store.renew(claim, now=now, lease_seconds=self.lease_seconds):
-                        continue
-                    refused.add((claim.id, claim.version))
-                    if (claim.id, claim.version) in self._renewals_refused and not task.done():
-                        self._stop_lost_work(task, claim)
-            self._renewals_refused = refused
+            if self.stopping or self.store_health.down:
+                continue  # the dispatch loop's probe renews every lease once the store is back
+            try:
+                await self._renew_all(clock.now())
+            except StoreError as exc:
+                self.store_failed(exc, during="lease renewal")
+
+    async def _renew_all(self, now: float) -> None:
+        """Renew the lease of every running piece of work; stop work refused twice in a row."""
+        refused: set[tuple[str, int]] = set()
+        for task, claim in list(self._tasks.values()):
+            if task.done():
+                continue
+            if await self.store.renew(claim, now=now, lease_seconds=self.lease_seconds):
+                continue
+            refused.add((claim.id, claim.version))
+            if (claim.id, claim.version) in self._renewals_refused and not task.done():
+                self._stop_lost_work(task, claim)
+        self._renewals_refused = refused
 
     def _stop_lost_work(self, task: asyncio.Task[None], claim: Claim) -> None:
         """Two renewals in a row were refused and the work still runs: another replica holds
@@ -593,20 +650,15 @@ class Daemon:
             if after is not None:  # the task of our expired lease, being cancelled
                 await asyncio.wait([after])
             with structlog.contextvars.bound_contextvars(project_id=p.id, kind=p.kind.value):
-                if p.interruptions >= MAX_INTERRUPTIONS:
-                    last = f"; the last failure recorded: {p.failure}" if p.failure else ""
-                    await self._finish(
-                        claim,
-                        State.QUARANTINED,
-                        failure=f"quarantined: its work was interrupted {p.interruptions} times "
-                        f"in a row (a replica died or stalled while holding it){last}",
-                    )
-                elif p.state == State.POLLING:
-                    await self._poll(claim)
-                elif p.state == State.DOWNLOADING:
-                    await self._download(claim, await self.store.outputs(p.id))
-                elif p.state == State.DELETING:
-                    await self._delete(claim)
+                current: Claim | None = claim
+                while current is not None:
+                    try:
+                        await self._step(current)
+                    except StoreUnavailable as exc:
+                        self.store_failed(exc, during="work")
+                        current = await self._resume(current)
+                    else:
+                        current = None
         except LeaseLost:
             log.warning("lease_lost", project_id=p.id, kind=p.kind.value)
         except StoreError as exc:
@@ -646,6 +698,43 @@ class Daemon:
             log.error("store_error", project_id=p.id, error=str(err))  # noqa: TRY400
         except Exception:  # a second bug, while recording the first
             log.exception("project_crashed", project_id=p.id, kind=p.kind.value)
+
+    async def _step(self, claim: Claim) -> None:
+        """The work the project's stored state calls for."""
+        p = claim.project
+        if p.interruptions >= MAX_INTERRUPTIONS:
+            last = f"; the last failure recorded: {p.failure}" if p.failure else ""
+            await self._finish(
+                claim,
+                State.QUARANTINED,
+                failure=f"quarantined: its work was interrupted {p.interruptions} times "
+                f"in a row (a replica died or stalled while holding it){last}",
+            )
+        elif p.state == State.POLLING:
+            await self._poll(claim)
+        elif p.state == State.DOWNLOADING:
+            await self._download(claim, await self.store.outputs(p.id))
+        elif p.state == State.DELETING:
+            await self._delete(claim)
+
+    async def _resume(self, claim: Claim) -> Claim | None:
+        """After a store call of this work failed: wait for the store, then carry on from what
+        it durably holds, under the same lease. ``None`` when the work ends here: the daemon is
+        stopping (the lease runs out and the work is redone), the lease was taken over, or the
+        failed call's write had in fact been committed and released the project."""
+        while await self.store_health.wait_up(self._stopping):
+            try:
+                record = await self.store.get(claim.id)
+            except StoreUnavailable as exc:
+                self.store_failed(exc, during="work")
+                continue
+            if record is not None and record.lease_version == claim.version:
+                return Claim(record, claim.version) if record.lease_owner is not None else None
+            log.warning(
+                "lease_lost", project_id=claim.id, kind=claim.project.kind.value, during="outage"
+            )
+            return None
+        return None
 
     async def _get(self, claim: Claim, *, for_urls: bool = False) -> ProjectSnapshot | None:
         """GET the project; handle the API's refusals. ``None`` if the work ends here.

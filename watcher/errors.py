@@ -6,7 +6,9 @@
     ├── ConfigError                 a setting is missing or invalid
     ├── InvalidProjectId            a project id or kind that cannot be tracked
     ├── StoreError                  the database failed (driver errors are wrapped into this)
-    │   └── StoreLocked             another daemon holds this SQLite database
+    │   ├── StoreLocked             another daemon holds this SQLite database
+    │   └── StoreUnavailable        the database does not answer for now (down, locked, full):
+    │                               worth retrying; the daemon pauses claiming until it answers
     ├── OutputsNotSaved             the store refused to finish a project an output of which
     │                               is not saved (a bug in the caller, not an outage)
     ├── ApiError                    the Magic Hour API answered, or failed to
@@ -47,6 +49,11 @@ class StoreError(WatcherError):
 
 class StoreLocked(StoreError):
     """Another process already runs a daemon on this SQLite database."""
+
+
+class StoreUnavailable(StoreError):
+    """The database does not answer for now: PostgreSQL down or failing over, SQLite locked by
+    another process past the busy timeout, its volume full or read-only. Worth retrying."""
 
 
 class OutputsNotSaved(WatcherError):

@@ -165,3 +165,6 @@ def configure(level: str = "info", fmt: str | None = None, stream: TextIO | None
     # Libraries log through the standard library; keep their chatter (request lines) out.
     for name in ("httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The connection pool warns about each failed reconnection, in plain text on stderr; an
+    # outage is the daemon's own store_unavailable event, once.
+    logging.getLogger("psycopg").setLevel(logging.ERROR)

@@ -26,7 +26,7 @@ import httpx
 import structlog
 
 from watcher import __version__, clock
-from watcher.errors import ConfigError, StoreError
+from watcher.errors import ConfigError, StoreError, StoreUnavailable
 from watcher.webhooks import configured, signed_headers
 
 if TYPE_CHECKING:
@@ -113,9 +113,14 @@ class Notifier:
                 while True:
                     # SIGHUP may have re-read WATCHER_NOTIFY_SECRET_FILE.
                     self._secret = configured(daemon.settings.notify_secret) or self._secret
+                    if daemon.store_health.down:  # the daemon says when the store is back
+                        await asyncio.sleep(self.poll_seconds)
+                        continue
                     try:
                         if await self.deliver_due(daemon.store, daemon.metrics, client) == BATCH:
                             continue  # a full batch: there may be more due right now
+                    except StoreUnavailable as exc:
+                        daemon.store_failed(exc, during="notifications")
                     except StoreError as exc:
                         log.error("notification_store_error", error=str(exc))  # noqa: TRY400
                     await asyncio.sleep(self.poll_seconds)

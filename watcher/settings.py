@@ -105,6 +105,9 @@ class Settings(BaseSettings):
         default_factory=_default_replica_id
     )
     lease_seconds: Annotated[float, Field(ge=5, le=3600)] = 60.0
+    store_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    store_retry_initial: PositiveSeconds = 0.5
+    store_retry_max: PositiveSeconds = 5.0
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -173,6 +176,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self.store_retry_max < self.store_retry_initial:
+            raise ValueError(
+                f"WATCHER_STORE_RETRY_MAX ({self.store_retry_max:g}) must not be below "
+                f"WATCHER_STORE_RETRY_INITIAL ({self.store_retry_initial:g})"
+            )
         if self.poll_max < self.poll_initial:
             raise ValueError(
                 f"WATCHER_POLL_MAX ({self.poll_max:g}) must not be below "

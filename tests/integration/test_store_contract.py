@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from watcher.errors import OutputsNotSaved, StoreLocked
+from watcher.errors import OutputsNotSaved, StoreError, StoreLocked, StoreUnavailable
 from watcher.models import Kind, ProjectRef, RemoteStatus, State
 from watcher.store import (
     Claim,
@@ -285,6 +286,30 @@ async def test_sqlite_exclusive_lock_refuses_a_second_daemon(tmp_path: Path) -> 
             await SQLiteStore(path, exclusive=True).open()
         async with SQLiteStore(path) as reader:
             await reader.ping()
+
+
+async def test_a_sqlite_write_lock_held_elsewhere_is_an_outage_not_an_error(
+    tmp_path: Path,
+) -> None:
+    """Another connection holds the write lock past the busy timeout: writes raise
+    StoreUnavailable (worth retrying), reads still answer, and a bad query stays a StoreError."""
+    path = str(tmp_path / "w.db")
+    async with SQLiteStore(path, exclusive=True, timeout=0.05) as store:
+        await store.track(refs("a"), now=T0, delete_after_download=False)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreUnavailable, match="database is locked"):
+                await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+            assert await store.next_due_at() == T0
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        (claim,) = await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+        assert claim.id == "a"
+        with pytest.raises(StoreError) as bad:
+            await store._run(lambda: store._db.execute("SELECT nothing FROM nowhere"))
+        assert not isinstance(bad.value, StoreUnavailable)
 
 
 async def test_notification_is_queued_with_the_final_state(store: Store) -> None:

@@ -38,7 +38,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from watcher import clock
-from watcher.errors import InvalidProjectId, StoreError, WatcherError
+from watcher.errors import InvalidProjectId, StoreError, StoreUnavailable, WatcherError
 from watcher.http.guard import HostPolicy, RequestGuard
 from watcher.http.openapi import openapi_document
 from watcher.metrics import FLEET, Metrics
@@ -209,6 +209,10 @@ class _Handlers:
         except (StoreError, TimeoutError) as exc:
             store = "unreachable"
             problems.append(f"the store does not answer: {str(exc) or 'timed out'}")
+        outage = self.daemon.store_health.problem  # e.g. SQLite readable but locked for writes
+        if outage is not None and store == "ok":
+            store = "unavailable"
+            problems.append(outage)
         if self.daemon.unauthorized:
             warnings.append("the Magic Hour API refused the token (check WATCHER_API_TOKEN)")
         if self.daemon.payment_required:
@@ -464,6 +468,11 @@ async def _api_problem(_request: Request, exc: Exception) -> Response:
     return problem(exc.status, exc.error, str(exc), exc.headers)
 
 
+async def _store_unavailable(_request: Request, exc: Exception) -> Response:
+    """The database does not answer: 503, so a client (or Magic Hour's webhooks) tries again."""
+    return problem(503, "store_unavailable", str(exc), {"Retry-After": "5"})
+
+
 class _Observe:
     """ASGI middleware: logs ``http_request``, counts it, and turns a crash into a JSON 500."""
 
@@ -532,7 +541,11 @@ def create_app(daemon: Daemon) -> Starlette:
     labels: dict[object, str] = {route.endpoint: route.path for route in routes}
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: _http_exception, ApiProblem: _api_problem},
+        exception_handlers={
+            HTTPException: _http_exception,
+            ApiProblem: _api_problem,
+            StoreUnavailable: _store_unavailable,
+        },
     )
     policy = HostPolicy(daemon.settings.http_host, daemon.settings.allowed_hosts)
     app.add_middleware(RequestGuard, policy=policy)

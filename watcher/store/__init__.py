@@ -57,19 +57,25 @@ def sqlite_path(url: str) -> str:
 
 
 def create_store(
-    url: str, *, exclusive: bool = False, pool_min_size: int = 1, pool_max_size: int = 10
+    url: str,
+    *,
+    exclusive: bool = False,
+    pool_min_size: int = 1,
+    pool_max_size: int = 10,
+    timeout: float = 10.0,
 ) -> Store:
     """Build the store that ``url`` names (``sqlite:///…``, ``postgresql://…``/``postgres://…``
     or ``memory://``); not yet opened.
 
     ``exclusive`` matters to SQLite only (PostgreSQL serves several replicas); the pool sizes to
-    PostgreSQL only.
+    PostgreSQL only. ``timeout``: how long one call may wait for SQLite's write lock or for a
+    pooled PostgreSQL connection before it fails with :class:`~watcher.errors.StoreUnavailable`.
     """
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
-        return SQLiteStore(sqlite_path(url), exclusive=exclusive)
+        return SQLiteStore(sqlite_path(url), exclusive=exclusive, timeout=timeout)
     if scheme in POSTGRES_SCHEMES:
-        return PostgresStore(url, min_size=pool_min_size, max_size=pool_max_size)
+        return PostgresStore(url, min_size=pool_min_size, max_size=pool_max_size, timeout=timeout)
     if scheme == "memory":
         return InMemoryStore()
     raise ConfigError(

@@ -15,8 +15,13 @@ together run in one explicit transaction). Replicas coordinate through the datab
 
 A commit is durable once it returns (``synchronous_commit`` is on by default), so
 :meth:`PostgresStore.flush` has nothing to do. Every psycopg error becomes :class:`StoreError` in
-:meth:`PostgresStore._wrap_errors`; neither messages nor ``repr`` ever show the URL's password.
-The connect timeout is libpq's (``?connect_timeout=5`` in the URL sets it).
+:meth:`PostgresStore._wrap_errors` (:class:`StoreUnavailable` when the server does not answer
+for now: connection lost or refused, shutting down or starting up, read-only after a failover,
+out of disk, no pooled connection within ``timeout``); neither messages nor ``repr`` ever show
+the URL's password. The pool replaces broken connections by itself (each is checked as it is
+handed out) and gives up a reconnection after ``timeout``, so the next call tries afresh: the
+store works again within seconds of the server. The connect timeout is libpq's
+(``?connect_timeout=5`` in the URL sets it).
 
 It does not own the token bucket's caller (the API client) nor any decision about what to claim.
 """
@@ -36,7 +41,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from watcher.errors import StoreError
+from watcher.errors import StoreError, StoreUnavailable
 from watcher.models import Kind, ProjectRef, RemoteStatus, State
 from watcher.store.base import (
     Claim,
@@ -65,6 +70,11 @@ REPORTER_LOCK_KEY = 0x57_47_41_55_47_45_53
 # The one token bucket of the API budget.
 RATE_BUCKET = "api"
 _POOL_OPEN_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = 10.0
+# SQLSTATE classes of a server that does not answer for now rather than of a bad statement:
+# connection exception, insufficient resources (disk full), operator intervention (shutdown).
+_UNAVAILABLE_CLASSES = ("08", "53", "57")
+_READ_ONLY_TRANSACTION = "25006"  # a standby promoted late, or a primary demoted in a failover
 # libpq URL: scheme://user:password@hosts/…; the password runs to the last "@" of the authority.
 _USERINFO_RE = re.compile(r"^(?P<head>[^:/?#]+://[^:@/?#]*):(?P<password>[^/?#]*)@")
 _QUERY_PASSWORD_RE = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&#]*)", re.IGNORECASE)
@@ -97,6 +107,16 @@ def take_from_bucket(
     available = min(burst, tokens + (at - updated_at) * rate)
     granted = max(0, min(want, math.floor(available + 1e-9)))
     return granted, available - granted, at
+
+
+def _unavailable(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` says the server does not answer for now (worth retrying)."""
+    state = exc.sqlstate or ""
+    return (
+        isinstance(exc, psycopg.OperationalError)
+        or state.startswith(_UNAVAILABLE_CLASSES)
+        or state == _READ_ONLY_TRANSACTION
+    )
 
 
 def _project(row: DictRow) -> ProjectRecord:
@@ -156,7 +176,9 @@ class PostgresStore(Store):
     it (the store may be opened again).
     """
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         if not 1 <= min_size <= max_size:
             raise ValueError(f"need 1 <= min_size <= max_size, got {min_size} and {max_size}")
         self._url = url
@@ -164,6 +186,7 @@ class PostgresStore(Store):
         self._secrets = _url_secrets(url)
         self.min_size = min_size
         self.max_size = max_size
+        self.timeout = timeout
         self._pool: AsyncConnectionPool[_Conn] | None = None
         self._opening = asyncio.Lock()
         # The connection holding (or trying for) the reporter lock, outside the pool: the lock
@@ -193,6 +216,11 @@ class PostgresStore(Store):
                     max_size=self.max_size,
                     open=False,
                     name="watcher-store",
+                    timeout=self.timeout,
+                    # The pool's own reconnection backs off to minutes; give up on it after a
+                    # call's timeout instead, so that the next call (the daemon's probe, every
+                    # few seconds) starts afresh and finds a server that is back at once.
+                    reconnect_timeout=self.timeout,
                     connection_class=_Conn,
                     kwargs={"autocommit": True, "row_factory": dict_row},
                     check=AsyncConnectionPool.check_connection,
@@ -235,7 +263,8 @@ class PostgresStore(Store):
         except psycopg.Error as exc:
             original = str(exc).strip()
             message = self._scrub(original)
-            error = StoreError(f"PostgreSQL error on {self.display_url}: {message}")
+            kind = StoreUnavailable if _unavailable(exc) else StoreError
+            error = kind(f"PostgreSQL error on {self.display_url}: {message}")
             if message != original:
                 raise error from None
             raise error from exc

@@ -6,10 +6,16 @@ being killed (``kill -9``) at any instant; :meth:`SQLiteStore.flush` checkpoints
 fsyncs it, so what was committed also survives power loss. The daemon flushes before every
 DELETE it sends.
 
-A daemon opens the store with ``exclusive=True``: it takes an ``flock`` on ``<db>.lock``, so two
-daemons can never share one SQLite file (run PostgreSQL for several replicas). Other processes
-(``watcher track``, ``watcher status``) open it without the lock; WAL lets them read and insert
-while the daemon runs.
+A daemon opens the store with ``exclusive=True``: it takes an ``flock`` on ``<db>.lock`` next to
+the real file (symlinks resolved, so a link to the same database cannot start a second daemon),
+so two daemons can never share one SQLite file (run PostgreSQL for several replicas). Other
+processes (``watcher track``, ``watcher status``) open it without the lock; WAL lets them read
+and insert while the daemon runs.
+
+Errors: a database that does not answer for now (busy past ``timeout`` because another process
+holds the write lock, a full or read-only volume, an I/O error) raises :class:`StoreUnavailable`;
+any other ``sqlite3`` error :class:`StoreError`. A database that cannot be opened for writing at
+all says so in one line.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from watcher.errors import StoreError, StoreLocked
+from watcher.errors import StoreError, StoreLocked, StoreUnavailable
 from watcher.models import Kind, ProjectRef, RemoteStatus, State
 from watcher.store.base import (
     Claim,
@@ -48,7 +54,19 @@ from watcher.store.sql import load_migrations, load_queries
 T = TypeVar("T")
 
 _Q = load_queries("sqlite")
-_BUSY_TIMEOUT_MS = 10_000
+DEFAULT_TIMEOUT = 10.0
+# Primary result codes of a database that does not answer for now, rather than of a bad query:
+# BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
+_UNAVAILABLE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+
+
+def _wrap(path: str, exc: sqlite3.Error) -> StoreError:
+    """The project's error for a ``sqlite3`` one: :class:`StoreUnavailable` when worth retrying."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    message = f"SQLite error on {path}: {exc}"
+    if code is not None and code & 0xFF in _UNAVAILABLE_CODES:
+        return StoreUnavailable(message)
+    return StoreError(message)
 
 
 def _project(row: sqlite3.Row) -> ProjectRecord:
@@ -93,9 +111,12 @@ def _output(row: sqlite3.Row) -> OutputRecord:
 class SQLiteStore(Store):
     """A :class:`Store` in one SQLite file (or ``:memory:``)."""
 
-    def __init__(self, path: str, *, exclusive: bool = False) -> None:
+    def __init__(
+        self, path: str, *, exclusive: bool = False, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         self.path = path
         self.exclusive = exclusive
+        self.timeout = timeout
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock_fd: int | None = None
@@ -123,21 +144,40 @@ class SQLiteStore(Store):
     def _open_sync(self) -> None:
         memory = self.path == ":memory:"
         if not memory:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            if self.exclusive:
-                self._take_lock()
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                if self.exclusive:
+                    self._take_lock()
+            except OSError as exc:
+                raise StoreError(self._cannot_write(exc.strerror or str(exc))) from None
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        if not memory:
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = ON")
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {round(self.timeout * 1000):d}")
+            if not memory:
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate(conn, write=self.exclusive)
+        except sqlite3.Error as exc:
+            conn.close()
+            self._close_sync()  # the lock, if taken
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in {8, 14}:  # READONLY, CANTOPEN
+                raise StoreError(self._cannot_write(str(exc))) from None
+            raise
         self._conn = conn
-        self._migrate(conn)
+
+    def _cannot_write(self, reason: str) -> str:
+        return (
+            f"cannot open the database {self.path} for writing ({reason}): the daemon must be "
+            "able to write the file and its folder (check WATCHER_DATABASE_URL, the volume's "
+            "mount options and permissions)"
+        )
 
     def _take_lock(self) -> None:
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # The real file's lock: a symlink (or a path through a symlinked folder) to a database a
+        # daemon already serves must meet the same lock.
+        fd = os.open(os.path.realpath(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -149,7 +189,10 @@ class SQLiteStore(Store):
         self._lock_fd = fd
 
     @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
+    def _migrate(conn: sqlite3.Connection, *, write: bool) -> None:
+        """Apply the migrations the file lacks. With ``write`` (a daemon), write the version
+        even when nothing is new: a file the daemon cannot write fails here, clearly, rather
+        than at its first piece of work."""
         with _transaction(conn):
             (current,) = conn.execute("PRAGMA user_version").fetchone()
             for version, sql in load_migrations("sqlite"):
@@ -157,6 +200,9 @@ class SQLiteStore(Store):
                     for statement in _split_statements(sql):
                         conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {version:d}")
+                    current = version
+            if write:
+                conn.execute(f"PRAGMA user_version = {current:d}")
 
     async def close(self) -> None:
         executor, self._executor = self._executor, None
@@ -180,7 +226,7 @@ class SQLiteStore(Store):
         try:
             return await loop.run_in_executor(self._executor, fn, *args)
         except sqlite3.Error as exc:
-            raise StoreError(f"SQLite error on {self.path}: {exc}") from exc
+            raise _wrap(self.path, exc) from exc
 
     @property
     def _db(self) -> sqlite3.Connection:

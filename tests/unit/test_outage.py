@@ -1,0 +1,64 @@
+"""Store outages: logged once each, backoff bounds, and the settings that shape them."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from structlog.testing import capture_logs
+
+from watcher.errors import ConfigError, StoreUnavailable
+from watcher.outage import StoreHealth, retry_delay
+from watcher.settings import load_settings
+
+pytestmark = pytest.mark.anyio
+
+
+def test_retry_delay_doubles_from_initial_up_to_the_cap_with_jitter() -> None:
+    """Between half and all of ``initial * 2**(failures-1)``, never above ``maximum``."""
+    rng = random.Random(1)
+    for failures in range(1, 40):
+        ceiling = min(5.0, 0.5 * 2 ** (failures - 1))
+        delay = retry_delay(failures, rng, initial=0.5, maximum=5.0)
+        assert ceiling / 2 <= delay <= ceiling
+
+
+async def test_an_outage_is_logged_once_and_its_end_once() -> None:
+    """Many failed calls make one warning; the first success one recovery line, and waiting
+    work is released."""
+    health = StoreHealth(initial=0.1, maximum=1.0, rng=random.Random(2))
+    stopping = asyncio.Event()
+    with capture_logs() as logs:
+        for _ in range(5):
+            health.failed(StoreUnavailable("down"), during="claim")
+        assert health.down
+        assert health.problem is not None
+        assert "down" in health.problem
+        waiter = asyncio.create_task(health.wait_up(stopping))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        health.recovered()
+        assert await waiter is True
+        health.recovered()
+    assert [e["event"] for e in logs] == ["store_unavailable", "store_recovered"]
+    assert logs[1]["failures"] == 5
+    assert not health.down
+    assert health.problem is None
+
+
+async def test_waiting_work_is_released_when_the_daemon_stops() -> None:
+    """Work waiting for the store gives up (``False``) when shutdown begins."""
+    health = StoreHealth(initial=0.1, maximum=1.0, rng=random.Random(3))
+    health.failed(StoreUnavailable("down"), during="work")
+    stopping = asyncio.Event()
+    waiter = asyncio.create_task(health.wait_up(stopping))
+    await asyncio.sleep(0)
+    stopping.set()
+    assert await waiter is False
+
+
+def test_the_retry_cap_must_not_be_below_the_first_delay() -> None:
+    """WATCHER_STORE_RETRY_MAX below WATCHER_STORE_RETRY_INITIAL is refused, naming both."""
+    with pytest.raises(ConfigError, match=r"WATCHER_STORE_RETRY_MAX.*WATCHER_STORE_RETRY_INITIAL"):
+        load_settings({"WATCHER_STORE_RETRY_INITIAL": "2", "WATCHER_STORE_RETRY_MAX": "1"})
