@@ -148,6 +148,7 @@ def _add_url_argument(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``watcher`` command."""
+    logs.repair_standard_streams()
     args = build_parser().parse_args(argv)
     code: int | None = None
     try:

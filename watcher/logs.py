@@ -137,6 +137,27 @@ class _ClosedReaderSafe:
             os.close(devnull)
 
 
+def repair_standard_streams() -> None:
+    """Make a process started with a standard descriptor closed (``watcher run >&-``) safe.
+
+    A closed 0, 1 or 2 gets ``/dev/null``, so no file opened later (the database, its lock, a
+    download) can become descriptor 1 and receive log lines. With stdout closed, logs and
+    command output go to stderr instead (or nowhere, if it is closed too).
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = os.fdopen(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+    if sys.stdout is None:
+        sys.stdout = sys.stderr
+
+
 def configure(level: str = "info", fmt: str | None = None, stream: TextIO | None = None) -> None:
     """Set up structlog. ``fmt`` is ``json``, ``console``, or ``None`` for "console on a TTY"."""
     out = cast("TextIO", _ClosedReaderSafe(stream or sys.stdout))
