@@ -336,7 +336,12 @@ class Daemon:
             finally:
                 with contextlib.suppress(StoreError):
                     await self.store.release_leases(now=clock.now(), owner=self.owner)
-            return await self._outcome()
+            try:
+                return await self._outcome()
+            except StoreError as exc:  # stopped during an outage: the states cannot be read
+                code = EXIT_NOT_AS_CONFIGURED if self.until_done else EXIT_OK
+                log.warning("daemon_stopped", exit_code=code, error=str(exc))
+                return Outcome(code, {})
 
     def _transfer_limits(self) -> TransferLimits:
         s = self.settings

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -188,3 +189,28 @@ def test_a_sqlite_file_locked_by_another_process_pauses_the_daemon(
         if holder is not None:
             holder.kill()
             holder.wait()
+
+
+def test_sigterm_during_an_outage_still_stops_cleanly(
+    serve: Serve, tmp_path: Path, own_postgres: pg.OwnServer
+) -> None:
+    """A daemon asked to stop while PostgreSQL is down exits 0 at once (it was asked to stop),
+    its last line saying the end state could not be read, without a traceback."""
+    server = serve(RENDERS)
+    ids = server.simulator.create_projects(Kind.IMAGE, 2)
+    env = env_for(server, tmp_path, ids, database_url=own_postgres.url)
+    log = tmp_path / "daemon.log"
+    daemon = spawn([*WATCHER, "run"], env, log)
+    try:
+        wait_for_event(log, "http_started", daemon)
+        own_postgres.stop()
+        wait_for_event(log, "store_unavailable", daemon)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, log.read_text()[-3000:]
+        assert "Traceback" not in log.read_text()
+        last = json_lines(log)[-1]
+        assert (last["event"], last["level"], last["exit_code"]) == ("daemon_stopped", "warning", 0)
+        assert "PostgreSQL" in last["error"]
+    finally:
+        daemon.kill()
+        daemon.wait()

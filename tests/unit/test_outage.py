@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 
+import psycopg
 import pytest
 from structlog.testing import capture_logs
 
-from watcher.errors import ConfigError, StoreUnavailable
+from watcher.errors import ConfigError, StoreError, StoreUnavailable
 from watcher.outage import StoreHealth, retry_delay
 from watcher.settings import load_settings
+from watcher.store.postgres import PostgresStore
+from watcher.store.sqlite import _wrap as sqlite_wrap
 
 pytestmark = pytest.mark.anyio
 
@@ -62,3 +66,38 @@ def test_the_retry_cap_must_not_be_below_the_first_delay() -> None:
     """WATCHER_STORE_RETRY_MAX below WATCHER_STORE_RETRY_INITIAL is refused, naming both."""
     with pytest.raises(ConfigError, match=r"WATCHER_STORE_RETRY_MAX.*WATCHER_STORE_RETRY_INITIAL"):
         load_settings({"WATCHER_STORE_RETRY_INITIAL": "2", "WATCHER_STORE_RETRY_MAX": "1"})
+
+
+@pytest.mark.parametrize(
+    ("code", "unavailable"),
+    [(5, True), (517, True), (13, True), (10, True), (8, True), (1, False), (19, False)],
+)
+def test_sqlite_errors_that_mean_not_now_are_unavailable(code: int, unavailable: bool) -> None:
+    """BUSY (and BUSY_SNAPSHOT), FULL, IOERR, READONLY: worth retrying; a bad query or a
+    constraint is a plain StoreError."""
+    exc = sqlite3.OperationalError("boom")
+    exc.sqlite_errorcode = code
+    assert isinstance(sqlite_wrap("w.db", exc), StoreUnavailable) is unavailable
+
+
+@pytest.mark.parametrize(
+    ("error", "unavailable"),
+    [
+        (psycopg.OperationalError("connection refused"), True),
+        (psycopg.errors.AdminShutdown("terminating connection"), True),
+        (psycopg.errors.DiskFull("no space"), True),
+        (psycopg.errors.ReadOnlySqlTransaction("read-only transaction"), True),
+        (psycopg.errors.UndefinedTable("no such table"), False),
+        (psycopg.errors.UniqueViolation("duplicate"), False),
+    ],
+)
+def test_postgres_errors_that_mean_not_now_are_unavailable(
+    error: psycopg.Error, unavailable: bool
+) -> None:
+    """A lost or refused connection, a shutdown, a full disk, a read-only server after a
+    failover: worth retrying; a bad statement is a plain StoreError."""
+    store = PostgresStore("postgresql://watcher:pw@db/watcher")
+    with pytest.raises(StoreError) as raised, store._wrap_errors():
+        raise error
+    assert isinstance(raised.value, StoreUnavailable) is unavailable
+    assert "pw" not in str(raised.value)
