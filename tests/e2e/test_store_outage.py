@@ -111,8 +111,8 @@ def test_a_postgres_restart_pauses_the_daemon_and_it_finishes(
     serve: Serve, tmp_path: Path, own_postgres: pg.OwnServer
 ) -> None:
     """PostgreSQL stopped while renders run and started again once they are done: the daemon
-    does not die, is not ready meanwhile, logs the outage once and its end once, and saves
-    every project."""
+    does not die, is not ready meanwhile (its metrics are still served), logs the outage once
+    and its end once, and saves every project."""
     server = serve(RENDERS)
     sim = server.simulator
     ids = sim.create_projects(Kind.IMAGE, PROJECTS)
@@ -127,6 +127,9 @@ def test_a_postgres_restart_pauses_the_daemon_and_it_finishes(
         status, body = readiness(env)
         assert status == 503
         assert body["checks"]["store"] != "ok"
+        metrics = httpx.get(f"http://127.0.0.1:{env['WATCHER_HTTP_PORT']}/metrics", timeout=10)
+        assert metrics.status_code == 200  # still served, the store's counts as last read
+        assert "watcher_work_in_flight" in metrics.text
         wait_until_rendered(sim, ids, daemon)
         own_postgres.start()
         assert_finished(daemon, log, sim, tmp_path, ids)

@@ -444,12 +444,15 @@ def _page_parameters(request: Request) -> tuple[State | None, int, str | None]:
 async def refresh_gauges(daemon: Daemon) -> None:
     """Set the gauges read at scrape time: projects by state (the fleet's, from one replica
     only: see :mod:`watcher.metrics`), the API's refusals and the rate-limit pause left."""
-    if await daemon.store.reports_fleet_gauges():
-        counts = await daemon.store.count_by_state()
-        for state in State:
-            daemon.metrics.projects.labels(state.value, FLEET).set(counts.get(state, 0))
-    else:
-        daemon.metrics.projects.clear()
+    try:
+        if await daemon.store.reports_fleet_gauges():
+            counts = await daemon.store.count_by_state()
+            for state in State:
+                daemon.metrics.projects.labels(state.value, FLEET).set(counts.get(state, 0))
+        else:
+            daemon.metrics.projects.clear()
+    except StoreUnavailable:
+        pass  # an outage: the last counts stand, and every other metric is still served
     daemon.metrics.api_refused.labels("unauthorized").set(int(daemon.unauthorized))
     daemon.metrics.api_refused.labels("payment_required").set(int(daemon.payment_required))
     paused = daemon.api.throttle.paused_for if daemon.api is not None else 0.0
