@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.support import watcher_settings
+from watcher import clock
 from watcher.daemon import Daemon
 from watcher.errors import StoreUnavailable
 from watcher.models import Kind, RemoteStatus, State
 from watcher.simulator.config import SimConfig
 from watcher.simulator.server import SimulatorServer
 from watcher.simulator.timeline import ProjectOverrides
-from watcher.store import InMemoryStore
+from watcher.store import Claim, InMemoryStore, OutputState
 
 pytestmark = pytest.mark.anyio
 
@@ -31,12 +32,18 @@ class OutageStore(InMemoryStore):
     """The in-memory store, which stops answering at the first call of ``trigger``: that call
     and the ``failing`` calls after it (of any method) raise :class:`StoreUnavailable`."""
 
-    def __init__(self, trigger: str, failing: int) -> None:
+    def __init__(
+        self,
+        trigger: str,
+        failing: int,
+        meanwhile: Callable[[InMemoryStore], Awaitable[None]] | None = None,
+    ) -> None:
         super().__init__()
         self.trigger = trigger
         self.left = -1  # -1: the outage has not begun
         self.failing = failing
         self.failed: list[str] = []
+        self.meanwhile = meanwhile  # what another replica does while this one cannot reach it
 
     def __getattribute__(self, name: str) -> Any:
         attr = super().__getattribute__(name)
@@ -45,6 +52,9 @@ class OutageStore(InMemoryStore):
 
         async def call(*args: object, **kwargs: object) -> object:
             if name == self.trigger and self.left == -1:
+                self.left = 0
+                if self.meanwhile is not None:
+                    await self.meanwhile(self)
                 self.left = self.failing + 1
             if self.left > 0:
                 self.left -= 1
@@ -136,3 +146,44 @@ async def test_claims_that_fail_pause_the_daemon_instead_of_ending_it(
     assert [e["during"] for e in outage] == ["claim"]
     (back,) = [e for e in logs if e["event"] == "store_recovered"]
     assert back["failures"] == 5
+
+
+async def test_work_whose_lease_was_taken_during_the_outage_stops_there(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """Another replica claims the project while this one cannot reach the store: once the store
+    answers, this one's work sees the lease gone, says so, and writes nothing more."""
+    server = serve(done_projects(seed=33))
+    (pid,) = server.simulator.create_projects(
+        Kind.IMAGE, 1, ProjectOverrides(status=RemoteStatus.COMPLETE)
+    )
+    settings = watcher_settings(
+        server, tmp_path, projects=pid, store_retry_initial="0.01", store_retry_max="0.05"
+    )
+    taken: list[Claim] = []
+
+    async def another_replica_claims(store: InMemoryStore) -> None:
+        later = clock.now() + 3600  # past this replica's lease
+        taken.extend(
+            await InMemoryStore.claim_due(
+                store, now=later, limit=1, owner="other", lease_seconds=600
+            )
+        )
+
+    store = OutageStore("record_output_saved", failing=3, meanwhile=another_replica_claims)
+    daemon = Daemon(settings, store)
+    with capture_logs() as logs:
+        running = asyncio.create_task(daemon.run())
+        deadline = asyncio.get_running_loop().time() + 20
+        while not any(e["event"] == "lease_lost" for e in logs):
+            assert asyncio.get_running_loop().time() < deadline, str([e["event"] for e in logs])
+            await asyncio.sleep(0.02)
+        daemon.request_stop()
+        await asyncio.wait_for(running, 20)
+    (lost,) = [e for e in logs if e["event"] == "lease_lost"]
+    assert (lost["project_id"], lost["during"]) == (pid, "outage")
+    (claim,) = taken
+    record = await store.get(pid)
+    assert record is not None
+    assert (record.lease_owner, record.lease_version) == ("other", claim.version)
+    assert OutputState.SAVED not in {o.state for o in await store.outputs(pid)}
