@@ -18,6 +18,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -145,9 +146,35 @@ class OwnServer:
         """Stop the server at once (``-m fast``: clients are disconnected)."""
         self._pg("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
+    def freeze(self) -> None:
+        """Stop every process of the server (SIGSTOP): connections stay open, nothing answers,
+        as when a host hangs or vanishes mid-failover."""
+        postmaster, *_ = self._processes()
+        os.kill(postmaster, signal.SIGSTOP)  # first: it forks no backend after this
+        for pid in self._processes()[1:]:
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let the frozen server go on (SIGCONT)."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGCONT)
+
+    def _processes(self) -> list[int]:
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the process ended meanwhile
+            if int(fields[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
     def remove(self) -> None:
-        """Stop the server if it runs, and delete its directory."""
+        """Stop the server if it runs (thawed first), and delete its directory."""
         if (self.data / "postmaster.pid").exists():
+            self.thaw()
             self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 

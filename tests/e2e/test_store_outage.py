@@ -217,3 +217,34 @@ def test_sigterm_during_an_outage_still_stops_cleanly(
     finally:
         daemon.kill()
         daemon.wait()
+
+
+@pytest.mark.slow
+def test_a_frozen_postgres_holds_no_call_forever(
+    serve: Serve, tmp_path: Path, own_postgres: pg.OwnServer
+) -> None:
+    """Every process of PostgreSQL stopped (SIGSTOP: connections stay open, nothing answers, as
+    when its host hangs or vanishes in a failover): every call gives up after the store timeout,
+    so the outage is reported once and a SIGTERM stops the daemon within its grace, not after
+    it, though the server never answers again."""
+    server = serve(RENDERS)
+    ids = server.simulator.create_projects(Kind.IMAGE, PROJECTS)
+    env = env_for(server, tmp_path, ids, database_url=own_postgres.url, shutdown_grace="120")
+    log = tmp_path / "daemon.log"
+    daemon = spawn([*WATCHER, "run"], env, log)
+    try:
+        wait_for_event(log, "http_started", daemon)
+        own_postgres.freeze()
+        try:
+            wait_for_event(log, "store_unavailable", daemon)
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=40) == 0, log.read_text()[-3000:]
+        finally:
+            own_postgres.thaw()
+        events = [line["event"] for line in json_lines(log)]
+        assert events.count("store_unavailable") == 1, events
+        assert "shutdown_cancelled_work" not in events  # nothing hung past the grace
+        assert events[-1] == "daemon_stopped"
+    finally:
+        daemon.kill()
+        daemon.wait()

@@ -20,8 +20,9 @@ for now: connection lost or refused, shutting down or starting up, read-only aft
 out of disk, no pooled connection within ``timeout``); neither messages nor ``repr`` ever show
 the URL's password. The pool replaces broken connections by itself (each is checked as it is
 handed out) and gives up a reconnection after ``timeout``, so the next call tries afresh: the
-store works again within seconds of the server. The connect timeout is libpq's
-(``?connect_timeout=5`` in the URL sets it).
+store works again within seconds of the server. A call's statements get ``timeout`` too (a
+frozen server, or a host gone mid-failover, would otherwise hold it forever). The connect
+timeout is libpq's: ``?connect_timeout=5`` in the URL sets it, else ``timeout`` (at least 2 s).
 
 It does not own the token bucket's caller (the API client) nor any decision about what to claim.
 """
@@ -38,6 +39,7 @@ from urllib.parse import unquote
 
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -222,7 +224,7 @@ class PostgresStore(Store):
                     # few seconds) starts afresh and finds a server that is back at once.
                     reconnect_timeout=self.timeout,
                     connection_class=_Conn,
-                    kwargs={"autocommit": True, "row_factory": dict_row},
+                    kwargs={"autocommit": True, "row_factory": dict_row, **self._connect_timeout()},
                     check=AsyncConnectionPool.check_connection,
                 )
                 try:
@@ -232,9 +234,25 @@ class PostgresStore(Store):
                     raise
             self._pool = pool
 
+    def _connect_timeout(self) -> dict[str, str]:
+        """libpq's ``connect_timeout`` from ``timeout`` unless the URL sets its own: without one,
+        a connection to a host that vanished waits for the kernel to give up (minutes)."""
+        try:
+            given = conninfo_to_dict(self._url)
+        except psycopg.Error:
+            return {}
+        if "connect_timeout" in given:
+            return {}
+        return {"connect_timeout": str(max(2, math.ceil(self.timeout)))}
+
     async def _migrate(self) -> None:
         """Apply the migrations this database lacks, one replica at a time."""
-        conn = await _Conn.connect(self._url, autocommit=True, row_factory=dict_row)
+        conn = await _Conn.connect(
+            self._url,
+            autocommit=True,
+            row_factory=dict_row,
+            **self._connect_timeout(),  # type: ignore[arg-type]
+        )
         async with conn, conn.transaction():
             await conn.execute(_Q["lock_migrations"], {"key": MIGRATION_LOCK_KEY})
             await conn.execute(_Q["create_schema_migrations"])
@@ -282,12 +300,21 @@ class PostgresStore(Store):
         if pool is None:
             raise StoreError("the store is not open")
         with self._wrap_errors():
-            async with pool.connection() as conn:
-                if not transaction:
-                    yield conn
-                    return
-                async with conn.transaction():
-                    yield conn
+            try:
+                # A server that stopped answering (frozen, or its host gone in a failover) would
+                # hold the call forever, in the pool's check of a connection or in a statement:
+                # psycopg cancels the statement and closes the connection; the pool replaces it.
+                async with asyncio.timeout(self.timeout), pool.connection() as conn:
+                    if not transaction:
+                        yield conn
+                        return
+                    async with conn.transaction():
+                        yield conn
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"PostgreSQL error on {self.display_url}: no answer within "
+                    f"{self.timeout:g} s (WATCHER_STORE_TIMEOUT)"
+                ) from None
 
     async def _all(self, query: str, **params: object) -> list[DictRow]:
         async with self._connection() as conn:
