@@ -14,6 +14,7 @@ for every test, which is much faster than migrating each one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import secrets
@@ -152,12 +153,14 @@ class OwnServer:
         postmaster, *_ = self._processes()
         os.kill(postmaster, signal.SIGSTOP)  # first: it forks no backend after this
         for pid in self._processes()[1:]:
-            os.kill(pid, signal.SIGSTOP)
+            with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                os.kill(pid, signal.SIGSTOP)
 
     def thaw(self) -> None:
         """Let the frozen server go on (SIGCONT)."""
         for pid in self._processes():
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                os.kill(pid, signal.SIGCONT)
 
     def _processes(self) -> list[int]:
         postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
