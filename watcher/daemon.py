@@ -336,6 +336,7 @@ class Daemon:
             finally:
                 with contextlib.suppress(StoreError):
                     await self.store.release_leases(now=clock.now(), owner=self.owner)
+            self.store_health.settle(force=True)
             try:
                 return await self._outcome()
             except StoreError as exc:  # stopped during an outage: the states cannot be read
@@ -527,6 +528,7 @@ class Daemon:
     async def _dispatch_loop(self) -> None:
         while not self.stopping:
             self._wake.clear()
+            self.store_health.settle()
             try:
                 if self.store_health.down:
                     await self._probe_store()

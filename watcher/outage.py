@@ -8,8 +8,11 @@ must not end it. :class:`StoreHealth` is the one place that knows an outage is u
 - while it lasts the dispatch loop claims nothing and probes the store with a *write* after each
   backoff delay (:func:`retry_delay`), since SQLite can still be read while another process holds
   its write lock; work in flight waits for :meth:`StoreHealth.wait_up` at its next store call;
-- the first successful probe logs ``store_recovered`` with how long the store was away, and
-  wakes the waiting work.
+- the first successful probe ends the pause and wakes the waiting work; ``store_recovered``
+  (how long the store was away) is logged once the store has stayed up for ``maximum``
+  seconds (:meth:`StoreHealth.settle`). A failure before that continues the same outage,
+  silently: a store that flaps (a full volume where small writes fit and large ones do not)
+  still makes one warning and one recovery line.
 
 Readiness (``/readyz``) reads :attr:`StoreHealth.down`. This module decides nothing about what a
 project's work does after an outage (see :meth:`watcher.daemon.Daemon._work`), and reads the clock
@@ -48,6 +51,7 @@ class StoreHealth:
         self._up = asyncio.Event()
         self._up.set()
         self._since: float | None = None
+        self._back_at: float | None = None  # up again, not yet settled
         self._failures = 0
         self._last_error = ""
 
@@ -70,8 +74,11 @@ class StoreHealth:
         self._last_error = str(exc)
         if self.down:
             return
-        self._since = clock.now()
         self._up.clear()
+        if self._back_at is not None:  # a relapse: the same outage goes on
+            self._back_at = None
+            return
+        self._since = clock.now()
         log.warning(
             "store_unavailable",
             error=self._last_error,
@@ -85,16 +92,25 @@ class StoreHealth:
         return retry_delay(self._failures, self.rng, initial=self.initial, maximum=self.maximum)
 
     def recovered(self) -> None:
-        """A write went through: the outage (if any) is over; waiting work goes on."""
+        """A write went through: the pause is over and waiting work goes on."""
         if self.down:
-            since = self._since if self._since is not None else clock.now()
-            log.info(
-                "store_recovered",
-                down_seconds=round(max(0.0, clock.now() - since), 1),
-                failures=self._failures,
-            )
-            self._since = None
+            self._back_at = clock.now()
             self._up.set()
+
+    def settle(self, *, force: bool = False) -> None:
+        """Log ``store_recovered`` once the store has stayed up for ``maximum`` seconds (or now,
+        with ``force``: the daemon is stopping)."""
+        if self._back_at is None or self.down:
+            return
+        if not force and clock.now() - self._back_at < self.maximum:
+            return
+        since = self._since if self._since is not None else self._back_at
+        log.info(
+            "store_recovered",
+            down_seconds=round(max(0.0, self._back_at - since), 1),
+            failures=self._failures,
+        )
+        self._since = self._back_at = None
         self._failures = 0
 
     async def wait_up(self, stopping: asyncio.Event) -> bool:

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +245,66 @@ def test_a_frozen_postgres_holds_no_call_forever(
         assert events.count("store_unavailable") == 1, events
         assert "shutdown_cancelled_work" not in events  # nothing hung past the grace
         assert events[-1] == "daemon_stopped"
+    finally:
+        daemon.kill()
+        daemon.wait()
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of the test's own (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small volume")
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(volume)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield volume
+    finally:
+        subprocess.run(["umount", "-l", str(volume)], check=False)
+
+
+def fill(volume: Path) -> Path:
+    """Fill ``volume`` to the last byte; the file that does it."""
+    filler = volume / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_database_volume_pauses_the_daemon(
+    serve: Serve, tmp_path: Path, small_volume: Path
+) -> None:
+    """The SQLite database's volume fills up while renders run: the daemon waits (not ready),
+    logs it once, and finishes every project once space is freed."""
+    server = serve(RENDERS)
+    sim = server.simulator
+    ids = sim.create_projects(Kind.IMAGE, PROJECTS)
+    env = env_for(server, tmp_path, ids, database_url=f"sqlite:///{small_volume / 'watcher.db'}")
+    log = tmp_path / "daemon.log"
+    daemon = spawn([*WATCHER, "run", "--until-done"], env, log)
+    try:
+        wait_for_event(log, "http_started", daemon)
+        filler = fill(small_volume)
+        outage = wait_for_event(log, "store_unavailable", daemon)
+        assert "full" in outage["error"], outage
+        assert readiness(env)[0] == 503
+        wait_until_rendered(sim, ids, daemon)
+        filler.unlink()
+        assert_finished(daemon, log, sim, tmp_path, ids)
     finally:
         daemon.kill()
         daemon.wait()

@@ -24,6 +24,7 @@ from watcher.store import (
     Store,
 )
 from watcher.store.sqlite import _Q
+from watcher.store.sqlite import _transaction as sqlite_transaction
 
 pytestmark = pytest.mark.anyio
 
@@ -666,3 +667,25 @@ async def test_a_not_found_project_is_revived_from_scratch(store: Store) -> None
         )
     assert (await store.get("done")).state == State.CANCELED  # type: ignore[union-attr]
     assert (await store.get("vid")).state == State.NOT_FOUND  # type: ignore[union-attr]
+
+
+def test_a_transaction_sqlite_already_rolled_back_raises_the_real_error(tmp_path: Path) -> None:
+    """SQLite rolls back by itself on some errors (a full disk, an I/O error): the error raised
+    is the original, not the rollback's complaint, and a transaction left open by a failure
+    does not wedge the next one."""
+    conn = sqlite3.connect(str(tmp_path / "t.db"), isolation_level=None)
+    conn.execute("CREATE TABLE t (x)")
+
+    def fails_after_sqlite_rolled_back() -> None:
+        with sqlite_transaction(conn):
+            conn.execute("INSERT INTO t VALUES (1)")
+            conn.execute("ROLLBACK")  # as SQLite does on SQLITE_FULL
+            raise sqlite3.OperationalError("database or disk is full")
+
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        fails_after_sqlite_rolled_back()
+    conn.execute("BEGIN")  # left open, as by a rollback that failed
+    with sqlite_transaction(conn):
+        conn.execute("INSERT INTO t VALUES (2)")
+    assert conn.execute("SELECT x FROM t").fetchall() == [(2,)]
+    conn.close()

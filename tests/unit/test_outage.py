@@ -45,10 +45,26 @@ async def test_an_outage_is_logged_once_and_its_end_once() -> None:
         health.recovered()
         assert await waiter is True
         health.recovered()
+        health.settle(force=True)
     assert [e["event"] for e in logs] == ["store_unavailable", "store_recovered"]
     assert logs[1]["failures"] == 5
     assert not health.down
     assert health.problem is None
+
+
+def test_a_store_that_flaps_is_one_outage() -> None:
+    """Up again, then failing before it has stayed up a while: the same outage goes on, so one
+    warning and, once it holds, one recovery line."""
+    health = StoreHealth(initial=0.1, maximum=60.0, rng=random.Random(4))
+    with capture_logs() as logs:
+        for _ in range(3):
+            health.failed(StoreUnavailable("disk full"), during="work")
+            health.recovered()
+            health.settle()  # not yet: it has not stayed up for a minute
+        assert not health.down
+        health.settle(force=True)
+    assert [e["event"] for e in logs] == ["store_unavailable", "store_recovered"]
+    assert logs[1]["failures"] == 3
 
 
 async def test_waiting_work_is_released_when_the_daemon_stops() -> None:

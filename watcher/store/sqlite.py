@@ -620,14 +620,23 @@ class SQLiteStore(Store):
 
 @contextlib.contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """One ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+    """One ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception (the commit's too).
+
+    SQLite may have rolled back already (a full disk, an I/O error), and a rollback may fail
+    itself: the original error is the one raised, and a transaction still open from such a
+    failure is rolled back before the next one begins, so one bad moment cannot wedge the
+    connection."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 def _split_statements(sql: str) -> list[str]:
