@@ -176,10 +176,13 @@ class OwnServer:
 
     def remove(self) -> None:
         """Stop the server if it runs (thawed first), and delete its directory."""
-        if (self.data / "postmaster.pid").exists():
-            self.thaw()
-            self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            if (self.data / "postmaster.pid").exists():
+                with contextlib.suppress(OSError, ValueError):  # not frozen, or not started
+                    self.thaw()
+                self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def free_port() -> int:
