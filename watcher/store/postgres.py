@@ -171,6 +171,23 @@ def _notification(row: DictRow) -> Notification:
     )
 
 
+@contextlib.asynccontextmanager
+async def _pooled(pool: AsyncConnectionPool[_Conn]) -> AsyncIterator[_Conn]:
+    """``pool.connection()``, except that a cancellation is never lost on the way in.
+
+    psycopg_pool's ``getconn`` can return a connection although the task was cancelled while it
+    checked that connection, swallowing the ``CancelledError``: the caller then runs on, and a
+    loop that is only ever stopped by cancellation (the notifier) never stops, so ``watcher run``
+    hung at shutdown. A cancellation requested during ``getconn`` is raised here instead.
+    """
+    task = asyncio.current_task()
+    before = 0 if task is None else task.cancelling()
+    async with pool.connection() as conn:
+        if task is not None and task.cancelling() > before:
+            raise asyncio.CancelledError
+        yield conn
+
+
 class PostgresStore(Store):
     """A :class:`Store` in a PostgreSQL database, for any number of replicas.
 
@@ -304,7 +321,7 @@ class PostgresStore(Store):
                 # A server that stopped answering (frozen, or its host gone in a failover) would
                 # hold the call forever, in the pool's check of a connection or in a statement:
                 # psycopg cancels the statement and closes the connection; the pool replaces it.
-                async with asyncio.timeout(self.timeout), pool.connection() as conn:
+                async with asyncio.timeout(self.timeout), _pooled(pool) as conn:
                     if not transaction:
                         yield conn
                         return
