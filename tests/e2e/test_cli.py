@@ -224,3 +224,24 @@ def test_daemon_started_logs_the_version_and_redacted_settings(
     output = result.stdout + result.stderr
     for secret in [server.simulator.config.token, password, *secrets.values()]:
         assert secret not in output
+
+
+def test_until_done_on_postgresql_with_notifications_exits(
+    serve: Serve, tmp_path: Path, pg_empty_url: str
+) -> None:
+    """``watcher run --until-done`` on PostgreSQL with notifications on exits by itself once
+    nothing is left: the notifier's cancellation is not lost in the connection pool."""
+    server = serve(SimConfig(seed=3, error_rate=0, cancel_rate=0))
+    env = clean_env(
+        **watcher_env(
+            server,
+            tmp_path,
+            database_url=pg_empty_url,
+            notify_url="http://127.0.0.1:9/hook",
+            notify_secret="notify-secret",
+            http_enabled="false",
+        )
+    )
+    result = run(["run", "--until-done"], env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "daemon_stopped" in result.stdout
