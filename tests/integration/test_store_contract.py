@@ -147,13 +147,16 @@ async def test_complete_download_save_and_delete_flow(store: Store) -> None:
     assert p.state == State.DOWNLOADING
     assert p.terminal_at == T0 + 1
     await store.record_output_verified(claim, index=0, size=10, sha256="ab" * 32)
-    assert [o.index for o in await store.pending_outputs()] == [0]
+    verified = await store.outputs("p1")
+    assert [(o.state, o.bytes, o.sha256) for o in verified] == [
+        (OutputState.VERIFIED, 10, "ab" * 32),
+        (OutputState.PENDING, None, None),
+    ]
     await store.record_output_saved(claim, index=0, now=T0 + 2)
     await store.record_output_verified(claim, index=1, size=20, sha256="cd" * 32)
     await store.record_output_saved(claim, index=1, now=T0 + 3)
     saved = await store.outputs("p1")
     assert [(o.state, o.bytes) for o in saved] == [(OutputState.SAVED, 10), (OutputState.SAVED, 20)]
-    assert await store.pending_outputs() == []
     await store.record_saved(claim, now=T0 + 4, due_at=T0 + 4 + LEASE, delete_next=True)
     p = await store.get("p1")
     assert p is not None

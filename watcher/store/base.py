@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Self
 
-from watcher.errors import OutputsNotSaved, StoreError
+from watcher.errors import StoreError
 from watcher.models import Kind, ProjectRef, RemoteStatus, State
 
 
@@ -131,25 +131,6 @@ class Notification:
 # Builds the body of the event announcing a final state from the project row and outputs the
 # store has just written, inside the same transaction (so the event shows what the store holds).
 NotificationBuilder = Callable[[ProjectRecord, list[OutputRecord]], str]
-
-# The states a project may take only once every output it has is saved.
-NEEDS_EVERY_OUTPUT_SAVED = frozenset({State.SAVED, State.DELETING, State.DELETED})
-
-
-def require_saved(project_id: str, state: State, outputs: list[OutputRecord]) -> None:
-    """Refuse (:class:`OutputsNotSaved`) to move a project to ``state`` while an output is not
-    saved, or while it has none. Every backend calls this inside the transaction that would
-    make the move, so no caller can finish a project with an output left behind."""
-    if state not in NEEDS_EVERY_OUTPUT_SAVED:
-        return
-    unsaved = [o.index for o in outputs if o.state != OutputState.SAVED]
-    if not outputs:
-        raise OutputsNotSaved(f"project {project_id} cannot become {state}: it has no outputs")
-    if unsaved:
-        listed = ", ".join(map(str, unsaved))
-        raise OutputsNotSaved(
-            f"project {project_id} cannot become {state}: output(s) {listed} not saved"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,9 +372,6 @@ class Store(abc.ABC):
         not saved."""
 
     @abc.abstractmethod
-    async def pending_outputs(self) -> list[OutputRecord]:
-        """Outputs recorded ``verified`` but not ``saved``: the ones recovery must look at."""
-
     # --- the notification outbox ---------------------------------------------------------------
 
     @abc.abstractmethod

@@ -1,7 +1,9 @@
 """The in-memory store: a fake for unit tests, with the same contract as the real backends.
 
 It keeps everything in dictionaries and scans them to claim work, which is fine for the small
-sets tests use; the real backends claim through an index.
+sets tests use; the real backends claim through an index. Every change of a record is the one
+:mod:`watcher.store.transitions` defines (the SQL stores persist the same), so the fake cannot
+drift from them; it only adds the bookkeeping (fencing, the outbox) around it.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+from collections.abc import Callable
 
 from watcher.models import ACTIVE_STATES, Kind, ProjectRef, RemoteStatus, State
+from watcher.store import transitions as t
 from watcher.store.base import (
     Claim,
     LeaseLost,
@@ -23,7 +27,6 @@ from watcher.store.base import (
     ProjectRecord,
     Store,
     TrackResult,
-    require_saved,
 )
 
 
@@ -59,17 +62,8 @@ class InMemoryStore(Store):
             if ref.id in self.projects:
                 result.existing.append(ref.id)
                 continue
-            self.projects[ref.id] = ProjectRecord(
-                id=ref.id,
-                kind=ref.kind,
-                state=State.POLLING,
-                remote_status=None,
-                delete_after_download=delete_after_download,
-                due_at=now,
-                attempt=0,
-                polls=0,
-                tracked_at=now,
-                updated_at=now,
+            self.projects[ref.id] = t.tracked(
+                ref, now=now, delete_after_download=delete_after_download
             )
             result.added.append(ref.id)
         return result
@@ -80,20 +74,10 @@ class InMemoryStore(Store):
         revived: list[str] = []
         for ref in refs:
             p = self.projects.get(ref.id)
-            if p is None or p.kind != ref.kind or p.state != State.NOT_FOUND:
+            if p is None or not t.can_revive(p, ref):
                 continue
-            self.projects[ref.id] = ProjectRecord(
-                id=ref.id,
-                kind=ref.kind,
-                state=State.POLLING,
-                remote_status=None,
-                delete_after_download=delete_after_download,
-                due_at=now,
-                attempt=0,
-                polls=0,
-                tracked_at=now,
-                updated_at=now,
-                lease_version=p.lease_version,
+            self.projects[ref.id] = t.revived(
+                p, now=now, delete_after_download=delete_after_download
             )
             revived.append(ref.id)
         return revived
@@ -130,7 +114,7 @@ class InMemoryStore(Store):
     async def note_active(self, failure: str, *, now: float) -> int:
         active = [p for p in self.projects.values() if p.state in ACTIVE_STATES]
         for p in active:
-            self.projects[p.id] = dataclasses.replace(p, failure=failure, updated_at=now)
+            self.projects[p.id] = t.noted(p, failure=failure, now=now)
         return len(active)
 
     async def outputs_of(self, project_ids: list[str]) -> dict[str, list[OutputRecord]]:
@@ -155,12 +139,8 @@ class InMemoryStore(Store):
             )[:limit]
             claims = []
             for p in due:
-                leased = dataclasses.replace(
-                    p,
-                    due_at=now + lease_seconds,
-                    lease_owner=owner,
-                    lease_version=next(self._versions),
-                    interruptions=p.interruptions + (p.lease_owner is not None),
+                leased = t.leased(
+                    p, owner=owner, until=now + lease_seconds, version=next(self._versions)
                 )
                 self.projects[p.id] = leased
                 claims.append(Claim(leased, leased.lease_version))
@@ -171,14 +151,10 @@ class InMemoryStore(Store):
         return min(dues, default=None)
 
     async def release_leases(self, *, now: float, owner: str | None = None) -> int:
-        released = 0
-        for pid, p in list(self.projects.items()):
-            if p.lease_owner is not None and (owner is None or p.lease_owner == owner):
-                self.projects[pid] = dataclasses.replace(
-                    p, lease_owner=None, due_at=min(p.due_at, now)
-                )
-                released += 1
-        return released
+        held = [p for p in self.projects.values() if t.releasable(p, owner)]
+        for p in held:
+            self.projects[p.id] = t.released(p, now=now)
+        return len(held)
 
     async def renew(self, claim: Claim, *, now: float, lease_seconds: float) -> bool:
         p = self.projects.get(claim.id)
@@ -191,8 +167,7 @@ class InMemoryStore(Store):
         p = self.projects.get(project_id)
         if p is None or p.state not in ACTIVE_STATES:
             return False
-        if p.lease_owner is None:
-            self.projects[project_id] = dataclasses.replace(p, due_at=min(p.due_at, now))
+        self.projects[project_id] = t.expedited(p, now=now)
         return True
 
     def _fenced(self, claim: Claim) -> ProjectRecord:
@@ -201,9 +176,16 @@ class InMemoryStore(Store):
             raise LeaseLost(f"lease on project {claim.id} was lost")
         return p
 
-    def _update(self, claim: Claim, now: float, **changes: object) -> None:
-        p = self._fenced(claim)
-        self.projects[p.id] = dataclasses.replace(p, updated_at=now, **changes)  # type: ignore[arg-type]
+    def _apply(self, claim: Claim, change: Callable[[ProjectRecord], ProjectRecord]) -> None:
+        """Replace the claimed project (fenced) with ``change`` of it."""
+        self.projects[claim.id] = change(self._fenced(claim))
+
+    def _output_write(
+        self, claim: Claim, index: int, change: Callable[[OutputRecord], OutputRecord]
+    ) -> None:
+        self._fenced(claim)
+        rows = self.output_rows[claim.id]
+        rows[index] = change(rows[index])
 
     async def record_poll(
         self,
@@ -214,19 +196,11 @@ class InMemoryStore(Store):
         attempt: int,
         due_at: float,
     ) -> None:
-        p = self._fenced(claim)
-        self._update(
+        self._apply(
             claim,
-            now,
-            remote_status=remote_status,
-            attempt=attempt,
-            due_at=due_at,
-            polls=p.polls + 1,
-            lease_owner=None,
-            failures=0,
-            failure=None,
-            stalled_since=None,
-            interruptions=0,
+            lambda p: t.polled(
+                p, now=now, remote_status=remote_status, attempt=attempt, due_at=due_at
+            ),
         )
 
     async def record_retry(
@@ -239,22 +213,16 @@ class InMemoryStore(Store):
         count_failure: bool = True,
         progressed: bool = False,
     ) -> None:
-        p = self._fenced(claim)
-        failures, stalled_since = p.failures, p.stalled_since
-        if progressed:
-            failures, stalled_since = 0, None
-        elif count_failure:
-            failures = failures + 1
-            stalled_since = now if stalled_since is None else stalled_since
-        self._update(
+        self._apply(
             claim,
-            now,
-            due_at=due_at,
-            failure=failure,
-            failures=failures,
-            stalled_since=stalled_since,
-            lease_owner=None,
-            interruptions=0,
+            lambda p: t.retried(
+                p,
+                now=now,
+                due_at=due_at,
+                failure=failure,
+                count_failure=count_failure,
+                progressed=progressed,
+            ),
         )
 
     async def record_complete(
@@ -264,7 +232,7 @@ class InMemoryStore(Store):
         rows = self.output_rows.setdefault(p.id, {})
         for new in outputs:
             old = rows.get(new.index)
-            if old is not None and old.state != OutputState.PENDING:
+            if not t.takes_fresh_url(old):
                 continue
             rows[new.index] = OutputRecord(
                 project_id=p.id,
@@ -274,44 +242,20 @@ class InMemoryStore(Store):
                 path=old.path if old is not None else new.path,
                 state=OutputState.PENDING,
             )
-        polled = p.state == State.POLLING  # a good GET ends a run of failed ones
-        self._update(
-            claim,
-            now,
-            state=State.DOWNLOADING,
-            remote_status=RemoteStatus.COMPLETE,
-            failures=0 if polled else p.failures,
-            stalled_since=None if polled else p.stalled_since,
-            polls=p.polls + 1,
-            terminal_at=p.terminal_at if p.terminal_at is not None else now,
-            due_at=due_at,
-            interruptions=0,
-        )
+        self._apply(claim, lambda p: t.completed(p, now=now, due_at=due_at))
         return await self.outputs(p.id)
 
     async def record_output_verified(
         self, claim: Claim, *, index: int, size: int, sha256: str
     ) -> None:
-        self._fenced(claim)
-        row = self.output_rows[claim.id][index]
-        self.output_rows[claim.id][index] = dataclasses.replace(
-            row, state=OutputState.VERIFIED, bytes=size, sha256=sha256
-        )
+        self._output_write(claim, index, lambda o: t.output_verified(o, size=size, sha256=sha256))
 
     async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
-        p = self._fenced(claim)
-        row = self.output_rows[claim.id][index]
-        self.output_rows[claim.id][index] = dataclasses.replace(
-            row, state=OutputState.SAVED, saved_at=now
-        )
-        self.projects[p.id] = dataclasses.replace(p, failures=0, stalled_since=None, failure=None)
+        self._output_write(claim, index, lambda o: t.output_saved(o, now=now))
+        self._apply(claim, t.progressed)
 
     async def reset_output(self, claim: Claim, *, index: int) -> None:
-        self._fenced(claim)
-        row = self.output_rows[claim.id][index]
-        self.output_rows[claim.id][index] = dataclasses.replace(
-            row, state=OutputState.PENDING, bytes=None, sha256=None, saved_at=None
-        )
+        self._output_write(claim, index, t.output_reset)
 
     async def record_saved(
         self,
@@ -322,25 +266,8 @@ class InMemoryStore(Store):
         delete_next: bool,
         notify: NotificationBuilder | None = None,
     ) -> None:
-        state = State.DELETING if delete_next else State.SAVED
-        self._fenced(claim)
-        require_saved(claim.id, state, await self.outputs(claim.id))
-        # The troubles on the way are over.
-        cleared: dict[str, object] = {"failure": None, "failures": 0, "stalled_since": None}
-        if delete_next:
-            self._update(claim, now, state=state, due_at=due_at, **cleared)
-        else:
-            self._update(claim, now, state=state, finished_at=now, lease_owner=None, **cleared)
-            await self._enqueue(claim.id, notify, now)
-
-    async def _enqueue(
-        self, project_id: str, notify: NotificationBuilder | None, now: float
-    ) -> None:
-        """Queue the event ``notify`` builds from the project as just written."""
-        if notify is not None:
-            body = notify(self.projects[project_id], await self.outputs(project_id))
-            nid = len(self.notifications) + 1
-            self.notifications[nid] = (Notification(nid, project_id, body, 0, now), now, None)
+        after = t.saved(self._fenced(claim), now=now, due_at=due_at, delete_next=delete_next)
+        await self._finish(claim, after, now, None if delete_next else notify)
 
     async def record_final(
         self,
@@ -354,46 +281,43 @@ class InMemoryStore(Store):
         failure: str | None = None,
         notify: NotificationBuilder | None = None,
     ) -> None:
-        p = self._fenced(claim)
-        require_saved(p.id, state, await self.outputs(p.id))
-        terminal = remote_status is not None and remote_status.is_terminal
-        self._update(
-            claim,
-            now,
+        after = t.finished(
+            self._fenced(claim),
+            now=now,
             state=state,
-            remote_status=remote_status or p.remote_status,
+            remote_status=remote_status,
             error_code=error_code,
             error_message=error_message,
-            failure=failure or p.failure if state == State.FAILED else failure,
-            finished_at=now,
-            terminal_at=p.terminal_at or (now if terminal else None),
-            polls=p.polls + (1 if remote_status is not None else 0),
-            lease_owner=None,
+            failure=failure,
         )
-        await self._enqueue(p.id, notify, now)
+        await self._finish(claim, after, now, notify)
 
-    async def pending_outputs(self) -> list[OutputRecord]:
-        return [
-            row
-            for rows in self.output_rows.values()
-            for row in rows.values()
-            if row.state == OutputState.VERIFIED
-        ]
+    async def _finish(
+        self, claim: Claim, after: ProjectRecord, now: float, notify: NotificationBuilder | None
+    ) -> None:
+        """Write ``after`` (refused unless every output is saved where its state needs it) and
+        queue the event ``notify`` builds from it."""
+        outputs = await self.outputs(claim.id)
+        t.require_saved(claim.id, after.state, outputs)
+        self.projects[claim.id] = after
+        if notify is not None:
+            body = notify(after, outputs)
+            nid = len(self.notifications) + 1
+            self.notifications[nid] = (Notification(nid, claim.id, body, 0, now), now, None)
 
     async def claim_notifications(
         self, *, now: float, limit: int, lease_seconds: float
     ) -> list[Notification]:
         due = sorted(
             (
-                n
+                (due_at, n.id, n)
                 for n, due_at, sent in self.notifications.values()
                 if sent is None and due_at <= now
             ),
-            key=lambda n: n.id,
         )[:limit]
-        for n in due:
+        for _, _, n in due:
             self.notifications[n.id] = (n, now + lease_seconds, None)
-        return due
+        return [n for _, _, n in due]
 
     async def notification_sent(self, notification_id: int, *, now: float) -> None:
         n, due_at, _ = self.notifications[notification_id]

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import math
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import unquote
 
@@ -45,6 +45,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from watcher.errors import StoreError, StoreUnavailable
 from watcher.models import Kind, ProjectRef, RemoteStatus, State
+from watcher.store import transitions as t
 from watcher.store.base import (
     Claim,
     LeaseLost,
@@ -52,13 +53,17 @@ from watcher.store.base import (
     Notification,
     NotificationBuilder,
     OutputRecord,
-    OutputState,
     ProjectPage,
     ProjectRecord,
     Store,
     TrackResult,
     group_outputs,
-    require_saved,
+)
+from watcher.store.rows import (
+    notification_from_row,
+    output_from_row,
+    project_changes,
+    project_from_row,
 )
 from watcher.store.sql import load_migrations, load_queries
 
@@ -118,56 +123,6 @@ def _unavailable(exc: psycopg.Error) -> bool:
         isinstance(exc, psycopg.OperationalError)
         or state.startswith(_UNAVAILABLE_CLASSES)
         or state == _READ_ONLY_TRANSACTION
-    )
-
-
-def _project(row: DictRow) -> ProjectRecord:
-    return ProjectRecord(
-        id=row["id"],
-        kind=Kind(row["kind"]),
-        state=State(row["state"]),
-        remote_status=RemoteStatus(row["remote_status"]) if row["remote_status"] else None,
-        delete_after_download=row["delete_after_download"],
-        due_at=row["due_at"],
-        attempt=row["attempt"],
-        polls=row["polls"],
-        tracked_at=row["tracked_at"],
-        updated_at=row["updated_at"],
-        terminal_at=row["terminal_at"],
-        finished_at=row["finished_at"],
-        error_code=row["error_code"],
-        error_message=row["error_message"],
-        failure=row["failure"],
-        failures=row["failures"],
-        lease_owner=row["lease_owner"],
-        lease_version=row["lease_version"],
-        interruptions=row["interruptions"],
-        stalled_since=row["stalled_since"],
-    )
-
-
-def _output(row: DictRow) -> OutputRecord:
-    return OutputRecord(
-        project_id=row["project_id"],
-        index=row["idx"],
-        url=row["url"],
-        expires_at=row["expires_at"],
-        path=row["path"],
-        state=OutputState(row["state"]),
-        bytes=row["bytes"],
-        sha256=row["sha256"],
-        saved_at=row["saved_at"],
-    )
-
-
-def _notification(row: DictRow) -> Notification:
-    return Notification(
-        id=row["id"],
-        project_id=row["project_id"],
-        body=row["body"],
-        attempts=row["attempts"],
-        created_at=row["created_at"],
-        last_error=row["last_error"],
     )
 
 
@@ -346,12 +301,6 @@ class PostgresStore(Store):
         async with self._connection() as conn:
             return (await conn.execute(_Q[query], params)).rowcount
 
-    @staticmethod
-    async def _fenced(conn: _Conn, query: str, claim: Claim, **params: object) -> None:
-        cursor = await conn.execute(_Q[query], {"id": claim.id, "version": claim.version, **params})
-        if cursor.rowcount != 1:
-            raise LeaseLost(f"lease on project {claim.id} was lost")
-
     async def ping(self) -> None:
         await self._one("ping")
 
@@ -395,7 +344,7 @@ class PostgresStore(Store):
 
     async def get(self, project_id: str) -> ProjectRecord | None:
         row = await self._one("get_project", id=project_id)
-        return _project(row) if row is not None else None
+        return project_from_row(row) if row is not None else None
 
     async def list_projects(
         self, *, state: State | None = None, limit: int = 100, cursor: str | None = None
@@ -403,21 +352,21 @@ class PostgresStore(Store):
         rows = await self._all(
             "list_projects", state=state.value if state else None, cursor=cursor, limit=limit + 1
         )
-        projects = [_project(r) for r in rows[:limit]]
+        projects = [project_from_row(r) for r in rows[:limit]]
         return ProjectPage(projects, projects[-1].id if len(rows) > limit else None)
 
     async def count_by_state(self) -> dict[State, int]:
         return {State(r["state"]): r["n"] for r in await self._all("count_by_state")}
 
     async def outputs(self, project_id: str) -> list[OutputRecord]:
-        return [_output(r) for r in await self._all("outputs", project_id=project_id)]
+        return [output_from_row(r) for r in await self._all("outputs", project_id=project_id)]
 
     async def note_active(self, failure: str, *, now: float) -> int:
         return await self._count("note_active", failure=failure, now=now)
 
     async def outputs_of(self, project_ids: list[str]) -> dict[str, list[OutputRecord]]:
         rows = await self._all("outputs_of", ids=project_ids)
-        return group_outputs(project_ids, map(_output, rows))
+        return group_outputs(project_ids, map(output_from_row, rows))
 
     # --- scheduling -----------------------------------------------------------------------------
 
@@ -427,7 +376,7 @@ class PostgresStore(Store):
         rows = await self._all(
             "claim_due", now=now, limit=limit, owner=owner, until=now + lease_seconds
         )
-        return [Claim(record, record.lease_version) for record in map(_project, rows)]
+        return [Claim(record, record.lease_version) for record in map(project_from_row, rows)]
 
     async def render_durations(self, kind: Kind, *, limit: int) -> list[float]:
         rows = await self._all("render_durations", kind=kind.value, limit=limit)
@@ -452,36 +401,51 @@ class PostgresStore(Store):
             active = await (await conn.execute(_Q["is_active"], {"id": project_id})).fetchone()
         return active is not None
 
-    # --- fenced writes --------------------------------------------------------------------------
+    # --- fenced writes: a transition read, computed and written in one transaction ----------
 
-    async def _write(self, query: str, claim: Claim, **params: object) -> None:
+    @staticmethod
+    async def _claimed(conn: _Conn, claim: Claim) -> ProjectRecord:
+        """The claimed project's row, locked, or :class:`LeaseLost` if the claim is stale."""
+        params = {"id": claim.id, "version": claim.version}
+        row = await (await conn.execute(_Q["fenced_project"], params)).fetchone()
+        if row is None:
+            raise LeaseLost(f"lease on project {claim.id} was lost")
+        return project_from_row(row)
+
+    async def _change(
+        self, conn: _Conn, claim: Claim, change: Callable[[ProjectRecord], ProjectRecord]
+    ) -> None:
+        """Write ``change`` of the claimed project (inside a transaction)."""
+        after = change(await self._claimed(conn, claim))
+        await conn.execute(_Q["write_project"], project_changes(after))
+
+    async def _apply(self, claim: Claim, change: Callable[[ProjectRecord], ProjectRecord]) -> None:
         async with self._connection(transaction=True) as conn:
-            await self._fenced(conn, query, claim, **params)
+            await self._change(conn, claim, change)
 
-    async def _transition(
+    async def _finish(
         self,
-        query: str,
         claim: Claim,
+        change: Callable[[ProjectRecord], ProjectRecord],
         *,
-        state: State,
         now: float,
         notify: NotificationBuilder | None,
-        **params: object,
     ) -> None:
-        """Move the project to ``state`` (refused unless every output is saved where that
-        matters) and queue the event ``notify`` builds from the row as written, in one
+        """Write ``change`` of the project (refused unless every output is saved where its new
+        state needs it) and queue the event ``notify`` builds from the row as written, in one
         transaction."""
         async with self._connection(transaction=True) as conn:
-            await self._fenced(conn, query, claim, now=now, state=state.value, **params)
+            after = change(await self._claimed(conn, claim))
             rows = await (await conn.execute(_Q["outputs"], {"project_id": claim.id})).fetchall()
-            outputs = [_output(r) for r in rows]
-            require_saved(claim.id, state, outputs)
+            outputs = [output_from_row(r) for r in rows]
+            t.require_saved(claim.id, after.state, outputs)
+            await conn.execute(_Q["write_project"], project_changes(after))
             if notify is None:
                 return
             row = await (await conn.execute(_Q["get_project"], {"id": claim.id})).fetchone()
             if row is None:  # pragma: no cover - the fenced write above found it
                 raise LeaseLost(f"project {claim.id} vanished")
-            body = notify(_project(row), outputs)
+            body = notify(project_from_row(row), outputs)
             await conn.execute(
                 _Q["enqueue_notification"], {"project_id": claim.id, "body": body, "now": now}
             )
@@ -495,13 +459,11 @@ class PostgresStore(Store):
         attempt: int,
         due_at: float,
     ) -> None:
-        await self._write(
-            "record_poll",
+        await self._apply(
             claim,
-            now=now,
-            remote_status=remote_status.value,
-            attempt=attempt,
-            due_at=due_at,
+            lambda p: t.polled(
+                p, now=now, remote_status=remote_status, attempt=attempt, due_at=due_at
+            ),
         )
 
     async def record_retry(
@@ -514,21 +476,23 @@ class PostgresStore(Store):
         count_failure: bool = True,
         progressed: bool = False,
     ) -> None:
-        await self._write(
-            "record_retry",
+        await self._apply(
             claim,
-            now=now,
-            due_at=due_at,
-            failure=failure,
-            count=int(count_failure),
-            progressed=progressed,
+            lambda p: t.retried(
+                p,
+                now=now,
+                due_at=due_at,
+                failure=failure,
+                count_failure=count_failure,
+                progressed=progressed,
+            ),
         )
 
     async def record_complete(
         self, claim: Claim, *, now: float, due_at: float, outputs: list[NewOutput]
     ) -> list[OutputRecord]:
         async with self._connection(transaction=True) as conn:
-            await self._fenced(conn, "record_complete", claim, now=now, due_at=due_at)
+            await self._change(conn, claim, lambda p: t.completed(p, now=now, due_at=due_at))
             for new in outputs:
                 await conn.execute(
                     _Q["upsert_output"],
@@ -541,18 +505,16 @@ class PostgresStore(Store):
                     },
                 )
             rows = await (await conn.execute(_Q["outputs"], {"project_id": claim.id})).fetchall()
-        return [_output(r) for r in rows]
+        return [output_from_row(r) for r in rows]
 
     async def _output_write(
         self, query: str, claim: Claim, *, progress: bool = False, **params: object
     ) -> None:
         async with self._connection(transaction=True) as conn:
-            held = await conn.execute(_Q["check_lease"], {"id": claim.id, "version": claim.version})
-            if await held.fetchone() is None:
-                raise LeaseLost(f"lease on project {claim.id} was lost")
+            await self._claimed(conn, claim)
             await conn.execute(_Q[query], {"project_id": claim.id, **params})
             if progress:
-                await self._fenced(conn, "project_progressed", claim)
+                await self._change(conn, claim, t.progressed)
 
     async def record_output_verified(
         self, claim: Claim, *, index: int, size: int, sha256: str
@@ -574,13 +536,11 @@ class PostgresStore(Store):
         delete_next: bool,
         notify: NotificationBuilder | None = None,
     ) -> None:
-        await self._transition(
-            "record_saved",
+        await self._finish(
             claim,
-            state=State.DELETING if delete_next else State.SAVED,
+            lambda p: t.saved(p, now=now, due_at=due_at, delete_next=delete_next),
             now=now,
             notify=None if delete_next else notify,
-            due_at=due_at,
         )
 
     async def record_final(
@@ -595,22 +555,20 @@ class PostgresStore(Store):
         failure: str | None = None,
         notify: NotificationBuilder | None = None,
     ) -> None:
-        await self._transition(
-            "record_final",
+        await self._finish(
             claim,
-            state=state,
+            lambda p: t.finished(
+                p,
+                now=now,
+                state=state,
+                remote_status=remote_status,
+                error_code=error_code,
+                error_message=error_message,
+                failure=failure,
+            ),
             now=now,
             notify=notify,
-            remote_status=remote_status.value if remote_status else None,
-            error_code=error_code,
-            error_message=error_message,
-            failure=failure,
-            terminal=remote_status is not None and remote_status.is_terminal,
-            polled=int(remote_status is not None),
         )
-
-    async def pending_outputs(self) -> list[OutputRecord]:
-        return [_output(r) for r in await self._all("pending_outputs")]
 
     # --- the notification outbox ----------------------------------------------------------------
 
@@ -620,7 +578,7 @@ class PostgresStore(Store):
         rows = await self._all(
             "claim_notifications", now=now, limit=limit, until=now + lease_seconds
         )
-        return [_notification(r) for r in rows]
+        return [notification_from_row(r) for r in rows]
 
     async def notification_sent(self, notification_id: int, *, now: float) -> None:
         await self._count("notification_sent", id=notification_id, now=now)

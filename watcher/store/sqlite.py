@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -34,6 +33,7 @@ from typing import Any, TypeVar
 
 from watcher.errors import StoreError, StoreLocked, StoreUnavailable
 from watcher.models import Kind, ProjectRef, RemoteStatus, State
+from watcher.store import transitions as t
 from watcher.store.base import (
     Claim,
     LeaseLost,
@@ -41,13 +41,17 @@ from watcher.store.base import (
     Notification,
     NotificationBuilder,
     OutputRecord,
-    OutputState,
     ProjectPage,
     ProjectRecord,
     Store,
     TrackResult,
     group_outputs,
-    require_saved,
+)
+from watcher.store.rows import (
+    notification_from_row,
+    output_from_row,
+    project_changes,
+    project_from_row,
 )
 from watcher.store.sql import load_migrations, load_queries
 
@@ -67,45 +71,6 @@ def _wrap(path: str, exc: sqlite3.Error) -> StoreError:
     if code is not None and code & 0xFF in _UNAVAILABLE_CODES:
         return StoreUnavailable(message)
     return StoreError(message)
-
-
-def _project(row: sqlite3.Row) -> ProjectRecord:
-    return ProjectRecord(
-        id=row["id"],
-        kind=Kind(row["kind"]),
-        state=State(row["state"]),
-        remote_status=RemoteStatus(row["remote_status"]) if row["remote_status"] else None,
-        delete_after_download=bool(row["delete_after_download"]),
-        due_at=row["due_at"],
-        attempt=row["attempt"],
-        polls=row["polls"],
-        tracked_at=row["tracked_at"],
-        updated_at=row["updated_at"],
-        terminal_at=row["terminal_at"],
-        finished_at=row["finished_at"],
-        error_code=row["error_code"],
-        error_message=row["error_message"],
-        failure=row["failure"],
-        failures=row["failures"],
-        lease_owner=row["lease_owner"],
-        lease_version=row["lease_version"],
-        interruptions=row["interruptions"],
-        stalled_since=row["stalled_since"],
-    )
-
-
-def _output(row: sqlite3.Row) -> OutputRecord:
-    return OutputRecord(
-        project_id=row["project_id"],
-        index=row["idx"],
-        url=row["url"],
-        expires_at=row["expires_at"],
-        path=row["path"],
-        state=OutputState(row["state"]),
-        bytes=row["bytes"],
-        sha256=row["sha256"],
-        saved_at=row["saved_at"],
-    )
 
 
 class SQLiteStore(Store):
@@ -241,11 +206,6 @@ class SQLiteStore(Store):
         row: sqlite3.Row | None = self._db.execute(_Q[query], params).fetchone()
         return row
 
-    def _fenced_write(self, query: str, claim: Claim, **params: object) -> None:
-        cursor = self._db.execute(_Q[query], {"id": claim.id, "version": claim.version, **params})
-        if cursor.rowcount != 1:
-            raise LeaseLost(f"lease on project {claim.id} was lost")
-
     async def ping(self) -> None:
         await self._run(lambda: self._db.execute("SELECT 1").fetchone())
 
@@ -303,7 +263,7 @@ class SQLiteStore(Store):
 
     async def get(self, project_id: str) -> ProjectRecord | None:
         row = await self._run(lambda: self._one("get_project", id=project_id))
-        return _project(row) if row is not None else None
+        return project_from_row(row) if row is not None else None
 
     async def list_projects(
         self, *, state: State | None = None, limit: int = 100, cursor: str | None = None
@@ -316,7 +276,7 @@ class SQLiteStore(Store):
                 limit=limit + 1,
             )
         )
-        projects = [_project(r) for r in rows[:limit]]
+        projects = [project_from_row(r) for r in rows[:limit]]
         return ProjectPage(projects, projects[-1].id if len(rows) > limit else None)
 
     async def count_by_state(self) -> dict[State, int]:
@@ -325,7 +285,7 @@ class SQLiteStore(Store):
 
     async def outputs(self, project_id: str) -> list[OutputRecord]:
         rows = await self._run(lambda: self._all("outputs", project_id=project_id))
-        return [_output(r) for r in rows]
+        return [output_from_row(r) for r in rows]
 
     async def note_active(self, failure: str, *, now: float) -> int:
         def work() -> int:
@@ -337,7 +297,7 @@ class SQLiteStore(Store):
 
     async def outputs_of(self, project_ids: list[str]) -> dict[str, list[OutputRecord]]:
         rows = await self._run(lambda: self._all("outputs_of", ids=json.dumps(project_ids)))
-        return group_outputs(project_ids, map(_output, rows))
+        return group_outputs(project_ids, map(output_from_row, rows))
 
     async def render_durations(self, kind: Kind, *, limit: int) -> list[float]:
         rows = await self._run(lambda: self._all("render_durations", kind=kind.value, limit=limit))
@@ -353,24 +313,15 @@ class SQLiteStore(Store):
             with _transaction(self._db):
                 for row in self._all("select_due", now=now, limit=limit):
                     (version,) = self._db.execute(_Q["next_lease_version"]).fetchone()
+                    until = now + lease_seconds
                     self._db.execute(
                         _Q["lease_project"],
-                        {
-                            "id": row["id"],
-                            "until": now + lease_seconds,
-                            "owner": owner,
-                            "version": version,
-                        },
+                        {"id": row["id"], "until": until, "owner": owner, "version": version},
                     )
-                    record = _project(row)
-                    taken_over = record.lease_owner is not None  # the lease ran out while held
-                    record = dataclasses.replace(
-                        record,
-                        lease_owner=owner,
-                        lease_version=version,
-                        interruptions=record.interruptions + taken_over,
+                    record = t.leased(
+                        project_from_row(row), owner=owner, until=until, version=version
                     )
-                    claims.append(Claim(record, record.lease_version))
+                    claims.append(Claim(record, version))
             return claims
 
         return await self._run(work)
@@ -402,40 +353,50 @@ class SQLiteStore(Store):
 
         return await self._run(work)
 
-    # --- fenced writes --------------------------------------------------------------------------
+    # --- fenced writes: a transition read, computed and written in one transaction ----------
 
-    async def _write(self, query: str, claim: Claim, **params: object) -> None:
+    def _claimed(self, claim: Claim) -> ProjectRecord:
+        """The claimed project's row, or :class:`LeaseLost` if the claim is stale."""
+        row = self._one("fenced_project", id=claim.id, version=claim.version)
+        if row is None:
+            raise LeaseLost(f"lease on project {claim.id} was lost")
+        return project_from_row(row)
+
+    def _change(self, claim: Claim, change: Callable[[ProjectRecord], ProjectRecord]) -> None:
+        """Write ``change`` of the claimed project (inside a transaction)."""
+        self._db.execute(_Q["write_project"], project_changes(change(self._claimed(claim))))
+
+    async def _apply(self, claim: Claim, change: Callable[[ProjectRecord], ProjectRecord]) -> None:
         def work() -> None:
             with _transaction(self._db):
-                self._fenced_write(query, claim, **params)
+                self._change(claim, change)
 
         await self._run(work)
 
-    async def _transition(
+    async def _finish(
         self,
-        query: str,
         claim: Claim,
+        change: Callable[[ProjectRecord], ProjectRecord],
         *,
-        state: State,
         now: float,
         notify: NotificationBuilder | None,
-        **params: object,
     ) -> None:
-        """Move the project to ``state`` (refused unless every output is saved where that
-        matters) and queue the event ``notify`` builds from the row as written, in one
+        """Write ``change`` of the project (refused unless every output is saved where its new
+        state needs it) and queue the event ``notify`` builds from the row as written, in one
         transaction."""
 
         def work() -> None:
             with _transaction(self._db):
-                self._fenced_write(query, claim, now=now, state=state.value, **params)
-                outputs = [_output(r) for r in self._all("outputs", project_id=claim.id)]
-                require_saved(claim.id, state, outputs)
+                after = change(self._claimed(claim))
+                outputs = [output_from_row(r) for r in self._all("outputs", project_id=claim.id)]
+                t.require_saved(claim.id, after.state, outputs)
+                self._db.execute(_Q["write_project"], project_changes(after))
                 if notify is None:
                     return
                 row = self._one("get_project", id=claim.id)
                 if row is None:  # pragma: no cover - the fenced write above found it
                     raise LeaseLost(f"project {claim.id} vanished")
-                body = notify(_project(row), outputs)
+                body = notify(project_from_row(row), outputs)
                 self._db.execute(
                     _Q["enqueue_notification"], {"project_id": claim.id, "body": body, "now": now}
                 )
@@ -451,13 +412,11 @@ class SQLiteStore(Store):
         attempt: int,
         due_at: float,
     ) -> None:
-        await self._write(
-            "record_poll",
+        await self._apply(
             claim,
-            now=now,
-            remote_status=remote_status.value,
-            attempt=attempt,
-            due_at=due_at,
+            lambda p: t.polled(
+                p, now=now, remote_status=remote_status, attempt=attempt, due_at=due_at
+            ),
         )
 
     async def record_retry(
@@ -470,14 +429,16 @@ class SQLiteStore(Store):
         count_failure: bool = True,
         progressed: bool = False,
     ) -> None:
-        await self._write(
-            "record_retry",
+        await self._apply(
             claim,
-            now=now,
-            due_at=due_at,
-            failure=failure,
-            count=int(count_failure),
-            progressed=int(progressed),
+            lambda p: t.retried(
+                p,
+                now=now,
+                due_at=due_at,
+                failure=failure,
+                count_failure=count_failure,
+                progressed=progressed,
+            ),
         )
 
     async def record_complete(
@@ -485,7 +446,7 @@ class SQLiteStore(Store):
     ) -> list[OutputRecord]:
         def work() -> list[OutputRecord]:
             with _transaction(self._db):
-                self._fenced_write("record_complete", claim, now=now, due_at=due_at)
+                self._change(claim, lambda p: t.completed(p, now=now, due_at=due_at))
                 for new in outputs:
                     self._db.execute(
                         _Q["upsert_output"],
@@ -497,7 +458,7 @@ class SQLiteStore(Store):
                             "path": new.path,
                         },
                     )
-                return [_output(r) for r in self._all("outputs", project_id=claim.id)]
+                return [output_from_row(r) for r in self._all("outputs", project_id=claim.id)]
 
         return await self._run(work)
 
@@ -505,11 +466,10 @@ class SQLiteStore(Store):
         self, query: str, claim: Claim, *, progress: bool = False, **params: object
     ) -> None:
         with _transaction(self._db):
-            if self._one("check_lease", id=claim.id, version=claim.version) is None:
-                raise LeaseLost(f"lease on project {claim.id} was lost")
+            self._claimed(claim)
             self._db.execute(_Q[query], {"project_id": claim.id, **params})
             if progress:
-                self._fenced_write("project_progressed", claim)
+                self._change(claim, t.progressed)
 
     async def record_output_verified(
         self, claim: Claim, *, index: int, size: int, sha256: str
@@ -537,13 +497,11 @@ class SQLiteStore(Store):
         delete_next: bool,
         notify: NotificationBuilder | None = None,
     ) -> None:
-        await self._transition(
-            "record_saved",
+        await self._finish(
             claim,
-            state=State.DELETING if delete_next else State.SAVED,
+            lambda p: t.saved(p, now=now, due_at=due_at, delete_next=delete_next),
             now=now,
             notify=None if delete_next else notify,
-            due_at=due_at,
         )
 
     async def record_final(
@@ -558,23 +516,20 @@ class SQLiteStore(Store):
         failure: str | None = None,
         notify: NotificationBuilder | None = None,
     ) -> None:
-        await self._transition(
-            "record_final",
+        await self._finish(
             claim,
-            state=state,
+            lambda p: t.finished(
+                p,
+                now=now,
+                state=state,
+                remote_status=remote_status,
+                error_code=error_code,
+                error_message=error_message,
+                failure=failure,
+            ),
             now=now,
             notify=notify,
-            remote_status=remote_status.value if remote_status else None,
-            error_code=error_code,
-            error_message=error_message,
-            failure=failure,
-            terminal=int(remote_status is not None and remote_status.is_terminal),
-            polled=int(remote_status is not None),
         )
-
-    async def pending_outputs(self) -> list[OutputRecord]:
-        rows = await self._run(lambda: self._all("pending_outputs"))
-        return [_output(r) for r in rows]
 
     async def claim_notifications(
         self, *, now: float, limit: int, lease_seconds: float
@@ -586,17 +541,7 @@ class SQLiteStore(Store):
                     self._db.execute(
                         _Q["lease_notification"], {"id": row["id"], "until": now + lease_seconds}
                     )
-            return [
-                Notification(
-                    id=r["id"],
-                    project_id=r["project_id"],
-                    body=r["body"],
-                    attempts=r["attempts"],
-                    created_at=r["created_at"],
-                    last_error=r["last_error"],
-                )
-                for r in rows
-            ]
+            return [notification_from_row(r) for r in rows]
 
         return await self._run(work)
 

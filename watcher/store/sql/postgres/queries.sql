@@ -1,4 +1,6 @@
 -- Named queries of the PostgreSQL store. Parameters are named, in psycopg's pyformat style.
+-- {active} is the list of active states (watcher/store/sql/__init__.py fills it in). Changes of a
+-- claimed project are computed in watcher/store/transitions.py and written by write_project.
 -- Parameters that may be NULL are cast, so the server knows their type.
 
 -- name: lock_migrations
@@ -61,7 +63,7 @@ SELECT state, count(*) AS n FROM projects GROUP BY state
 -- is claiming right now, and leases them in the same statement.
 WITH due AS (
     SELECT id, due_at FROM projects
-    WHERE state IN ('polling', 'downloading', 'deleting') AND due_at <= %(now)s
+    WHERE state IN {active} AND due_at <= %(now)s
     ORDER BY due_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -83,13 +85,13 @@ LIMIT %(limit)s
 
 -- name: next_due_at
 SELECT min(due_at) AS due_at FROM projects
-WHERE state IN ('polling', 'downloading', 'deleting')
+WHERE state IN {active}
 
 -- name: release_leases
 UPDATE projects
 SET lease_owner = NULL, due_at = least(due_at, %(now)s)
 WHERE lease_owner IS NOT NULL AND (%(owner)s::text IS NULL OR lease_owner = %(owner)s)
-  AND state IN ('polling', 'downloading', 'deleting')
+  AND state IN {active}
 
 -- name: renew
 UPDATE projects SET due_at = %(until)s
@@ -97,39 +99,34 @@ WHERE id = %(id)s AND lease_version = %(version)s AND lease_owner IS NOT NULL
 
 -- name: expedite
 UPDATE projects SET due_at = least(due_at, %(now)s)
-WHERE id = %(id)s AND state IN ('polling', 'downloading', 'deleting') AND lease_owner IS NULL
+WHERE id = %(id)s AND state IN {active} AND lease_owner IS NULL
 
 -- name: is_active
 SELECT 1 AS active FROM projects
-WHERE id = %(id)s AND state IN ('polling', 'downloading', 'deleting')
+WHERE id = %(id)s AND state IN {active}
 
--- name: record_poll
-UPDATE projects
-SET remote_status = %(remote_status)s, attempt = %(attempt)s, due_at = %(due_at)s,
-    polls = polls + 1, updated_at = %(now)s, lease_owner = NULL, failures = 0, failure = NULL,
-    stalled_since = NULL, interruptions = 0
-WHERE id = %(id)s AND lease_version = %(version)s
+-- name: fenced_project
+-- The claimed project's row, read to compute a transition (watcher/store/transitions.py).
+SELECT * FROM projects WHERE id = %(id)s AND lease_version = %(version)s FOR UPDATE
 
--- name: record_retry
+-- name: write_project
+-- A transition's result: every column a transition may change, fenced by the lease.
 UPDATE projects
--- A try that gained bytes before it failed is progress: the run of failures starts over.
-SET due_at = %(due_at)s, failure = %(failure)s,
-    failures = CASE WHEN %(progressed)s THEN 0 ELSE failures + %(count)s END,
-    stalled_since = CASE WHEN %(progressed)s THEN NULL
-                         WHEN %(count)s > 0 THEN coalesce(stalled_since, %(now)s)
-                         ELSE stalled_since END,
-    updated_at = %(now)s, lease_owner = NULL, interruptions = 0
-WHERE id = %(id)s AND lease_version = %(version)s
-
--- name: record_complete
--- From polling this is a good GET, which ends a run of failed ones; a GET for fresh URLs of a
--- project already downloading is no progress of its downloads, so their run goes on.
-UPDATE projects
-SET state = 'downloading', remote_status = 'complete', polls = polls + 1,
-    failures = CASE WHEN state = 'polling' THEN 0 ELSE failures END,
-    stalled_since = CASE WHEN state = 'polling' THEN NULL ELSE stalled_since END,
-    terminal_at = coalesce(terminal_at, %(now)s), due_at = %(due_at)s, updated_at = %(now)s,
-    interruptions = 0
+SET state = %(state)s,
+    remote_status = %(remote_status)s,
+    due_at = %(due_at)s,
+    attempt = %(attempt)s,
+    polls = %(polls)s,
+    updated_at = %(updated_at)s,
+    terminal_at = %(terminal_at)s,
+    finished_at = %(finished_at)s,
+    error_code = %(error_code)s,
+    error_message = %(error_message)s,
+    failure = %(failure)s,
+    failures = %(failures)s,
+    lease_owner = %(lease_owner)s,
+    interruptions = %(interruptions)s,
+    stalled_since = %(stalled_since)s
 WHERE id = %(id)s AND lease_version = %(version)s
 
 -- name: upsert_output
@@ -144,7 +141,7 @@ SELECT * FROM outputs WHERE project_id = %(project_id)s ORDER BY idx
 
 -- name: note_active
 UPDATE projects SET failure = %(failure)s, updated_at = %(now)s
-WHERE state IN ('polling', 'downloading', 'deleting')
+WHERE state IN {active}
 
 -- name: outputs_of
 SELECT * FROM outputs WHERE project_id = ANY(%(ids)s) ORDER BY project_id, idx
@@ -157,41 +154,9 @@ WHERE project_id = %(project_id)s AND idx = %(idx)s
 UPDATE outputs SET state = 'saved', saved_at = %(now)s
 WHERE project_id = %(project_id)s AND idx = %(idx)s
 
--- name: project_progressed
--- An output was saved: the project's troubles on the way are over.
-UPDATE projects SET failures = 0, stalled_since = NULL, failure = NULL
-WHERE id = %(id)s AND lease_version = %(version)s
-
 -- name: reset_output
 UPDATE outputs SET state = 'pending', bytes = NULL, sha256 = NULL, saved_at = NULL
 WHERE project_id = %(project_id)s AND idx = %(idx)s
-
--- name: check_lease
--- Locks the project until the output write commits, so no claim can slip in between.
-SELECT 1 AS held FROM projects WHERE id = %(id)s AND lease_version = %(version)s FOR UPDATE
-
--- name: record_saved
--- Every output is saved: what went wrong on the way (a cut download, a stale link) is over.
-UPDATE projects
-SET state = %(state)s, due_at = %(due_at)s, updated_at = %(now)s, failure = NULL, failures = 0,
-    stalled_since = NULL,
-    lease_owner = CASE WHEN %(state)s = 'saved' THEN NULL ELSE lease_owner END,
-    finished_at = CASE WHEN %(state)s = 'saved' THEN %(now)s ELSE finished_at END
-WHERE id = %(id)s AND lease_version = %(version)s
-
--- name: record_final
-UPDATE projects
-SET state = %(state)s, remote_status = coalesce(%(remote_status)s::text, remote_status),
-    error_code = %(error_code)s, error_message = %(error_message)s,
-    failure = CASE WHEN %(state)s = 'failed' THEN coalesce(%(failure)s::text, failure)
-                   ELSE %(failure)s END,
-    finished_at = %(now)s, updated_at = %(now)s, lease_owner = NULL,
-    terminal_at = CASE WHEN %(terminal)s THEN coalesce(terminal_at, %(now)s) ELSE terminal_at END,
-    polls = polls + %(polled)s
-WHERE id = %(id)s AND lease_version = %(version)s
-
--- name: pending_outputs
-SELECT * FROM outputs WHERE state = 'verified' ORDER BY project_id, idx
 
 -- name: enqueue_notification
 INSERT INTO notifications (project_id, body, created_at, due_at)

@@ -1,4 +1,6 @@
 -- Named queries of the SQLite store. Parameters are named (:name).
+-- {active} is the list of active states (watcher/store/sql/__init__.py fills it in). Changes of a
+-- claimed project are computed in watcher/store/transitions.py and written by write_project.
 
 -- name: insert_project
 INSERT INTO projects (id, kind, state, delete_after_download, due_at, tracked_at, updated_at)
@@ -32,7 +34,7 @@ SELECT state, count(*) AS n FROM projects GROUP BY state
 -- name: select_due
 -- INDEXED BY: the planner would otherwise pick projects_state and sort every active row.
 SELECT * FROM projects INDEXED BY projects_due
-WHERE state IN ('polling', 'downloading', 'deleting') AND due_at <= :now
+WHERE state IN {active} AND due_at <= :now
 ORDER BY due_at
 LIMIT :limit
 
@@ -53,13 +55,13 @@ LIMIT :limit
 
 -- name: next_due_at
 SELECT min(due_at) AS due_at FROM projects INDEXED BY projects_due
-WHERE state IN ('polling', 'downloading', 'deleting')
+WHERE state IN {active}
 
 -- name: release_leases
 UPDATE projects
 SET lease_owner = NULL, due_at = min(due_at, :now)
 WHERE lease_owner IS NOT NULL AND (:owner IS NULL OR lease_owner = :owner)
-  AND state IN ('polling', 'downloading', 'deleting')
+  AND state IN {active}
 
 -- name: renew
 UPDATE projects SET due_at = :until
@@ -67,38 +69,33 @@ WHERE id = :id AND lease_version = :version AND lease_owner IS NOT NULL
 
 -- name: expedite
 UPDATE projects SET due_at = min(due_at, :now)
-WHERE id = :id AND state IN ('polling', 'downloading', 'deleting') AND lease_owner IS NULL
+WHERE id = :id AND state IN {active} AND lease_owner IS NULL
 
 -- name: is_active
-SELECT 1 FROM projects WHERE id = :id AND state IN ('polling', 'downloading', 'deleting')
+SELECT 1 FROM projects WHERE id = :id AND state IN {active}
 
--- name: record_poll
-UPDATE projects
-SET remote_status = :remote_status, attempt = :attempt, due_at = :due_at,
-    polls = polls + 1, updated_at = :now, lease_owner = NULL, failures = 0, failure = NULL,
-    stalled_since = NULL, interruptions = 0
-WHERE id = :id AND lease_version = :version
+-- name: fenced_project
+-- The claimed project's row, read to compute a transition (watcher/store/transitions.py).
+SELECT * FROM projects WHERE id = :id AND lease_version = :version
 
--- name: record_retry
+-- name: write_project
+-- A transition's result: every column a transition may change, fenced by the lease.
 UPDATE projects
--- A try that gained bytes before it failed is progress: the run of failures starts over.
-SET due_at = :due_at, failure = :failure,
-    failures = CASE WHEN :progressed THEN 0 ELSE failures + :count END,
-    stalled_since = CASE WHEN :progressed THEN NULL
-                         WHEN :count > 0 THEN coalesce(stalled_since, :now)
-                         ELSE stalled_since END,
-    updated_at = :now, lease_owner = NULL, interruptions = 0
-WHERE id = :id AND lease_version = :version
-
--- name: record_complete
--- From polling this is a good GET, which ends a run of failed ones; a GET for fresh URLs of a
--- project already downloading is no progress of its downloads, so their run goes on.
-UPDATE projects
-SET state = 'downloading', remote_status = 'complete', polls = polls + 1,
-    failures = CASE WHEN state = 'polling' THEN 0 ELSE failures END,
-    stalled_since = CASE WHEN state = 'polling' THEN NULL ELSE stalled_since END,
-    terminal_at = coalesce(terminal_at, :now), due_at = :due_at, updated_at = :now,
-    interruptions = 0
+SET state = :state,
+    remote_status = :remote_status,
+    due_at = :due_at,
+    attempt = :attempt,
+    polls = :polls,
+    updated_at = :updated_at,
+    terminal_at = :terminal_at,
+    finished_at = :finished_at,
+    error_code = :error_code,
+    error_message = :error_message,
+    failure = :failure,
+    failures = :failures,
+    lease_owner = :lease_owner,
+    interruptions = :interruptions,
+    stalled_since = :stalled_since
 WHERE id = :id AND lease_version = :version
 
 -- name: upsert_output
@@ -113,7 +110,7 @@ SELECT * FROM outputs WHERE project_id = :project_id ORDER BY idx
 
 -- name: note_active
 UPDATE projects SET failure = :failure, updated_at = :now
-WHERE state IN ('polling', 'downloading', 'deleting')
+WHERE state IN {active}
 
 -- name: outputs_of
 SELECT * FROM outputs WHERE project_id IN (SELECT value FROM json_each(:ids))
@@ -127,39 +124,9 @@ WHERE project_id = :project_id AND idx = :idx
 UPDATE outputs SET state = 'saved', saved_at = :now
 WHERE project_id = :project_id AND idx = :idx
 
--- name: project_progressed
--- An output was saved: the project's troubles on the way are over.
-UPDATE projects SET failures = 0, stalled_since = NULL, failure = NULL
-WHERE id = :id AND lease_version = :version
-
 -- name: reset_output
 UPDATE outputs SET state = 'pending', bytes = NULL, sha256 = NULL, saved_at = NULL
 WHERE project_id = :project_id AND idx = :idx
-
--- name: check_lease
-SELECT 1 FROM projects WHERE id = :id AND lease_version = :version
-
--- name: record_saved
--- Every output is saved: what went wrong on the way (a cut download, a stale link) is over.
-UPDATE projects
-SET state = :state, due_at = :due_at, updated_at = :now, failure = NULL, failures = 0,
-    stalled_since = NULL,
-    lease_owner = CASE WHEN :state = 'saved' THEN NULL ELSE lease_owner END,
-    finished_at = CASE WHEN :state = 'saved' THEN :now ELSE finished_at END
-WHERE id = :id AND lease_version = :version
-
--- name: record_final
-UPDATE projects
-SET state = :state, remote_status = coalesce(:remote_status, remote_status),
-    error_code = :error_code, error_message = :error_message,
-    failure = CASE WHEN :state = 'failed' THEN coalesce(:failure, failure) ELSE :failure END,
-    finished_at = :now, updated_at = :now, lease_owner = NULL,
-    terminal_at = CASE WHEN :terminal THEN coalesce(terminal_at, :now) ELSE terminal_at END,
-    polls = polls + :polled
-WHERE id = :id AND lease_version = :version
-
--- name: pending_outputs
-SELECT * FROM outputs WHERE state = 'verified' ORDER BY project_id, idx
 
 -- name: enqueue_notification
 INSERT INTO notifications (project_id, body, created_at, due_at)
