@@ -692,3 +692,51 @@ def test_a_transaction_sqlite_already_rolled_back_raises_the_real_error(tmp_path
         conn.execute("INSERT INTO t VALUES (2)")
     assert conn.execute("SELECT x FROM t").fetchall() == [(2,)]
     conn.close()
+
+
+async def test_notifications_are_claimed_in_due_order(store: Store) -> None:
+    """An event whose delivery failed waits for its retry time: a later event that is due
+    already goes first (due time, then id, on every backend)."""
+    await store.track(refs("a", "b"), now=T0, delete_after_download=False)
+    a, b = await store.claim_due(now=T0, limit=2, owner="r", lease_seconds=LEASE)
+    await store.record_final(a, now=T0, state=State.CANCELED, notify=lambda _p, _o: '"a"')
+    await store.record_final(b, now=T0, state=State.CANCELED, notify=lambda _p, _o: '"b"')
+    (first,) = await store.claim_notifications(now=T0, limit=1, lease_seconds=5)
+    assert first.project_id == "a"
+    await store.notification_failed(first.id, due_at=T0 + 10, error="HTTP 503")
+    claimed = await store.claim_notifications(now=T0 + 20, limit=10, lease_seconds=5)
+    assert [n.project_id for n in claimed] == ["b", "a"]
+
+
+async def test_a_saved_project_is_due_when_record_saved_says(store: Store) -> None:
+    """record_saved sets ``due_at`` whether the project finishes saved or goes on to delete."""
+    for pid, delete_next in (("keep", False), ("drop", True)):
+        await store.track(refs(pid), now=T0, delete_after_download=delete_next)
+        (c,) = await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+        await store.record_complete(c, now=T0, due_at=T0 + LEASE, outputs=[new_output(0, pid)])
+        await store.record_output_verified(c, index=0, size=1, sha256="ab" * 32)
+        await store.record_output_saved(c, index=0, now=T0 + 1)
+        await store.record_saved(c, now=T0 + 2, due_at=T0 + 7, delete_next=delete_next)
+        p = await store.get(pid)
+        assert p is not None
+        assert (p.due_at, p.updated_at) == (T0 + 7, T0 + 2)
+
+
+async def test_a_claim_holds_the_record_as_leased(store: Store) -> None:
+    """The record a claim carries is the row as the lease left it (due at the lease's end)."""
+    await store.track(refs("a"), now=T0, delete_after_download=False)
+    (c,) = await store.claim_due(now=T0, limit=1, owner="r", lease_seconds=LEASE)
+    assert c.project == await store.get("a")
+    assert (c.project.due_at, c.project.lease_owner) == (T0 + LEASE, "r")
+
+
+async def test_a_failed_project_keeps_an_empty_failure_it_is_given(store: Store) -> None:
+    """Ending ``failed`` keeps the last failure only when none is given; an empty one is given."""
+    await store.track(refs("a", "b"), now=T0, delete_after_download=False)
+    for c in await store.claim_due(now=T0, limit=2, owner="r", lease_seconds=LEASE):
+        await store.record_retry(c, now=T0, due_at=T0 + 1, failure="HTTP 503")
+    a, b = await store.claim_due(now=T0 + 1, limit=2, owner="r", lease_seconds=LEASE)
+    await store.record_final(a, now=T0 + 2, state=State.FAILED, failure="")
+    await store.record_final(b, now=T0 + 2, state=State.FAILED)
+    failures = [(p.id, p.failure) for p in (await store.list_projects()).projects]
+    assert failures == [("a", ""), ("b", "HTTP 503")]
