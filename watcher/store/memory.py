@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable
 
-from watcher.models import ACTIVE_STATES, Kind, ProjectRef, RemoteStatus, State
+from watcher.models import ACTIVE_STATES, Kind, ProjectRef, State
 from watcher.store import transitions as t
 from watcher.store.base import (
     Claim,
@@ -25,12 +25,12 @@ from watcher.store.base import (
     OutputState,
     ProjectPage,
     ProjectRecord,
-    Store,
     TrackResult,
 )
+from watcher.store.writes import Change, TransitionWrites
 
 
-class InMemoryStore(Store):
+class InMemoryStore(TransitionWrites):
     """A :class:`Store` in memory; nothing survives the process."""
 
     def __init__(self) -> None:
@@ -176,8 +176,7 @@ class InMemoryStore(Store):
             raise LeaseLost(f"lease on project {claim.id} was lost")
         return p
 
-    def _apply(self, claim: Claim, change: Callable[[ProjectRecord], ProjectRecord]) -> None:
-        """Replace the claimed project (fenced) with ``change`` of it."""
+    async def _apply(self, claim: Claim, change: Change) -> None:
         self.projects[claim.id] = change(self._fenced(claim))
 
     def _output_write(
@@ -186,44 +185,6 @@ class InMemoryStore(Store):
         self._fenced(claim)
         rows = self.output_rows[claim.id]
         rows[index] = change(rows[index])
-
-    async def record_poll(
-        self,
-        claim: Claim,
-        *,
-        now: float,
-        remote_status: RemoteStatus,
-        attempt: int,
-        due_at: float,
-    ) -> None:
-        self._apply(
-            claim,
-            lambda p: t.polled(
-                p, now=now, remote_status=remote_status, attempt=attempt, due_at=due_at
-            ),
-        )
-
-    async def record_retry(
-        self,
-        claim: Claim,
-        *,
-        now: float,
-        due_at: float,
-        failure: str,
-        count_failure: bool = True,
-        progressed: bool = False,
-    ) -> None:
-        self._apply(
-            claim,
-            lambda p: t.retried(
-                p,
-                now=now,
-                due_at=due_at,
-                failure=failure,
-                count_failure=count_failure,
-                progressed=progressed,
-            ),
-        )
 
     async def record_complete(
         self, claim: Claim, *, now: float, due_at: float, outputs: list[NewOutput]
@@ -242,7 +203,7 @@ class InMemoryStore(Store):
                 path=old.path if old is not None else new.path,
                 state=OutputState.PENDING,
             )
-        self._apply(claim, lambda p: t.completed(p, now=now, due_at=due_at))
+        await self._apply(claim, lambda p: t.completed(p, now=now, due_at=due_at))
         return await self.outputs(p.id)
 
     async def record_output_verified(
@@ -252,51 +213,15 @@ class InMemoryStore(Store):
 
     async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
         self._output_write(claim, index, lambda o: t.output_saved(o, now=now))
-        self._apply(claim, t.progressed)
+        await self._apply(claim, t.progressed)
 
     async def reset_output(self, claim: Claim, *, index: int) -> None:
         self._output_write(claim, index, t.output_reset)
 
-    async def record_saved(
-        self,
-        claim: Claim,
-        *,
-        now: float,
-        due_at: float,
-        delete_next: bool,
-        notify: NotificationBuilder | None = None,
-    ) -> None:
-        after = t.saved(self._fenced(claim), now=now, due_at=due_at, delete_next=delete_next)
-        await self._finish(claim, after, now, None if delete_next else notify)
-
-    async def record_final(
-        self,
-        claim: Claim,
-        *,
-        now: float,
-        state: State,
-        remote_status: RemoteStatus | None = None,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        failure: str | None = None,
-        notify: NotificationBuilder | None = None,
-    ) -> None:
-        after = t.finished(
-            self._fenced(claim),
-            now=now,
-            state=state,
-            remote_status=remote_status,
-            error_code=error_code,
-            error_message=error_message,
-            failure=failure,
-        )
-        await self._finish(claim, after, now, notify)
-
     async def _finish(
-        self, claim: Claim, after: ProjectRecord, now: float, notify: NotificationBuilder | None
+        self, claim: Claim, change: Change, *, now: float, notify: NotificationBuilder | None
     ) -> None:
-        """Write ``after`` (refused unless every output is saved where its state needs it) and
-        queue the event ``notify`` builds from it."""
+        after = change(self._fenced(claim))
         outputs = await self.outputs(claim.id)
         t.require_saved(claim.id, after.state, outputs)
         self.projects[claim.id] = after

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from watcher.errors import StoreError, StoreLocked, StoreUnavailable
-from watcher.models import Kind, ProjectRef, RemoteStatus, State
+from watcher.models import Kind, ProjectRef, State
 from watcher.store import transitions as t
 from watcher.store.base import (
     Claim,
@@ -43,7 +43,6 @@ from watcher.store.base import (
     OutputRecord,
     ProjectPage,
     ProjectRecord,
-    Store,
     TrackResult,
     group_outputs,
 )
@@ -54,6 +53,7 @@ from watcher.store.rows import (
     project_from_row,
 )
 from watcher.store.sql import load_migrations, load_queries
+from watcher.store.writes import TransitionWrites
 
 T = TypeVar("T")
 
@@ -73,7 +73,7 @@ def _wrap(path: str, exc: sqlite3.Error) -> StoreError:
     return StoreError(message)
 
 
-class SQLiteStore(Store):
+class SQLiteStore(TransitionWrites):
     """A :class:`Store` in one SQLite file (or ``:memory:``)."""
 
     def __init__(
@@ -403,44 +403,6 @@ class SQLiteStore(Store):
 
         await self._run(work)
 
-    async def record_poll(
-        self,
-        claim: Claim,
-        *,
-        now: float,
-        remote_status: RemoteStatus,
-        attempt: int,
-        due_at: float,
-    ) -> None:
-        await self._apply(
-            claim,
-            lambda p: t.polled(
-                p, now=now, remote_status=remote_status, attempt=attempt, due_at=due_at
-            ),
-        )
-
-    async def record_retry(
-        self,
-        claim: Claim,
-        *,
-        now: float,
-        due_at: float,
-        failure: str,
-        count_failure: bool = True,
-        progressed: bool = False,
-    ) -> None:
-        await self._apply(
-            claim,
-            lambda p: t.retried(
-                p,
-                now=now,
-                due_at=due_at,
-                failure=failure,
-                count_failure=count_failure,
-                progressed=progressed,
-            ),
-        )
-
     async def record_complete(
         self, claim: Claim, *, now: float, due_at: float, outputs: list[NewOutput]
     ) -> list[OutputRecord]:
@@ -487,49 +449,6 @@ class SQLiteStore(Store):
 
     async def reset_output(self, claim: Claim, *, index: int) -> None:
         await self._run(lambda: self._output_write("reset_output", claim, idx=index))
-
-    async def record_saved(
-        self,
-        claim: Claim,
-        *,
-        now: float,
-        due_at: float,
-        delete_next: bool,
-        notify: NotificationBuilder | None = None,
-    ) -> None:
-        await self._finish(
-            claim,
-            lambda p: t.saved(p, now=now, due_at=due_at, delete_next=delete_next),
-            now=now,
-            notify=None if delete_next else notify,
-        )
-
-    async def record_final(
-        self,
-        claim: Claim,
-        *,
-        now: float,
-        state: State,
-        remote_status: RemoteStatus | None = None,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        failure: str | None = None,
-        notify: NotificationBuilder | None = None,
-    ) -> None:
-        await self._finish(
-            claim,
-            lambda p: t.finished(
-                p,
-                now=now,
-                state=state,
-                remote_status=remote_status,
-                error_code=error_code,
-                error_message=error_message,
-                failure=failure,
-            ),
-            now=now,
-            notify=notify,
-        )
 
     async def claim_notifications(
         self, *, now: float, limit: int, lease_seconds: float
