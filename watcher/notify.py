@@ -43,7 +43,7 @@ TIMEOUT_SECONDS = 10.0
 LEASE_SECONDS = TIMEOUT_SECONDS + 5.0
 BASE_DELAY = 2.0
 MAX_DELAY = 600.0
-FINAL_PASS_SECONDS = 2.0
+FINAL_PASS_SECONDS = 5.0
 
 
 def retry_delay(
@@ -107,8 +107,13 @@ class Notifier:
             yield client
 
     async def run(self, daemon: Daemon) -> None:
-        """Deliver due notifications until cancelled, then make one bounded last pass."""
+        """Deliver due notifications until cancelled, then make one bounded last pass.
+
+        A batch runs as its own task, shielded from the cancellation: stopping while an event
+        is being POSTed lets that delivery finish and be recorded (within the last pass's
+        budget) instead of leaving the event claimed, and unsent, until its lease runs out."""
         async with self._http() as client:
+            batch: asyncio.Task[int] | None = None
             try:
                 while True:
                     # SIGHUP may have re-read WATCHER_NOTIFY_SECRET_FILE.
@@ -116,8 +121,11 @@ class Notifier:
                     if daemon.store_health.down:  # the daemon says when the store is back
                         await asyncio.sleep(self.poll_seconds)
                         continue
+                    batch = asyncio.ensure_future(
+                        self.deliver_due(daemon.store, daemon.metrics, client)
+                    )
                     try:
-                        if await self.deliver_due(daemon.store, daemon.metrics, client) == BATCH:
+                        if await asyncio.shield(batch) == BATCH:
                             continue  # a full batch: there may be more due right now
                     except StoreUnavailable as exc:
                         daemon.store_failed(exc, during="notifications")
@@ -125,13 +133,21 @@ class Notifier:
                         log.error("notification_store_error", error=str(exc))  # noqa: TRY400
                     await asyncio.sleep(self.poll_seconds)
             except asyncio.CancelledError:
-                await self._last_pass(daemon, client)
+                await self._last_pass(daemon, client, batch)
                 raise
 
-    async def _last_pass(self, daemon: Daemon, client: httpx.AsyncClient) -> None:
+    async def _last_pass(
+        self, daemon: Daemon, client: httpx.AsyncClient, in_flight: asyncio.Task[int] | None
+    ) -> None:
+        """Finish the batch in flight, then deliver what is due, batch after batch, for at
+        most :data:`FINAL_PASS_SECONDS` (what is left stays in the outbox for the next run)."""
         try:
             async with asyncio.timeout(FINAL_PASS_SECONDS):
-                await self.deliver_due(daemon.store, daemon.metrics, client)
+                if in_flight is not None and not in_flight.done():
+                    with contextlib.suppress(StoreError):
+                        await in_flight
+                while await self.deliver_due(daemon.store, daemon.metrics, client) == BATCH:
+                    pass
         except (TimeoutError, StoreError) as exc:
             log.warning("notification_last_pass_cut", error=str(exc) or type(exc).__name__)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+import types
+from typing import TYPE_CHECKING, cast
 
 import httpx
 import pytest
@@ -16,6 +19,9 @@ from watcher.notify import MAX_DELAY, Notifier, check_settings, retry_delay
 from watcher.settings import load_settings
 from watcher.store import InMemoryStore
 from watcher.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+
+if TYPE_CHECKING:
+    from watcher.daemon import Daemon
 
 pytestmark = pytest.mark.anyio
 
@@ -120,3 +126,39 @@ def test_a_notify_url_needs_a_secret() -> None:
     assert notifier is not None
     assert notifier.url == URL
     assert Notifier.from_settings(load_settings({})) is None
+
+
+class _Host:
+    """What :meth:`Notifier.run` reads of the daemon that runs it."""
+
+    def __init__(self, store: InMemoryStore) -> None:
+        self.store = store
+        self.metrics = Metrics()
+        self.settings = load_settings({"WATCHER_NOTIFY_URL": URL, "WATCHER_NOTIFY_SECRET": SECRET})
+        self.store_health = types.SimpleNamespace(down=False)
+
+    def store_failed(self, exc: Exception, *, during: str) -> None:
+        raise AssertionError(f"unexpected store failure during {during}: {exc}")
+
+
+async def test_a_delivery_in_flight_at_shutdown_is_finished_and_recorded() -> None:
+    """Stopping while an event is being POSTed lets that delivery finish and records it sent,
+    instead of leaving it claimed (and unsent) until its lease runs out."""
+    store = InMemoryStore()
+    await queued(store, {"id": "e4"})
+    arrived = asyncio.Event()
+
+    async def receiver(_: httpx.Request) -> httpx.Response:
+        arrived.set()
+        await asyncio.sleep(0.3)
+        return httpx.Response(204)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(receiver)) as client:
+        notifier = Notifier(URL, SECRET, client=client)
+        task = asyncio.create_task(notifier.run(cast("Daemon", _Host(store))))
+        await asyncio.wait_for(arrived.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    (_, _, sent) = store.notifications[1]
+    assert sent is not None
