@@ -13,8 +13,8 @@ from structlog.testing import capture_logs
 from watcher.errors import ConfigError, StoreError, StoreUnavailable
 from watcher.outage import StoreHealth, retry_delay
 from watcher.settings import load_settings
-from watcher.store.postgres import PostgresStore
-from watcher.store.sqlite import _wrap as sqlite_wrap
+from watcher.store.postgres_connector import PostgresConnector
+from watcher.store.sqlite_connector import wrap_error as sqlite_wrap
 
 pytestmark = pytest.mark.anyio
 
@@ -112,8 +112,8 @@ def test_postgres_errors_that_mean_not_now_are_unavailable(
 ) -> None:
     """A lost or refused connection, a shutdown, a full disk, a read-only server after a
     failover: worth retrying; a bad statement is a plain StoreError."""
-    store = PostgresStore("postgresql://watcher:pw@db/watcher")
-    with pytest.raises(StoreError) as raised, store._wrap_errors():
+    connector = PostgresConnector("postgresql://watcher:pw@db/watcher")
+    with pytest.raises(StoreError) as raised, connector.wrap_errors():
         raise error
     assert isinstance(raised.value, StoreUnavailable) is unavailable
     assert "pw" not in str(raised.value)

@@ -197,6 +197,6 @@ SELECT tokens, updated_at FROM rate_budget WHERE name = %(name)s FOR UPDATE
 -- name: update_rate_bucket
 UPDATE rate_budget SET tokens = %(tokens)s, updated_at = %(updated_at)s WHERE name = %(name)s
 
--- name: try_reporter_lock
+-- name: try_session_lock
 -- Session-level: held until the connection that took it closes (a replica that dies frees it).
 SELECT pg_try_advisory_lock(%(key)s) AS held

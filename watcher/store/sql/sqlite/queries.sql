@@ -1,20 +1,31 @@
--- Named queries of the SQLite store. Parameters are named (:name).
+-- Named queries of the SQLite store. Parameters are named (:name); a list is a JSON array.
 -- {active} is the list of active states (watcher/store/sql/__init__.py fills it in). Changes of a
 -- claimed project are computed in watcher/store/transitions.py and written by write_project.
 
--- name: insert_project
+-- name: insert_projects
+-- One statement for the whole list (:ids and :kinds are JSON arrays); RETURNING names the ids
+-- that were new. WHERE true: SQLite's parser needs it before an upsert's ON CONFLICT.
 INSERT INTO projects (id, kind, state, delete_after_download, due_at, tracked_at, updated_at)
-VALUES (:id, :kind, 'polling', :delete_after_download, :now, :now, :now)
+SELECT new.value, kind.value, 'polling', :delete_after_download, :now, :now, :now
+FROM json_each(:ids) AS new JOIN json_each(:kinds) AS kind ON kind.key = new.key
+WHERE true
+ORDER BY new.key
 ON CONFLICT (id) DO NOTHING
+RETURNING id
 
--- name: revive_project
+-- name: revive_projects
 -- Tracked again from scratch: what the 404 left (note, counters, times) is cleared.
 UPDATE projects
 SET state = 'polling', remote_status = NULL, delete_after_download = :delete_after_download,
     due_at = :now, attempt = 0, polls = 0, tracked_at = :now, updated_at = :now,
     terminal_at = NULL, finished_at = NULL, error_code = NULL, error_message = NULL,
     failure = NULL, failures = 0, lease_owner = NULL, interruptions = 0, stalled_since = NULL
-WHERE id = :id AND kind = :kind AND state = 'not_found'
+FROM (
+    SELECT new.value AS id, kind.value AS kind
+    FROM json_each(:ids) AS new JOIN json_each(:kinds) AS kind ON kind.key = new.key
+) AS r
+WHERE projects.id = r.id AND projects.kind = r.kind AND projects.state = 'not_found'
+RETURNING id
 
 -- name: delete_project
 DELETE FROM projects WHERE id = :id
