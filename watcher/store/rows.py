@@ -3,6 +3,7 @@ out rows indexed by column name)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 from watcher.models import Kind, RemoteStatus, State
@@ -15,78 +16,51 @@ class Row(Protocol):
     def __getitem__(self, key: str, /) -> Any: ...  # noqa: ANN401 - a column holds any value
 
 
+def _columns(record: type[Any]) -> tuple[str, ...]:
+    """The fields of a record class, which its table names alike (but where a mapper says)."""
+    return tuple(f.name for f in dataclasses.fields(record))
+
+
+_PROJECT = _columns(ProjectRecord)
+_OUTPUT = tuple(name for name in _columns(OutputRecord) if name not in {"index", "state"})
+_NOTIFICATION = _columns(Notification)
+# The columns a transition may change (identity and tracking columns are never written).
+_CHANGED = tuple(
+    c
+    for c in _PROJECT
+    if c not in {"id", "kind", "delete_after_download", "tracked_at", "lease_version"}
+)
+
+
 def project_from_row(row: Row) -> ProjectRecord:
     """The project a ``projects`` row holds."""
-    return ProjectRecord(
-        id=row["id"],
-        kind=Kind(row["kind"]),
-        state=State(row["state"]),
-        remote_status=RemoteStatus(row["remote_status"]) if row["remote_status"] else None,
-        delete_after_download=bool(row["delete_after_download"]),
-        due_at=row["due_at"],
-        attempt=row["attempt"],
-        polls=row["polls"],
-        tracked_at=row["tracked_at"],
-        updated_at=row["updated_at"],
-        terminal_at=row["terminal_at"],
-        finished_at=row["finished_at"],
-        error_code=row["error_code"],
-        error_message=row["error_message"],
-        failure=row["failure"],
-        failures=row["failures"],
-        lease_owner=row["lease_owner"],
-        lease_version=row["lease_version"],
-        interruptions=row["interruptions"],
-        stalled_since=row["stalled_since"],
+    values = {column: row[column] for column in _PROJECT}
+    values["kind"] = Kind(values["kind"])
+    values["state"] = State(values["state"])
+    values["remote_status"] = (
+        RemoteStatus(values["remote_status"]) if values["remote_status"] else None
     )
+    values["delete_after_download"] = bool(values["delete_after_download"])
+    return ProjectRecord(**values)
 
 
 def project_changes(p: ProjectRecord) -> dict[str, object]:
     """The parameters of ``write_project``: every column a transition may change, and the id
-    and lease version that fence the write (identity and tracking columns are never written)."""
-    return {
-        "id": p.id,
-        "version": p.lease_version,
-        "state": p.state.value,
-        "remote_status": p.remote_status.value if p.remote_status else None,
-        "due_at": p.due_at,
-        "attempt": p.attempt,
-        "polls": p.polls,
-        "updated_at": p.updated_at,
-        "terminal_at": p.terminal_at,
-        "finished_at": p.finished_at,
-        "error_code": p.error_code,
-        "error_message": p.error_message,
-        "failure": p.failure,
-        "failures": p.failures,
-        "lease_owner": p.lease_owner,
-        "interruptions": p.interruptions,
-        "stalled_since": p.stalled_since,
-    }
+    and lease version that fence the write."""
+    changes: dict[str, object] = {column: getattr(p, column) for column in _CHANGED}
+    changes["state"] = p.state.value
+    changes["remote_status"] = p.remote_status.value if p.remote_status else None
+    changes["id"] = p.id
+    changes["version"] = p.lease_version
+    return changes
 
 
 def output_from_row(row: Row) -> OutputRecord:
-    """The output an ``outputs`` row holds."""
-    return OutputRecord(
-        project_id=row["project_id"],
-        index=row["idx"],
-        url=row["url"],
-        expires_at=row["expires_at"],
-        path=row["path"],
-        state=OutputState(row["state"]),
-        bytes=row["bytes"],
-        sha256=row["sha256"],
-        saved_at=row["saved_at"],
-    )
+    """The output an ``outputs`` row holds (its index in column ``idx``)."""
+    values = {column: row[column] for column in _OUTPUT}
+    return OutputRecord(index=row["idx"], state=OutputState(row["state"]), **values)
 
 
 def notification_from_row(row: Row) -> Notification:
     """The queued event a ``notifications`` row holds."""
-    return Notification(
-        id=row["id"],
-        project_id=row["project_id"],
-        body=row["body"],
-        attempts=row["attempts"],
-        created_at=row["created_at"],
-        last_error=row["last_error"],
-    )
+    return Notification(**{column: row[column] for column in _NOTIFICATION})

@@ -14,16 +14,12 @@ which change each ``record_*`` method makes.
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Callable
-
 from watcher.models import Kind, ProjectRef, State
 from watcher.store import transitions as t
 from watcher.store.base import (
     Claim,
     LeaseLost,
     NewOutput,
-    Notification,
     NotificationBuilder,
     OutputRecord,
     ProjectPage,
@@ -42,7 +38,8 @@ from watcher.store.writes import Change, TransitionWrites
 
 class SqlStore(TransitionWrites):
     """A :class:`Store` in a SQL database reached through ``connector``, with the dialect's
-    named ``queries``."""
+    named ``queries``. Abstract: a dialect's subclass says how it claims projects
+    (:meth:`claim_due`) and notifications (:meth:`claim_notifications`)."""
 
     def __init__(self, connector: Connector, queries: dict[str, str]) -> None:
         self.connector = connector
@@ -142,12 +139,6 @@ class SqlStore(TransitionWrites):
 
     # --- scheduling -----------------------------------------------------------------------------
 
-    @abc.abstractmethod
-    async def claim_due(
-        self, *, now: float, limit: int, owner: str, lease_seconds: float
-    ) -> list[Claim]:
-        """Lease the earliest due active projects (how is the dialect's own)."""
-
     async def next_due_at(self) -> float | None:
         row = await self.connector.fetchone(self._q["next_due_at"], {})
         return None if row is None else row["due_at"]
@@ -192,7 +183,7 @@ class SqlStore(TransitionWrites):
     async def _finish(
         self,
         claim: Claim,
-        change: Callable[[ProjectRecord], ProjectRecord],
+        change: Change,
         *,
         now: float,
         notify: NotificationBuilder | None,
@@ -262,12 +253,6 @@ class SqlStore(TransitionWrites):
         await self._output_write("reset_output", claim, idx=index)
 
     # --- the outbox ------------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def claim_notifications(
-        self, *, now: float, limit: int, lease_seconds: float
-    ) -> list[Notification]:
-        """Lease the earliest due unsent notifications (how is the dialect's own)."""
 
     async def notification_sent(self, notification_id: int, *, now: float) -> None:
         await self.connector.execute(

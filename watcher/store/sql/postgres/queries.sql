@@ -110,23 +110,14 @@ WHERE id = %(id)s AND state IN {active}
 SELECT * FROM projects WHERE id = %(id)s AND lease_version = %(version)s FOR UPDATE
 
 -- name: write_project
--- A transition's result: every column a transition may change, fenced by the lease.
+-- A transition's result: every column a transition may change, fenced by the lease (the
+-- parameters are named as the columns).
 UPDATE projects
-SET state = %(state)s,
-    remote_status = %(remote_status)s,
-    due_at = %(due_at)s,
-    attempt = %(attempt)s,
-    polls = %(polls)s,
-    updated_at = %(updated_at)s,
-    terminal_at = %(terminal_at)s,
-    finished_at = %(finished_at)s,
-    error_code = %(error_code)s,
-    error_message = %(error_message)s,
-    failure = %(failure)s,
-    failures = %(failures)s,
-    lease_owner = %(lease_owner)s,
-    interruptions = %(interruptions)s,
-    stalled_since = %(stalled_since)s
+SET (state, remote_status, due_at, attempt, polls, updated_at, terminal_at, finished_at,
+     error_code, error_message, failure, failures, lease_owner, interruptions, stalled_since) = (
+    %(state)s, %(remote_status)s, %(due_at)s, %(attempt)s, %(polls)s, %(updated_at)s,
+    %(terminal_at)s, %(finished_at)s, %(error_code)s, %(error_message)s, %(failure)s,
+    %(failures)s, %(lease_owner)s, %(interruptions)s, %(stalled_since)s)
 WHERE id = %(id)s AND lease_version = %(version)s
 
 -- name: upsert_output

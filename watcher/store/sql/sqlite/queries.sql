@@ -90,23 +90,14 @@ SELECT 1 FROM projects WHERE id = :id AND state IN {active}
 SELECT * FROM projects WHERE id = :id AND lease_version = :version
 
 -- name: write_project
--- A transition's result: every column a transition may change, fenced by the lease.
+-- A transition's result: every column a transition may change, fenced by the lease (the
+-- parameters are named as the columns).
 UPDATE projects
-SET state = :state,
-    remote_status = :remote_status,
-    due_at = :due_at,
-    attempt = :attempt,
-    polls = :polls,
-    updated_at = :updated_at,
-    terminal_at = :terminal_at,
-    finished_at = :finished_at,
-    error_code = :error_code,
-    error_message = :error_message,
-    failure = :failure,
-    failures = :failures,
-    lease_owner = :lease_owner,
-    interruptions = :interruptions,
-    stalled_since = :stalled_since
+SET (state, remote_status, due_at, attempt, polls, updated_at, terminal_at, finished_at,
+     error_code, error_message, failure, failures, lease_owner, interruptions, stalled_since) = (
+    :state, :remote_status, :due_at, :attempt, :polls, :updated_at, :terminal_at, :finished_at,
+    :error_code, :error_message, :failure, :failures, :lease_owner, :interruptions,
+    :stalled_since)
 WHERE id = :id AND lease_version = :version
 
 -- name: upsert_output
