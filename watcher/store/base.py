@@ -2,8 +2,10 @@
 
 A store owns the tracked projects (their state, schedule and lease) and their outputs (URL,
 target path, size, checksum, whether saved). It makes no decisions: the daemon decides, the store
-records. Backends: :mod:`watcher.store.memory` (the fake for tests), :mod:`watcher.store.sqlite`
-(one daemon), :mod:`watcher.store.postgres` (any number of replicas).
+records. Backends: :mod:`watcher.store.memory` (the fake for tests), and one SQL store
+(:mod:`watcher.store.sql_store`) over a connector (:mod:`watcher.store.connector`) for
+:mod:`watcher.store.sqlite` (one daemon) and :mod:`watcher.store.postgres` (any number of
+replicas).
 
 Work is handed out by :meth:`Store.claim_due`: it takes the active projects whose ``due_at`` has
 come, in ``due_at`` order, through an index (O(log n) per claimed project, never a scan), and

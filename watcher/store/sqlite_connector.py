@@ -227,7 +227,7 @@ def _run_to_end(work: Coroutine[Any, Any, T]) -> T:
         result: T = done.value
         return result
     work.close()
-    raise RuntimeError("SQLite work must await only its session")  # pragma: no cover - a bug
+    raise RuntimeError("SQLite work must await only its session")
 
 
 @contextlib.contextmanager
