@@ -54,7 +54,7 @@ def take_from_bucket(
     return granted, available - granted, at
 
 
-class PostgresStore(SqlStore):
+class PostgresStore(SqlStore[PostgresConnector]):
     """A :class:`Store` in a PostgreSQL database, for any number of replicas.
 
     Unopened after construction; :meth:`open` migrates and fills the pool; :meth:`close` empties
@@ -64,14 +64,11 @@ class PostgresStore(SqlStore):
     def __init__(
         self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
-        self._postgres = PostgresConnector(
-            url, min_size=min_size, max_size=max_size, timeout=timeout
-        )
-        super().__init__(self._postgres, _Q)
-        self.display_url = self._postgres.display_url
+        connector = PostgresConnector(url, min_size=min_size, max_size=max_size, timeout=timeout)
+        super().__init__(connector, _Q)
+        self.display_url = connector.display_url
         self.min_size = min_size
         self.max_size = max_size
-        self.timeout = timeout
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.display_url!r})"
@@ -124,4 +121,4 @@ class PostgresStore(SqlStore):
     async def reports_fleet_gauges(self) -> bool:
         """Whether this replica holds the reporter lock, trying for it when it does not (the
         lock is freed when the holder's session ends)."""
-        return await self._postgres.hold_session_lock(REPORTER_LOCK_KEY)
+        return await self.connector.hold_session_lock(REPORTER_LOCK_KEY)

@@ -10,9 +10,17 @@ lease), and what only a shared database has (the fleet's rate budget and gauge r
 Every transition is read, computed (:mod:`watcher.store.transitions`) and written in one
 transaction, fenced by ``lease_version`` (:class:`LeaseLost`); :class:`TransitionWrites` says
 which change each ``record_*`` method makes.
+
+Adding to the store: a new table gets a migration in each dialect's folder, its statements a
+name in each ``queries.sql``, and its methods go here once (and into the in-memory store); only
+what one database alone can do goes to its subclass, over what its connector offers (PostgreSQL
+sessions that outlive a call, such as advisory locks or ``LISTEN``, belong to
+:class:`~watcher.store.postgres_connector.PostgresConnector`).
 """
 
 from __future__ import annotations
+
+from typing import Generic, TypeVar
 
 from watcher.models import Kind, ProjectRef, State
 from watcher.store import transitions as t
@@ -35,13 +43,15 @@ from watcher.store.rows import (
 )
 from watcher.store.writes import Change, TransitionWrites
 
+C = TypeVar("C", bound=Connector)
 
-class SqlStore(TransitionWrites):
+
+class SqlStore(TransitionWrites, Generic[C]):
     """A :class:`Store` in a SQL database reached through ``connector``, with the dialect's
     named ``queries``. Abstract: a dialect's subclass says how it claims projects
     (:meth:`claim_due`) and notifications (:meth:`claim_notifications`)."""
 
-    def __init__(self, connector: Connector, queries: dict[str, str]) -> None:
+    def __init__(self, connector: C, queries: dict[str, str]) -> None:
         self.connector = connector
         self._q = queries
 

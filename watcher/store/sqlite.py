@@ -26,6 +26,7 @@ from watcher.store.sql_store import SqlStore
 from watcher.store.sqlite_connector import DEFAULT_TIMEOUT, SQLiteConnector
 from watcher.store.sqlite_connector import transaction as _transaction
 
+# _Q and _transaction: the contract tests read query plans and drive a raw transaction.
 __all__ = ["DEFAULT_TIMEOUT", "_Q", "SQLiteStore", "_transaction"]
 
 T = TypeVar("T")
@@ -33,34 +34,31 @@ T = TypeVar("T")
 _Q = load_queries("sqlite")
 
 
-class SQLiteStore(SqlStore):
+class SQLiteStore(SqlStore[SQLiteConnector]):
     """A :class:`Store` in one SQLite file (or ``:memory:``)."""
 
     def __init__(
         self, path: str, *, exclusive: bool = False, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
-        self._sqlite = SQLiteConnector(path, exclusive=exclusive, timeout=timeout)
-        super().__init__(self._sqlite, _Q)
+        super().__init__(SQLiteConnector(path, exclusive=exclusive, timeout=timeout), _Q)
         self.path = path
-        self.exclusive = exclusive
-        self.timeout = timeout
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
 
     @property
     def is_exclusive(self) -> bool:
-        return self.exclusive
+        return self.connector.exclusive
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:  # noqa: ANN401
         """Run ``fn(*args)`` on the store's thread (for tools and tests that need the raw
         connection, :attr:`_conn`)."""
-        return await self._sqlite.call(fn, *args)
+        return await self.connector.call(fn, *args)
 
     @property
     def _conn(self) -> sqlite3.Connection:
         """The raw connection: use it only inside :meth:`_run`."""
-        return self._sqlite.conn
+        return self.connector.conn
 
     _db = _conn
 
