@@ -44,9 +44,8 @@ from pathlib import Path
 
 import httpx
 import structlog
-from pydantic import SecretStr
 
-from watcher import __version__, clock, logs
+from watcher import __version__, clock
 from watcher.api import USER_AGENT, MagicHourClient
 from watcher.backoff import GiveUpLimits, PollPolicy, next_attempt, stalled_for_good
 from watcher.downloader import (
@@ -59,26 +58,24 @@ from watcher.downloader import (
 from watcher.errors import (
     ApiError,
     ApiRejected,
-    ConfigError,
     DiskFull,
     DownloadError,
     DownloadUrlExpired,
     InvalidProjectId,
-    InvalidRequest,
-    PaymentRequired,
     ProjectNotFound,
     StoreError,
     StoreUnavailable,
     TransientApiError,
     Unauthorized,
 )
+from watcher.health import ApiHealth
 from watcher.metrics import Metrics
 from watcher.models import Kind, ProjectRef, ProjectSnapshot, RemoteStatus, State
 from watcher.outage import StoreHealth
 from watcher.paths import is_part_name, output_relpath, part_path, resolve_inside
 from watcher.priority import PriorityGate
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats, next_poll_delay
-from watcher.settings import ENV_PREFIX, SECRET_FIELDS, Settings, reread_secret_files
+from watcher.settings import Settings
 from watcher.store import (
     Claim,
     LeaseLost,
@@ -94,13 +91,6 @@ from watcher.views import notification_event
 
 log = structlog.get_logger("watcher")
 
-AUTH_RECHECK_SECONDS = 300.0
-PAYMENT_PAUSE_SECONDS = 60.0
-UNAUTHORIZED_NOTE = (
-    "unauthorized: Magic Hour refused the API token (HTTP 401); polling is stopped until it is "
-    "accepted (check WATCHER_API_TOKEN)"
-)
-PAYMENT_NOTE = "payment required: Magic Hour answered HTTP 402; polling is paused until it is not"
 DISK_FULL_RETRY_SECONDS = 60.0
 IDLE_CHECK_SECONDS = 1.0
 MAX_INTERRUPTIONS = 3
@@ -149,12 +139,13 @@ class Daemon:
         metrics: Metrics | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.settings = settings
         self.store = store
         self.until_done = until_done
         self.judge_all = judge_all  # until_done: every stored project decides, not this run's
         self.rng = rng or random.Random()
         self.metrics = metrics or Metrics()
+        self.health = ApiHealth(settings, until_done=until_done, metrics=self.metrics)
+        self.health.on_release = self._release_held
         self.policy = PollPolicy(settings.poll_initial, settings.poll_max)
         self.render_stats = RenderStats()
         self.owner = settings.replica_id
@@ -174,17 +165,11 @@ class Daemon:
         self.max_poll_failures = MAX_POLL_FAILURES
         self.give_up = GiveUpLimits()
         self._last_good_get: tuple[float, str] | None = None  # when, and which project
-        self._paused_until = 0.0
-        self._probe = False
-        self.unauthorized = False
-        self.payment_required = False
         self._signals = 0
         self._run_ids: set[str] = set()  # the projects of this run (see Outcome)
         # Projects whose GET answered 404 before any API call succeeded (None once reported).
         self._not_found_at_start: set[str] | None = set()
-        self._api_answered = False
         self._suspect_after = BASE_URL_SUSPECT_404S
-        self._held_by_401: set[str] = set()  # rescheduled to the next recheck by a refusal
         self._background: set[asyncio.Task[None]] = set()
         self.started = asyncio.Event()
         self.api: MagicHourClient | None = None
@@ -230,40 +215,27 @@ class Daemon:
         """Look for due work now (a project was tracked or expedited)."""
         self._wake.set()
 
+    @property
+    def settings(self) -> Settings:
+        """The settings in force (SIGHUP re-reads the ``*_FILE`` secrets)."""
+        return self.health.settings
+
+    @property
+    def unauthorized(self) -> bool:
+        """Whether polling is stopped by a refused token (or a request refused as invalid)."""
+        return self.health.unauthorized
+
+    @property
+    def payment_required(self) -> bool:
+        """Whether polling is paused by a 402."""
+        return self.health.payment_required
+
     def reload_secrets(self, trigger: str) -> list[str]:
-        """Read every ``*_FILE`` secret again (``trigger``: SIGHUP, or a 401) and use the ones
-        that changed from now on: the API token in the next request, the control token and
-        webhook secret in the next check, the notify secret in the next delivery. An unreadable
-        or empty file is logged and changes nothing. Returns the ``*_FILE`` variables whose
-        secret changed."""
-        try:
-            settings, changed = reread_secret_files(self.settings)
-        except ConfigError as exc:
-            log.error("secrets_reload_failed", trigger=trigger, error=str(exc))  # noqa: TRY400
-            return []
-        for name in SECRET_FIELDS:
-            secret = getattr(settings, name)
-            logs.register_secret(secret.get_secret_value() if secret else None)
-        self.settings = settings
-        if self.api is not None and settings.api_token is not None:
-            self.api.set_token(settings.api_token)
-        if changed or trigger == "SIGHUP":
-            log.info("secrets_reloaded", trigger=trigger, changed=changed)
-        if self.unauthorized and f"{ENV_PREFIX}API_TOKEN_FILE" in changed:
-            self._try_new_token_now()
-        return changed
+        """Read every ``*_FILE`` secret again; see :meth:`ApiHealth.reload_secrets`."""
+        return self.health.reload_secrets(trigger)
 
-    def _try_new_token_now(self) -> None:
-        """Polling is stopped by a refused token and a new one came: try it now, not at the
-        next recheck (the first project probes; the rest follow once it is accepted)."""
-        self._paused_until = 0.0
-        if self.api is not None:
-            self.api.throttle.resume()
-        self._release_held()
-
-    def _release_held(self) -> None:
+    def _release_held(self, held: set[str]) -> None:
         """Make the projects a refused token put off to the next recheck due now."""
-        held, self._held_by_401 = self._held_by_401, set()
         if held:
             task = asyncio.get_running_loop().create_task(self._expedite(held))
             self._background.add(task)
@@ -276,13 +248,6 @@ class Daemon:
             with contextlib.suppress(StoreError):
                 await self.store.expedite(pid, now=now)
         self._wake.set()
-
-    def _token_after_401(self) -> SecretStr | None:
-        """The API client's question after a 401: the token, its file read again."""
-        if self.settings.api_token_file is None:
-            return None
-        self.reload_secrets("unauthorized")
-        return self.settings.api_token
 
     def _http_client(self) -> httpx.AsyncClient:
         s = self.settings
@@ -308,11 +273,13 @@ class Daemon:
                 base_url=str(self.settings.api_base_url),
                 token=token,
                 throttle=throttle,
-                on_retry=self._on_api_retry,
+                on_retry=self.health.on_retry,
                 metrics=self.metrics,
                 user_agent=self.user_agent,
-                reload_token=self._token_after_401,
+                reload_token=self.health.token_after_401,
             )
+            self.health.throttle = throttle
+            self.health.set_token = self.api.set_token
             self.downloader = Downloader(
                 http,
                 user_agent=self.user_agent,
@@ -547,7 +514,7 @@ class Daemon:
         if self.unauthorized and self.until_done:
             self.request_stop()
             return True
-        if now >= self._paused_until:
+        if not self.health.paused(now):
             await self._claim(now)
         await self._sleep_until_due(now)
         return False
@@ -576,9 +543,10 @@ class Daemon:
 
     async def _claim(self, now: float) -> None:
         room = self.max_in_flight - len(self._tasks)
-        if room <= 0 or (self._probe and self._tasks):
+        probing = self.health.probing
+        if room <= 0 or (probing and self._tasks):
             return
-        limit = 1 if self._probe else room
+        limit = 1 if probing else room
         for claim in await self.store.claim_due(
             now=now, limit=limit, owner=self.owner, lease_seconds=self.lease_seconds
         ):
@@ -599,10 +567,10 @@ class Daemon:
         """Wait for a wake-up (work finished, project tracked) or until work is due, at most
         ``IDLE_CHECK_SECONDS`` (other processes may have tracked projects meanwhile)."""
         timeout: float | None
-        if len(self._tasks) >= self.max_in_flight or (self._probe and self._tasks):
+        if len(self._tasks) >= self.max_in_flight or (self.health.probing and self._tasks):
             timeout = None
-        elif now < self._paused_until:
-            timeout = min(self._paused_until - now, IDLE_CHECK_SECONDS)
+        elif self.health.paused(now):
+            timeout = min(self.health.paused_until - now, IDLE_CHECK_SECONDS)
         else:
             due = await self.store.next_due_at()
             timeout = (
@@ -764,13 +732,13 @@ class Daemon:
         except ApiError as exc:
             await self._api_trouble(claim, exc)
             return None
-        self._api_ok()
+        self.health.ok()
         return snapshot
 
     def _suspect_base_url(self, project_id: str, exc: ProjectNotFound) -> None:
         """Say loudly, once, when the first GETs of this run all answer 404: that is a wrong
         ``WATCHER_API_BASE_URL`` far more often than projects that all vanished."""
-        if self._api_answered or self._not_found_at_start is None:
+        if self.health.answered or self._not_found_at_start is None:
             return
         self._not_found_at_start.add(project_id)
         if len(self._not_found_at_start) < self._suspect_after:
@@ -1029,7 +997,7 @@ class Daemon:
         except ApiError as exc:
             await self._api_trouble(claim, exc)
             return
-        self._api_ok()
+        self.health.ok()
         self.metrics.deletes.labels("deleted" if deleted else "already_gone").inc()
         await self._finish(claim, State.DELETED, already_gone=not deleted)
 
@@ -1125,29 +1093,13 @@ class Daemon:
         )
 
     async def _api_trouble(self, claim: Claim, exc: ApiError) -> None:
-        if isinstance(exc, InvalidRequest):  # stops polling like a refused token
-            note = f"{exc}; polling is stopped until this is fixed"
-            first, self.unauthorized = not self.unauthorized, True  # before any await: one line
-            self._pause(AUTH_RECHECK_SECONDS)
-            if first:
-                log.error(
-                    "api_request_invalid",
-                    error=str(exc),
-                    action=f"polling stopped; one retry every {AUTH_RECHECK_SECONDS:g} s",
-                )
-                await self.store.note_active(note, now=clock.now())
-            await self._retry(claim, note, count=False, delay=AUTH_RECHECK_SECONDS)
-        elif isinstance(exc, Unauthorized):
-            if not self.unauthorized:
-                await self.store.note_active(UNAUTHORIZED_NOTE, now=clock.now())
-            self._on_unauthorized(exc)
-            await self._retry(claim, UNAUTHORIZED_NOTE, count=False, delay=AUTH_RECHECK_SECONDS)
-            self._held_by_401.add(claim.id)
-        elif isinstance(exc, PaymentRequired):
-            if not self.payment_required:
-                await self.store.note_active(PAYMENT_NOTE, now=clock.now())
-            self._on_payment_required(exc)
-            await self._retry(claim, PAYMENT_NOTE, count=False, delay=PAYMENT_PAUSE_SECONDS)
+        refusal = self.health.refused(exc)
+        if refusal is not None:
+            if refusal.first:
+                await self.store.note_active(refusal.note, now=clock.now())
+            await self._retry(claim, refusal.note, count=False, delay=refusal.retry_in)
+            if isinstance(exc, Unauthorized):
+                self.health.hold(claim.id)
         elif isinstance(exc, TransientApiError):
             failures = claim.project.failures + 1
             if (
@@ -1202,55 +1154,6 @@ class Daemon:
             return
         self.metrics.retries.labels(type(exc).__name__).inc()
         await self._retry(claim, str(exc), count=True, failures=failures)
-
-    # --- API-wide conditions -------------------------------------------------------------------
-
-    def _on_api_retry(self, exc: TransientApiError, attempt: int, wait: float) -> None:
-        self.metrics.retries.labels(exc.cause).inc()
-        log.warning(
-            "api_retry",
-            cause=exc.cause,
-            status_code=exc.status_code,
-            attempt=attempt,
-            retry_in=round(wait, 3),
-            error=str(exc),
-        )
-
-    def _api_ok(self) -> None:
-        self._api_answered = True
-        if self.unauthorized:
-            self._release_held()
-        if self.unauthorized or self.payment_required:
-            log.info("api_recovered")
-        self.unauthorized = self.payment_required = self._probe = False
-
-    def _on_unauthorized(self, exc: Unauthorized) -> None:
-        if not self.unauthorized:
-            log.error(
-                "api_unauthorized",
-                error=str(exc),
-                action="polling stopped; check WATCHER_API_TOKEN"
-                + ("" if self.until_done else f"; one retry every {AUTH_RECHECK_SECONDS:g} s"),
-            )
-        self.unauthorized = True
-        self._pause(AUTH_RECHECK_SECONDS)
-
-    def _on_payment_required(self, exc: PaymentRequired) -> None:
-        if not self.payment_required:
-            log.error(
-                "api_payment_required",
-                error=str(exc),
-                action=f"polling paused; one retry every {PAYMENT_PAUSE_SECONDS:g} s",
-            )
-        self.payment_required = True
-        self._pause(PAYMENT_PAUSE_SECONDS)
-
-    def _pause(self, seconds: float) -> None:
-        """Stop claiming work and hold every API call already on its way, for ``seconds``."""
-        self._paused_until = clock.now() + seconds
-        self._probe = True
-        if self.api is not None:
-            self.api.throttle.pause(seconds)
 
 
 def _unsaved(rows: list[OutputRecord]) -> list[OutputRecord]:
