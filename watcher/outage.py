@@ -15,7 +15,7 @@ must not end it. :class:`StoreHealth` is the one place that knows an outage is u
   still makes one warning and one recovery line.
 
 Readiness (``/readyz``) reads :attr:`StoreHealth.down`. This module decides nothing about what a
-project's work does after an outage (see :meth:`watcher.daemon.Daemon._work`), and reads the clock
+project's work does after an outage (see :mod:`watcher.workflow`), and reads the clock
 only through :mod:`watcher.clock`.
 """
 

@@ -20,6 +20,7 @@ from watcher.daemon import Daemon
 from watcher.models import Kind, ProjectRef, State
 from watcher.settings import Settings, load_settings
 from watcher.store import InMemoryStore, SQLiteStore
+from watcher.workflow import WorkflowLimits
 
 pytestmark = pytest.mark.anyio
 
@@ -162,9 +163,12 @@ async def test_a_full_disk_fails_the_download_cleanly_and_it_is_retried(tmp_path
     with tmpfs(downloads, "1m"):
         store = SQLiteStore(str(tmp_path / "w.db"), exclusive=True)
         daemon = Daemon(
-            settings, store, until_done=True, transport=httpx.MockTransport(api.handler)
+            settings,
+            store,
+            until_done=True,
+            transport=httpx.MockTransport(api.handler),
+            limits=WorkflowLimits(disk_full_retry_seconds=0.3),
         )
-        daemon.disk_full_retry_seconds = 0.3
         with capture_logs() as logs:
             task = asyncio.create_task(daemon.run())
             while not any(e["event"] == "disk_full" for e in logs):

@@ -28,6 +28,7 @@ from watcher.simulator.server import SimulatorServer
 from watcher.simulator.state import Simulator
 from watcher.simulator.timeline import ProjectOverrides
 from watcher.store import Claim, InMemoryStore, OutputState, SQLiteStore
+from watcher.workflow import WorkflowLimits
 
 pytestmark = pytest.mark.anyio
 
@@ -352,8 +353,8 @@ async def test_a_project_whose_get_keeps_failing_while_others_work_is_quarantine
     poison, healthy = server.simulator.create_projects(Kind.IMAGE, 2)
     settings = watcher_settings(server, tmp_path, projects=f"{poison} {healthy}")
     store = InMemoryStore()
-    daemon = Daemon(settings, store, transport=poisoned_gets({poison}))
-    daemon.max_poll_failures = 3
+    limits = WorkflowLimits(max_poll_failures=3)
+    daemon = Daemon(settings, store, transport=poisoned_gets({poison}), limits=limits)
     with capture_logs() as logs:
         running = asyncio.create_task(daemon.run())
         await until(lambda: any(e["event"] == "project_quarantined" for e in logs), 20)
@@ -376,8 +377,8 @@ async def test_no_project_is_quarantined_when_every_get_fails(serve: Serve, tmp_
     ids = server.simulator.create_projects(Kind.IMAGE, 2)
     settings = watcher_settings(server, tmp_path, projects=" ".join(ids))
     store = InMemoryStore()
-    daemon = Daemon(settings, store, transport=poisoned_gets(set(ids)))
-    daemon.max_poll_failures = 3
+    limits = WorkflowLimits(max_poll_failures=3)
+    daemon = Daemon(settings, store, transport=poisoned_gets(set(ids)), limits=limits)
 
     def failed_often() -> bool:
         return len(store.projects) == 2 and all(p.failures >= 5 for p in store.projects.values())
@@ -624,8 +625,8 @@ async def test_a_download_that_never_progresses_is_given_up(serve: Serve, tmp_pa
     (pid,) = server.simulator.create_projects(Kind.AUDIO, 1)
     settings = watcher_settings(server, tmp_path, projects=f"audio:{pid}")
     store = InMemoryStore()
-    daemon = Daemon(settings, store, until_done=True, transport=cdn_down_for(10_000))
-    daemon.give_up = GiveUpLimits(stalled_tries=4, stalled_seconds=0.0)
+    limits = WorkflowLimits(give_up=GiveUpLimits(stalled_tries=4, stalled_seconds=0.0))
+    daemon = Daemon(settings, store, until_done=True, transport=cdn_down_for(10_000), limits=limits)
     outcome = await run_daemon(daemon)
     assert outcome.counts == {State.FAILED: 1}
     p = await store.get(pid)
