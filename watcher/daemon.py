@@ -29,6 +29,7 @@ import structlog
 from watcher import __version__, clock
 from watcher.api import USER_AGENT, MagicHourClient
 from watcher.backoff import PollPolicy
+from watcher.dispatcher import Dispatcher
 from watcher.downloader import (
     Downloader,
     TransferLimits,
@@ -44,7 +45,6 @@ from watcher.priority import PriorityGate
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats
 from watcher.settings import Settings
 from watcher.store import (
-    Claim,
     Store,
 )
 from watcher.throttle import Throttle
@@ -94,7 +94,6 @@ class Daemon:
         self.rng = rng or random.Random()
         self.metrics = metrics or Metrics()
         self.health = ApiHealth(settings, until_done=until_done, metrics=self.metrics)
-        self.health.on_release = self._release_held
         self.policy = PollPolicy(settings.poll_initial, settings.poll_max)
         self.render_stats = RenderStats()
         self.owner = settings.replica_id
@@ -108,13 +107,8 @@ class Daemon:
         )
         self._transport = transport
         self._stopping = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._tasks: dict[str, tuple[asyncio.Task[None], Claim]] = {}
-        self._renewals_refused: set[tuple[str, int]] = set()  # (project id, lease version)
         self.limits = limits or WorkflowLimits()
-        self._signals = 0
         self._run_ids: set[str] = set()  # the projects of this run (see Outcome)
-        self._background: set[asyncio.Task[None]] = set()
         self.started = asyncio.Event()
         self.api: MagicHourClient | None = None
         self.workflow: Workflow | None = None
@@ -124,6 +118,19 @@ class Daemon:
             maximum=settings.store_retry_max,
             rng=self.rng,
         )
+        self.dispatcher = Dispatcher(
+            store=store,
+            health=self.health,
+            store_health=self.store_health,
+            owner=self.owner,
+            lease_seconds=self.lease_seconds,
+            max_in_flight=self.max_in_flight,
+            stopping=self._stopping,
+            until_done=until_done,
+            on_done=self.request_stop,
+            metrics=self.metrics,
+        )
+        self.health.on_release = self.dispatcher.release_held
         # Extra long-lived loops (the HTTP server) started in the daemon's task group.
         self.side_tasks: list[Callable[[Daemon], Coroutine[object, object, None]]] = []
 
@@ -142,15 +149,18 @@ class Daemon:
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown. Safe to call twice; the signal handler calls this."""
-        self._signals += 1
         if not self._stopping.is_set():
             log.info("shutdown_requested", grace_seconds=self.settings.shutdown_grace)
         self._stopping.set()
-        self._wake.set()
+        self.dispatcher.wake()
 
     def wake(self) -> None:
         """Look for due work now (a project was tracked or expedited)."""
-        self._wake.set()
+        self.dispatcher.wake()
+
+    def store_failed(self, exc: StoreError, *, during: str) -> None:
+        """A store call failed: the outage begins (or goes on); the dispatcher probes."""
+        self.dispatcher.store_failed(exc, during=during)
 
     @property
     def settings(self) -> Settings:
@@ -170,21 +180,6 @@ class Daemon:
     def reload_secrets(self, trigger: str) -> list[str]:
         """Read every ``*_FILE`` secret again; see :meth:`ApiHealth.reload_secrets`."""
         return self.health.reload_secrets(trigger)
-
-    def _release_held(self, held: set[str]) -> None:
-        """Make the projects a refused token put off to the next recheck due now."""
-        if held:
-            task = asyncio.get_running_loop().create_task(self._expedite(held))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        self._wake.set()
-
-    async def _expedite(self, project_ids: set[str]) -> None:
-        now = clock.now()
-        for pid in sorted(project_ids):
-            with contextlib.suppress(StoreError):
-                await self.store.expedite(pid, now=now)
-        self._wake.set()
 
     def _http_client(self) -> httpx.AsyncClient:
         s = self.settings
@@ -234,25 +229,26 @@ class Daemon:
                 lease_seconds=self.lease_seconds,
                 download_dir=self.download_dir,
                 stopping=self._stopping,
-                on_store_failed=self.store_failed,
+                on_store_failed=self.dispatcher.store_failed,
                 metrics=self.metrics,
                 render_stats=self.render_stats,
                 download_gate=self.download_gate,
                 notify=self.settings.notify_url is not None,
                 rng=self.rng,
             )
+            self.dispatcher.workflow = self.workflow
             await self._start()
             try:
                 async with asyncio.TaskGroup() as group:
                     loops = [
-                        group.create_task(self._dispatch_loop()),
-                        group.create_task(self._renew_loop()),
+                        group.create_task(self.dispatcher.claim_loop()),
+                        group.create_task(self.dispatcher.renew_loop()),
                         *self._fleet_loops(group),
                         *(group.create_task(starter(self)) for starter in self.side_tasks),
                     ]
                     self.started.set()
                     await self._stopping.wait()
-                    await self._drain()
+                    await self.dispatcher.drain(self.settings.shutdown_grace)
                     for loop in loops:
                         loop.cancel()
             finally:
@@ -372,21 +368,6 @@ class Daemon:
                 cursor = page.next_cursor
         return ids
 
-    async def _drain(self) -> None:
-        tasks = [task for task, _ in self._tasks.values()]
-        if tasks:
-            log.info("shutdown_draining", in_flight=len(tasks))
-            # Paused (token refused, payment required), calls wait on a long pause: not worth
-            # waiting for; a cancelled download keeps its .part for the next run.
-            paused = self.unauthorized or self.payment_required
-            grace = 0.0 if paused else self.settings.shutdown_grace
-            _, pending = await asyncio.wait(tasks, timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-                log.warning("shutdown_cancelled_work", cancelled=len(pending))
-
     async def _outcome(self) -> Outcome:
         """The exit code (see :class:`Outcome`), logged as the code the process exits with."""
         counts, as_configured = await self._run_counts()
@@ -408,11 +389,12 @@ class Daemon:
         one ended as configured (``saved``, or ``deleted`` when deletion was asked)."""
         counts: dict[State, int] = {}
         as_configured = True
+        run_ids = self._run_ids | self.dispatcher.claimed
         cursor = None
         while True:
             page = await self.store.list_projects(limit=1000, cursor=cursor)
             for p in page.projects:
-                if p.id not in self._run_ids and not self.judge_all:
+                if p.id not in run_ids and not self.judge_all:
                     continue
                 counts[p.state] = counts.get(p.state, 0) + 1
                 wanted = State.DELETED if p.delete_after_download else State.SAVED
@@ -422,142 +404,3 @@ class Daemon:
             cursor = page.next_cursor
 
     # --- the dispatch loop ---------------------------------------------------------------------
-
-    async def _dispatch_loop(self) -> None:
-        while not self.stopping:
-            self._wake.clear()
-            self.store_health.settle()
-            try:
-                if self.store_health.down:
-                    await self._probe_store()
-                elif await self._dispatch_once():
-                    return
-            except StoreError as exc:
-                self.store_failed(exc, during="claim")
-
-    async def _dispatch_once(self) -> bool:
-        """Claim what is due, then wait until more is; ``True`` when the run is over."""
-        now = clock.now()
-        if self.until_done and not self._tasks and await self.store.next_due_at() is None:
-            log.info("daemon_done")
-            self.request_stop()
-            return True
-        if self.unauthorized and self.until_done:
-            self.request_stop()
-            return True
-        if not self.health.paused(now):
-            await self._claim(now)
-        await self._sleep_until_due(now)
-        return False
-
-    def store_failed(self, exc: StoreError, *, during: str) -> None:
-        """A store call failed: the outage begins (or goes on); the dispatch loop probes."""
-        self.store_health.failed(exc, during=during)
-        self._wake.set()
-
-    async def _probe_store(self) -> None:
-        """During an outage: after the backoff, try a write (SQLite may be readable while another
-        process holds its write lock). It renews the leases held, first, so that no claim of
-        ours (nor another replica's) takes over the work in flight; with no work running, it
-        releases whatever lease is still in this replica's name (none, or a crashed task's).
-        Raises :class:`StoreError` while the store still does not answer."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), self.store_health.next_delay())
-        if self.stopping:
-            return
-        now = clock.now()
-        if any(not task.done() for task, _ in self._tasks.values()):
-            await self._renew_all(now)
-        else:
-            await self.store.release_leases(now=now, owner=self.owner)
-        self.store_health.recovered()
-
-    async def _claim(self, now: float) -> None:
-        room = self.max_in_flight - len(self._tasks)
-        probing = self.health.probing
-        if room <= 0 or (probing and self._tasks):
-            return
-        limit = 1 if probing else room
-        for claim in await self.store.claim_due(
-            now=now, limit=limit, owner=self.owner, lease_seconds=self.lease_seconds
-        ):
-            self._run_ids.add(claim.id)
-            stale = self._tasks.get(claim.id)
-            if stale is not None:
-                # Our own lease ran out while the work went on (the store missed renewals, or the
-                # loop stalled): that task can no longer write. Stop it and carry on under the
-                # new lease once it has stopped (a download's .part stays for resuming).
-                log.warning("lease_expired_while_working", project_id=claim.id)
-                stale[0].cancel()
-            after = None if stale is None else stale[0]
-            task = asyncio.create_task(self._work(claim, after=after), name=f"project-{claim.id}")
-            self._tasks[claim.id] = (task, claim)
-        self.metrics.in_flight.set(len(self._tasks))
-
-    async def _sleep_until_due(self, now: float) -> None:
-        """Wait for a wake-up (work finished, project tracked) or until work is due, at most
-        ``IDLE_CHECK_SECONDS`` (other processes may have tracked projects meanwhile)."""
-        timeout: float | None
-        if len(self._tasks) >= self.max_in_flight or (self.health.probing and self._tasks):
-            timeout = None
-        elif self.health.paused(now):
-            timeout = min(self.health.paused_until - now, IDLE_CHECK_SECONDS)
-        else:
-            due = await self.store.next_due_at()
-            timeout = (
-                IDLE_CHECK_SECONDS if due is None else min(max(0.0, due - now), IDLE_CHECK_SECONDS)
-            )
-        if timeout == 0.0:
-            await asyncio.sleep(0)  # claimed a full batch: yield, then claim more
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
-
-    async def _renew_loop(self) -> None:
-        interval = self.lease_seconds / 3
-        while not self.stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval)
-            if self.stopping or self.store_health.down:
-                continue  # the dispatch loop's probe renews every lease once the store is back
-            try:
-                await self._renew_all(clock.now())
-            except StoreError as exc:
-                self.store_failed(exc, during="lease renewal")
-
-    async def _renew_all(self, now: float) -> None:
-        """Renew the lease of every running piece of work; stop work refused twice in a row."""
-        refused: set[tuple[str, int]] = set()
-        for task, claim in list(self._tasks.values()):
-            if task.done():
-                continue
-            if await self.store.renew(claim, now=now, lease_seconds=self.lease_seconds):
-                continue
-            refused.add((claim.id, claim.version))
-            if (claim.id, claim.version) in self._renewals_refused and not task.done():
-                self._stop_lost_work(task, claim)
-        self._renewals_refused = refused
-
-    def _stop_lost_work(self, task: asyncio.Task[None], claim: Claim) -> None:
-        """Two renewals in a row were refused and the work still runs: another replica holds
-        the project now (or it was untracked), so stop at once, as two replicas must never
-        download one output together. (One refusal alone proves nothing: work that has just
-        released its lease, and is finishing, is refused once too.)"""
-        log.warning(
-            "lease_lost", project_id=claim.id, kind=claim.project.kind.value, during="renewal"
-        )
-        task.cancel()
-
-    # --- one project ---------------------------------------------------------------------------
-
-    async def _work(self, claim: Claim, *, after: asyncio.Task[None] | None = None) -> None:
-        p = claim.project
-        try:
-            if after is not None:  # the task of our expired lease, being cancelled
-                await asyncio.wait([after])
-            await self._work_flow.run(claim)
-        finally:
-            if self._tasks.get(p.id, (None, None))[1] is claim:  # not a successor's entry
-                del self._tasks[p.id]
-            self.metrics.in_flight.set(len(self._tasks))
-            self._wake.set()

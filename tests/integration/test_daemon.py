@@ -277,11 +277,12 @@ async def test_work_stops_at_once_when_another_replica_takes_the_lease(
     daemon = Daemon(settings, store)
     with capture_logs() as logs:
         running = asyncio.create_task(daemon.run())
-        await until(lambda: pid in daemon._tasks, 5)
+        await until(lambda: daemon.dispatcher.working_on(pid), 5)
         (thief,) = await store.claim_due(
             now=clock.now() + LEASE + 0.1, limit=1, owner="thief", lease_seconds=600
         )
-        await until(lambda: pid not in daemon._tasks, 3)  # two renewals refused, then stopped
+        # Two renewals refused, then stopped:
+        await until(lambda: not daemon.dispatcher.working_on(pid), 3)
         daemon.request_stop()
         await running
     lost = [e for e in logs if e["event"] == "lease_lost"]

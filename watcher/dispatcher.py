@@ -1,0 +1,259 @@
+"""The dispatcher: claiming due work, the registry of running work, and its leases.
+
+:class:`Dispatcher` is the daemon's producer (River's word): its claim loop asks the store for
+due projects, as many as there is room for (one alone while :mod:`watcher.health` probes after a
+refusal), and starts one task per claim running :meth:`watcher.workflow.Workflow.run`; its renew
+loop renews every running task's lease each third of a lease. A task whose lease is refused
+twice in a row is stopped (another replica holds the project now); a claim of a project whose
+own task still runs (our lease ran out meanwhile) stops that task first and carries on under the
+new lease.
+
+It owns the store-outage pause too (:class:`watcher.outage.StoreHealth` keeps the facts): while
+the store does not answer it claims nothing and probes with a write after a backoff, renewing
+the leases held first. What the work does to a project is :mod:`watcher.workflow`'s; when the
+daemon starts and stops is :mod:`watcher.daemon`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import structlog
+
+from watcher import clock
+from watcher.errors import StoreError
+from watcher.health import ApiHealth
+from watcher.metrics import Metrics
+from watcher.outage import StoreHealth
+from watcher.store import Claim, Store
+from watcher.workflow import Workflow
+
+log = structlog.get_logger("watcher")
+
+IDLE_CHECK_SECONDS = 1.0
+
+
+class Dispatcher:
+    """Claims due work and runs it; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        health: ApiHealth,
+        store_health: StoreHealth,
+        owner: str,
+        lease_seconds: float,
+        max_in_flight: int,
+        stopping: asyncio.Event,
+        until_done: bool = False,
+        on_done: Callable[[], None] = lambda: None,
+        metrics: Metrics | None = None,
+        now: Callable[[], float] = clock.now,
+    ) -> None:
+        self.store = store
+        self.health = health
+        self.store_health = store_health
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.max_in_flight = max_in_flight
+        self.stopping = stopping
+        self.until_done = until_done
+        self.on_done = on_done  # until_done: nothing is left
+        self.metrics = metrics or Metrics()
+        self.now = now
+        self.workflow: Workflow | None = None  # set before the loops start
+        self.claimed: set[str] = set()  # every project this dispatcher claimed
+        self._wake = asyncio.Event()
+        self._running: dict[str, tuple[asyncio.Task[None], Claim]] = {}
+        self._renewals_refused: set[tuple[str, int]] = set()  # (project id, lease version)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        """Look for due work now (a project was tracked or expedited, or work ended)."""
+        self._wake.set()
+
+    def working_on(self, project_id: str) -> bool:
+        """Whether work on ``project_id`` runs here now."""
+        return project_id in self._running
+
+    @property
+    def _workflow(self) -> Workflow:
+        if self.workflow is None:
+            raise RuntimeError("the dispatcher has no workflow to run")
+        return self.workflow
+
+    @property
+    def _stopping(self) -> bool:
+        return self.stopping.is_set()
+
+    async def claim_loop(self) -> None:
+        """Claim due work until the daemon stops (or, ``until_done``, nothing is left)."""
+        while not self._stopping:
+            self._wake.clear()
+            self.store_health.settle()
+            try:
+                if self.store_health.down:
+                    await self._probe_store()
+                elif await self._dispatch_once():
+                    return
+            except StoreError as exc:
+                self.store_failed(exc, during="claim")
+
+    async def _dispatch_once(self) -> bool:
+        """Claim what is due, then wait until more is; ``True`` when the run is over."""
+        now = self.now()
+        if self.until_done and not self._running and await self.store.next_due_at() is None:
+            log.info("daemon_done")
+            self.on_done()
+            return True
+        if self.health.unauthorized and self.until_done:
+            self.on_done()
+            return True
+        if not self.health.paused(now):
+            await self._claim(now)
+        await self._sleep_until_due(now)
+        return False
+
+    def store_failed(self, exc: StoreError, *, during: str) -> None:
+        """A store call failed: the outage begins (or goes on); the dispatch loop probes."""
+        self.store_health.failed(exc, during=during)
+        self._wake.set()
+
+    async def _probe_store(self) -> None:
+        """During an outage: after the backoff, try a write (SQLite may be readable while another
+        process holds its write lock). It renews the leases held, first, so that no claim of
+        ours (nor another replica's) takes over the work in flight; with no work running, it
+        releases whatever lease is still in this replica's name (none, or a crashed task's).
+        Raises :class:`StoreError` while the store still does not answer."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), self.store_health.next_delay())
+        if self._stopping:
+            return
+        now = self.now()
+        if any(not task.done() for task, _ in self._running.values()):
+            await self._renew_all(now)
+        else:
+            await self.store.release_leases(now=now, owner=self.owner)
+        self.store_health.recovered()
+
+    async def _claim(self, now: float) -> None:
+        room = self.max_in_flight - len(self._running)
+        probing = self.health.probing
+        if room <= 0 or (probing and self._running):
+            return
+        limit = 1 if probing else room
+        for claim in await self.store.claim_due(
+            now=now, limit=limit, owner=self.owner, lease_seconds=self.lease_seconds
+        ):
+            self.claimed.add(claim.id)
+            stale = self._running.get(claim.id)
+            if stale is not None:
+                # Our own lease ran out while the work went on (the store missed renewals, or the
+                # loop stalled): that task can no longer write. Stop it and carry on under the
+                # new lease once it has stopped (a download's .part stays for resuming).
+                log.warning("lease_expired_while_working", project_id=claim.id)
+                stale[0].cancel()
+            after = None if stale is None else stale[0]
+            task = asyncio.create_task(self._work(claim, after=after), name=f"project-{claim.id}")
+            self._running[claim.id] = (task, claim)
+        self.metrics.in_flight.set(len(self._running))
+
+    async def _sleep_until_due(self, now: float) -> None:
+        """Wait for a wake-up (work finished, project tracked) or until work is due, at most
+        ``IDLE_CHECK_SECONDS`` (other processes may have tracked projects meanwhile)."""
+        timeout: float | None
+        if len(self._running) >= self.max_in_flight or (self.health.probing and self._running):
+            timeout = None
+        elif self.health.paused(now):
+            timeout = min(self.health.paused_until - now, IDLE_CHECK_SECONDS)
+        else:
+            due = await self.store.next_due_at()
+            timeout = (
+                IDLE_CHECK_SECONDS if due is None else min(max(0.0, due - now), IDLE_CHECK_SECONDS)
+            )
+        if timeout == 0.0:
+            await asyncio.sleep(0)  # claimed a full batch: yield, then claim more
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def renew_loop(self) -> None:
+        """Renew the leases of the work running, every third of a lease."""
+        interval = self.lease_seconds / 3
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
+            if self._stopping or self.store_health.down:
+                continue  # the dispatch loop's probe renews every lease once the store is back
+            try:
+                await self._renew_all(self.now())
+            except StoreError as exc:
+                self.store_failed(exc, during="lease renewal")
+
+    async def _renew_all(self, now: float) -> None:
+        """Renew the lease of every running piece of work; stop work refused twice in a row."""
+        refused: set[tuple[str, int]] = set()
+        for task, claim in list(self._running.values()):
+            if task.done():
+                continue
+            if await self.store.renew(claim, now=now, lease_seconds=self.lease_seconds):
+                continue
+            refused.add((claim.id, claim.version))
+            if (claim.id, claim.version) in self._renewals_refused and not task.done():
+                self._stop_lost_work(task, claim)
+        self._renewals_refused = refused
+
+    def _stop_lost_work(self, task: asyncio.Task[None], claim: Claim) -> None:
+        """Two renewals in a row were refused and the work still runs: another replica holds
+        the project now (or it was untracked), so stop at once, as two replicas must never
+        download one output together. (One refusal alone proves nothing: work that has just
+        released its lease, and is finishing, is refused once too.)"""
+        log.warning(
+            "lease_lost", project_id=claim.id, kind=claim.project.kind.value, during="renewal"
+        )
+        task.cancel()
+
+    async def _work(self, claim: Claim, *, after: asyncio.Task[None] | None = None) -> None:
+        p = claim.project
+        try:
+            if after is not None:  # the task of our expired lease, being cancelled
+                await asyncio.wait([after])
+            await self._workflow.run(claim)
+        finally:
+            if self._running.get(p.id, (None, None))[1] is claim:  # not a successor's entry
+                del self._running[p.id]
+            self.metrics.in_flight.set(len(self._running))
+            self._wake.set()
+
+    async def drain(self, grace: float) -> None:
+        """Let the running work finish for ``grace`` seconds, then cancel the rest."""
+        tasks = [task for task, _ in self._running.values()]
+        if tasks:
+            log.info("shutdown_draining", in_flight=len(tasks))
+            # Paused (token refused, payment required), calls wait on a long pause: not worth
+            # waiting for; a cancelled download keeps its .part for the next run.
+            grace = 0.0 if self.health.stopped else grace
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+                log.warning("shutdown_cancelled_work", cancelled=len(pending))
+
+    def release_held(self, held: set[str]) -> None:
+        """Make the projects a refused token put off to the next recheck due now."""
+        if held:
+            task = asyncio.get_running_loop().create_task(self._expedite(held))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        self._wake.set()
+
+    async def _expedite(self, project_ids: set[str]) -> None:
+        now = self.now()
+        for pid in sorted(project_ids):
+            with contextlib.suppress(StoreError):
+                await self.store.expedite(pid, now=now)
+        self._wake.set()
