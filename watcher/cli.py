@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -205,10 +206,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = None
     if settings.http_enabled:
         server = HttpServer.bind(settings.http_host, settings.http_port)
-        daemon.side_tasks.append(server.run)
+        daemon.side_tasks.append(functools.partial(server.run, daemon, store, daemon.metrics))
     notifier = notify.Notifier.from_settings(settings)
     if notifier is not None:
-        daemon.side_tasks.append(notifier.run)
+        daemon.side_tasks.append(functools.partial(notifier.run, daemon, store, daemon.metrics))
     try:
         outcome = asyncio.run(run_daemon(daemon))
     finally:

@@ -45,6 +45,7 @@ from watcher.priority import PriorityGate
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats
 from watcher.settings import Settings
 from watcher.store import (
+    ProjectRecord,
     Store,
 )
 from watcher.throttle import Throttle
@@ -132,7 +133,7 @@ class Daemon:
         )
         self.health.on_release = self.dispatcher.release_held
         # Extra long-lived loops (the HTTP server) started in the daemon's task group.
-        self.side_tasks: list[Callable[[Daemon], Coroutine[object, object, None]]] = []
+        self.side_tasks: list[Callable[[], Coroutine[object, object, None]]] = []
 
     @property
     def _work_flow(self) -> Workflow:
@@ -176,6 +177,32 @@ class Daemon:
     def payment_required(self) -> bool:
         """Whether polling is paused by a 402."""
         return self.health.payment_required
+
+    @property
+    def store_problem(self) -> str | None:
+        """What readiness says while the store does not answer, or ``None``."""
+        return self.store_health.problem
+
+    @property
+    def store_down(self) -> bool:
+        """Whether a store outage is under way."""
+        return self.store_health.down
+
+    @property
+    def rate_limit_paused(self) -> float:
+        """Seconds every API call still waits after a 429."""
+        return self.api.throttle.paused_for if self.api is not None else 0.0
+
+    async def untrack(self, project_id: str) -> bool:
+        """Forget the project here; nothing is deleted remotely."""
+        if not await self.store.untrack(project_id):
+            return False
+        log.info("project_untracked", project_id=project_id)
+        return True
+
+    async def expedite(self, record: ProjectRecord) -> bool:
+        """Make the project due now; see :meth:`Dispatcher.expedite`."""
+        return await self.dispatcher.expedite(record)
 
     def reload_secrets(self, trigger: str) -> list[str]:
         """Read every ``*_FILE`` secret again; see :meth:`ApiHealth.reload_secrets`."""
@@ -244,7 +271,7 @@ class Daemon:
                         group.create_task(self.dispatcher.claim_loop()),
                         group.create_task(self.dispatcher.renew_loop()),
                         *self._fleet_loops(group),
-                        *(group.create_task(starter(self)) for starter in self.side_tasks),
+                        *(group.create_task(starter()) for starter in self.side_tasks),
                     ]
                     self.started.set()
                     await self._stopping.wait()

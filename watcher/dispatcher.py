@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 import structlog
 
@@ -26,13 +26,15 @@ from watcher import clock
 from watcher.errors import StoreError
 from watcher.health import ApiHealth
 from watcher.metrics import Metrics
+from watcher.models import State
 from watcher.outage import StoreHealth
-from watcher.store import Claim, Store
+from watcher.store import Claim, ProjectRecord, Store
 from watcher.workflow import Workflow
 
 log = structlog.get_logger("watcher")
 
 IDLE_CHECK_SECONDS = 1.0
+RELEASE_CHECK_SECONDS = 0.2  # how often a webhook's follow-up looks whether the GET ended
 
 
 class Dispatcher:
@@ -242,14 +244,43 @@ class Dispatcher:
             if pending:
                 await asyncio.wait(pending)
                 log.warning("shutdown_cancelled_work", cancelled=len(pending))
+        for task in self._background:  # expedites: the projects are due again anyway
+            task.cancel()
 
     def release_held(self, held: set[str]) -> None:
         """Make the projects a refused token put off to the next recheck due now."""
         if held:
-            task = asyncio.get_running_loop().create_task(self._expedite(held))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._expedite(held))
         self._wake.set()
+
+    async def expedite(self, record: ProjectRecord) -> bool:
+        """Make the active project of ``record`` due now. If a GET of it is in flight (here or
+        on another replica), that GET may have been answered before the change that made it
+        due: poll once more as soon as that work releases the project, instead of after a long
+        backoff. Returns whether such a follow-up is arranged."""
+        await self.store.expedite(record.id, now=self.now())
+        self._wake.set()
+        if record.state == State.POLLING and record.lease_owner is not None:
+            self._in_background(self._expedite_when_released(record.id))
+            return True
+        return False
+
+    async def _expedite_when_released(self, project_id: str) -> None:
+        deadline = clock.monotonic() + self.lease_seconds
+        while not self._stopping and clock.monotonic() < deadline:
+            await asyncio.sleep(RELEASE_CHECK_SECONDS)
+            record = await self.store.get(project_id)
+            if record is None or record.state != State.POLLING:
+                return
+            if record.lease_owner is None:
+                await self.store.expedite(project_id, now=self.now())
+                self._wake.set()
+                return
+
+    def _in_background(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _expedite(self, project_ids: set[str]) -> None:
         now = self.now()

@@ -30,7 +30,7 @@ from watcher.errors import ConfigError, StoreError, StoreUnavailable
 from watcher.webhooks import configured, signed_headers
 
 if TYPE_CHECKING:
-    from watcher.daemon import Daemon
+    from watcher.control import Control
     from watcher.metrics import Metrics
     from watcher.settings import Settings
     from watcher.store import Notification, Store
@@ -106,7 +106,7 @@ class Notifier:
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
             yield client
 
-    async def run(self, daemon: Daemon) -> None:
+    async def run(self, control: Control, store: Store, metrics: Metrics) -> None:
         """Deliver due notifications until cancelled, then make one bounded last pass.
 
         A batch runs as its own task, shielded from the cancellation: stopping while an event
@@ -117,27 +117,29 @@ class Notifier:
             try:
                 while True:
                     # SIGHUP may have re-read WATCHER_NOTIFY_SECRET_FILE.
-                    self._secret = configured(daemon.settings.notify_secret) or self._secret
-                    if daemon.store_health.down:  # the daemon says when the store is back
+                    self._secret = configured(control.settings.notify_secret) or self._secret
+                    if control.store_down:  # the daemon says when the store is back
                         await asyncio.sleep(self.poll_seconds)
                         continue
-                    batch = asyncio.ensure_future(
-                        self.deliver_due(daemon.store, daemon.metrics, client)
-                    )
+                    batch = asyncio.ensure_future(self.deliver_due(store, metrics, client))
                     try:
                         if await asyncio.shield(batch) == BATCH:
                             continue  # a full batch: there may be more due right now
                     except StoreUnavailable as exc:
-                        daemon.store_failed(exc, during="notifications")
+                        control.store_failed(exc, during="notifications")
                     except StoreError as exc:
                         log.error("notification_store_error", error=str(exc))  # noqa: TRY400
                     await asyncio.sleep(self.poll_seconds)
             except asyncio.CancelledError:
-                await self._last_pass(daemon, client, batch)
+                await self._last_pass(store, metrics, client, batch)
                 raise
 
     async def _last_pass(
-        self, daemon: Daemon, client: httpx.AsyncClient, in_flight: asyncio.Task[int] | None
+        self,
+        store: Store,
+        metrics: Metrics,
+        client: httpx.AsyncClient,
+        in_flight: asyncio.Task[int] | None,
     ) -> None:
         """Finish the batch in flight, then deliver what is due, batch after batch, for at
         most :data:`FINAL_PASS_SECONDS` (what is left stays in the outbox for the next run)."""
@@ -146,7 +148,7 @@ class Notifier:
                 if in_flight is not None and not in_flight.done():
                     with contextlib.suppress(StoreError):
                         await in_flight
-                while await self.deliver_due(daemon.store, daemon.metrics, client) == BATCH:
+                while await self.deliver_due(store, metrics, client) == BATCH:
                     pass
         except (TimeoutError, StoreError) as exc:
             log.warning("notification_last_pass_cut", error=str(exc) or type(exc).__name__)

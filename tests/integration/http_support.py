@@ -4,6 +4,7 @@ signature-checking receiver of notifications."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import http.server
@@ -24,7 +25,7 @@ from watcher.http import HttpServer
 CONTROL_TOKEN = "control-token-for-tests"
 # Loading the CA bundle takes tens of milliseconds; the test clients speak plain HTTP anyway.
 TLS = ssl.create_default_context()
-SideTask = Callable[[Daemon], Coroutine[object, object, None]]
+SideTask = Callable[[], Coroutine[object, object, None]]
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Running:
 async def running(daemon: Daemon, *side_tasks: SideTask) -> AsyncIterator[Running]:
     """Run ``daemon`` with an HTTP server on a free port of 127.0.0.1 (and ``side_tasks``)."""
     server = HttpServer.bind("127.0.0.1", 0)
-    daemon.side_tasks.extend([server.run, *side_tasks])
+    serve = functools.partial(server.run, daemon, daemon.store, daemon.metrics)
+    daemon.side_tasks.extend([serve, *side_tasks])
     task = asyncio.create_task(daemon.run())
     started = asyncio.create_task(daemon.started.wait())
     await asyncio.wait({task, started}, timeout=10, return_when=asyncio.FIRST_COMPLETED)

@@ -343,7 +343,7 @@ async def test_openapi_documents_every_route_and_real_answers_fit_it(
             for method in item
             if method != "parameters"
         }
-        assert documented == route_table(create_app(daemon))
+        assert documented == route_table(create_app(daemon, daemon.store, daemon.metrics))
         await _wait_state(run.client, pid, {"saved"})
         validate(document, "Project", (await run.client.get(f"/v1/projects/{pid}")).json())
         validate(document, "ProjectPage", (await run.client.get("/v1/projects")).json())

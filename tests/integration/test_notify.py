@@ -4,6 +4,7 @@ for every final state, and delivery after the receiver comes back, across a daem
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -69,7 +70,7 @@ def make_daemon(
         transport=transport,
     )
     notifier = Notifier(url, SECRET, poll_seconds=0.1, base_delay=0.2, max_delay=0.5, timeout=2)
-    daemon.side_tasks.append(notifier.run)
+    daemon.side_tasks.append(functools.partial(notifier.run, daemon, daemon.store, daemon.metrics))
     return daemon
 
 

@@ -36,7 +36,7 @@ HOSTILE = [
 
 
 def client_of(daemon: Daemon) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=create_app(daemon))
+    transport = httpx.ASGITransport(app=create_app(daemon, daemon.store, daemon.metrics))
     return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1")
 
 

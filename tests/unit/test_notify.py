@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import types
 from typing import TYPE_CHECKING, cast
 
 import httpx
@@ -21,7 +20,7 @@ from watcher.store import InMemoryStore
 from watcher.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 
 if TYPE_CHECKING:
-    from watcher.daemon import Daemon
+    from watcher.control import Control
 
 pytestmark = pytest.mark.anyio
 
@@ -129,13 +128,11 @@ def test_a_notify_url_needs_a_secret() -> None:
 
 
 class _Host:
-    """What :meth:`Notifier.run` reads of the daemon that runs it."""
+    """What :meth:`Notifier.run` reads of the daemon's control interface."""
 
-    def __init__(self, store: InMemoryStore) -> None:
-        self.store = store
-        self.metrics = Metrics()
+    def __init__(self) -> None:
         self.settings = load_settings({"WATCHER_NOTIFY_URL": URL, "WATCHER_NOTIFY_SECRET": SECRET})
-        self.store_health = types.SimpleNamespace(down=False)
+        self.store_down = False
 
     def store_failed(self, exc: Exception, *, during: str) -> None:
         raise AssertionError(f"unexpected store failure during {during}: {exc}")
@@ -155,7 +152,8 @@ async def test_a_delivery_in_flight_at_shutdown_is_finished_and_recorded() -> No
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(receiver)) as client:
         notifier = Notifier(URL, SECRET, client=client)
-        task = asyncio.create_task(notifier.run(cast("Daemon", _Host(store))))
+        run = notifier.run(cast("Control", _Host()), store, Metrics())
+        task = asyncio.create_task(run)
         await asyncio.wait_for(arrived.wait(), 5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

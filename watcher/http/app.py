@@ -1,6 +1,7 @@
 """The control plane's HTTP app: the tracking API, health, metrics and the webhook receiver.
 
-:func:`create_app` builds a Starlette app around a running :class:`~watcher.daemon.Daemon`:
+:func:`create_app` builds a Starlette app around a running daemon, seen through the narrow
+:class:`~watcher.control.Control` interface, and its store:
 
 - ``/v1/projects`` (bearer auth with ``WATCHER_CONTROL_TOKEN`` when one is set): track, list,
   show and stop tracking projects. Stopping tracking never deletes anything remotely.
@@ -30,7 +31,6 @@ from typing import TYPE_CHECKING
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -56,7 +56,8 @@ from watcher.webhooks import (
 )
 
 if TYPE_CHECKING:
-    from watcher.daemon import Daemon
+    from watcher.control import Control
+    from watcher.store import Store
 
 log = structlog.get_logger("watcher")
 
@@ -65,7 +66,6 @@ MAX_WEBHOOK_BYTES = 256 * 1024
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 STORE_PING_SECONDS = 2.0
-RELEASE_CHECK_SECONDS = 0.2
 TRACK_FIELDS = frozenset({"id", "kind", "delete_after_download"})
 LIST_PARAMETERS = frozenset({"status", "limit", "cursor"})
 
@@ -152,26 +152,26 @@ def _project_id(raw: str) -> str:
 
 
 class _Handlers:
-    """The endpoints, bound to one daemon."""
+    """The endpoints, bound to one daemon's control interface and store."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.store = daemon.store
-        self.settings = daemon.settings
-        self.download_dir = daemon.settings.download_dir
-        self.metrics = daemon.metrics
+    def __init__(self, control: Control, store: Store, metrics: Metrics) -> None:
+        self.control = control
+        self.store = store
+        self.settings = control.settings
+        self.download_dir = control.settings.download_dir
+        self.metrics = metrics
         self.openapi = openapi_document()
 
     # Read at each use, not kept: SIGHUP re-reads the daemon's *_FILE secrets.
     @property
     def control_token(self) -> str | None:
         """The control API's bearer token, if one is set."""
-        return configured(self.daemon.settings.control_token)
+        return configured(self.control.settings.control_token)
 
     @property
     def webhook_secret(self) -> str | None:
         """The webhook signing secret, if one is set."""
-        return configured(self.daemon.settings.webhook_secret)
+        return configured(self.control.settings.webhook_secret)
 
     # --- auth ----------------------------------------------------------------------------------
 
@@ -209,23 +209,23 @@ class _Handlers:
         except (StoreError, TimeoutError) as exc:
             store = "unreachable"
             problems.append(f"the store does not answer: {str(exc) or 'timed out'}")
-        outage = self.daemon.store_health.problem  # e.g. SQLite readable but locked for writes
+        outage = self.control.store_problem  # e.g. SQLite readable but locked for writes
         if outage is not None and store == "ok":
             store = "unavailable"
             problems.append(outage)
-        if self.daemon.unauthorized:
+        if self.control.unauthorized:
             warnings.append("the Magic Hour API refused the token (check WATCHER_API_TOKEN)")
-        if self.daemon.payment_required:
+        if self.control.payment_required:
             warnings.append("the Magic Hour API answered 402 payment required")
-        if self.daemon.stopping:
+        if self.control.stopping:
             problems.append("the watcher is shutting down")
         body = {
             "ready": not problems,
             "checks": {
                 "store": store,
-                "api_credentials": "refused" if self.daemon.unauthorized else "ok",
-                "api_payment": "required" if self.daemon.payment_required else "ok",
-                "shutting_down": self.daemon.stopping,
+                "api_credentials": "refused" if self.control.unauthorized else "ok",
+                "api_payment": "required" if self.control.payment_required else "ok",
+                "shutting_down": self.control.stopping,
             },
             "problems": problems,
             "warnings": warnings,
@@ -234,7 +234,7 @@ class _Handlers:
 
     async def metrics_text(self, _request: Request) -> Response:
         """Every metric in the Prometheus text format, gauges refreshed from the store."""
-        await refresh_gauges(self.daemon)
+        await refresh_gauges(self.control, self.store, self.metrics)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_json(self, _request: Request) -> Response:
@@ -257,7 +257,7 @@ class _Handlers:
             )
         created = False
         if existing is None or existing.state == State.NOT_FOUND:  # a 404 is revived
-            added = await self.daemon.track([ref], delete_after_download=delete, revive=True)
+            added = await self.control.track([ref], delete_after_download=delete, revive=True)
             created = ref.id in added
         record = await self.store.get(ref.id)
         if record is None:  # stopped being tracked in between: a race with DELETE
@@ -323,9 +323,8 @@ class _Handlers:
         """``DELETE /v1/projects/{id}``: forget the project here; nothing is deleted remotely."""
         self._authorize(request)
         pid = _project_id(request.path_params["id"])
-        if not await self.store.untrack(pid):
+        if not await self.control.untrack(pid):
             raise ApiProblem(404, "not_tracked", f"project {pid} is not tracked")
-        log.info("project_untracked", project_id=pid)
         return Response(status_code=204)
 
     # --- webhooks in ------------------------------------------------------------------------------
@@ -355,7 +354,7 @@ class _Handlers:
             self.metrics.webhooks.labels("invalid").inc()
             log.warning("webhook_rejected", reason="invalid_event", detail=str(exc))
             raise ApiProblem(400, "invalid_event", str(exc)) from None
-        action, note, follow_up = await self._act_on(event)
+        action, note = await self._act_on(event)
         self.metrics.webhooks.labels(action).inc()
         log.info(
             "webhook_received",
@@ -364,46 +363,25 @@ class _Handlers:
             action=action,
             note=note,
         )
-        background = (
-            BackgroundTask(self._expedite_when_released, event.project_id)
-            if follow_up and event.project_id
-            else None
-        )
-        return JSONResponse({"action": action, "note": note}, background=background)
+        return JSONResponse({"action": action, "note": note})
 
-    async def _act_on(self, event: WebhookEvent) -> tuple[str, str | None, bool]:
-        """What the event changes: (action, note, whether to expedite once the lease ends)."""
+    async def _act_on(self, event: WebhookEvent) -> tuple[str, str | None]:
+        """What the event changes: (action, note)."""
         if event.kind is None or event.project_id is None:
-            return "ignored", "not a project event the watcher knows", False
+            return "ignored", "not a project event the watcher knows"
         record = await self.store.get(event.project_id)
         if record is None:
             if not self.settings.webhook_auto_track:
-                return "ignored", "not tracked (WATCHER_WEBHOOK_AUTO_TRACK is off)", False
+                return "ignored", "not tracked (WATCHER_WEBHOOK_AUTO_TRACK is off)"
             ref = ProjectRef(event.kind, event.project_id)
             delete = self.settings.delete_after_download
-            await self.daemon.track([ref], delete_after_download=delete)
-            return "tracked", None, False
+            await self.control.track([ref], delete_after_download=delete)
+            return "tracked", None
         if record.state.is_final:
-            return "ignored", f"already final ({record.state.value})", False
-        await self.store.expedite(record.id, now=clock.now())
-        self.daemon.wake()
-        if record.state == State.POLLING and record.lease_owner is not None:
-            # A GET is in flight and may have been answered before the change: poll once more
-            # as soon as that work releases the project, instead of after a long backoff.
-            return "expedited", "a poll is in flight; another follows it", True
-        return "expedited", None, False
-
-    async def _expedite_when_released(self, project_id: str) -> None:
-        deadline = clock.monotonic() + self.daemon.lease_seconds
-        while not self.daemon.stopping and clock.monotonic() < deadline:
-            await asyncio.sleep(RELEASE_CHECK_SECONDS)
-            record = await self.store.get(project_id)
-            if record is None or record.state != State.POLLING:
-                return
-            if record.lease_owner is None:
-                await self.store.expedite(project_id, now=clock.now())
-                self.daemon.wake()
-                return
+            return "ignored", f"already final ({record.state.value})"
+        if await self.control.expedite(record):
+            return "expedited", "a poll is in flight; another follows it"
+        return "expedited", None
 
 
 def _page_parameters(request: Request) -> tuple[State | None, int, str | None]:
@@ -441,22 +419,21 @@ def _page_parameters(request: Request) -> tuple[State | None, int, str | None]:
     return state, limit, cursor
 
 
-async def refresh_gauges(daemon: Daemon) -> None:
+async def refresh_gauges(control: Control, store: Store, metrics: Metrics) -> None:
     """Set the gauges read at scrape time: projects by state (the fleet's, from one replica
     only: see :mod:`watcher.metrics`), the API's refusals and the rate-limit pause left."""
     try:
-        if await daemon.store.reports_fleet_gauges():
-            counts = await daemon.store.count_by_state()
+        if await store.reports_fleet_gauges():
+            counts = await store.count_by_state()
             for state in State:
-                daemon.metrics.projects.labels(state.value, FLEET).set(counts.get(state, 0))
+                metrics.projects.labels(state.value, FLEET).set(counts.get(state, 0))
         else:
-            daemon.metrics.projects.clear()
+            metrics.projects.clear()
     except StoreUnavailable:
         pass  # an outage: the last counts stand, and every other metric is still served
-    daemon.metrics.api_refused.labels("unauthorized").set(int(daemon.unauthorized))
-    daemon.metrics.api_refused.labels("payment_required").set(int(daemon.payment_required))
-    paused = daemon.api.throttle.paused_for if daemon.api is not None else 0.0
-    daemon.metrics.rate_limit_paused.set(paused)
+    metrics.api_refused.labels("unauthorized").set(int(control.unauthorized))
+    metrics.api_refused.labels("payment_required").set(int(control.payment_required))
+    metrics.rate_limit_paused.set(control.rate_limit_paused)
 
 
 async def _http_exception(_request: Request, exc: Exception) -> Response:
@@ -529,9 +506,9 @@ def _methods(path: str, **handlers: Endpoint) -> Route:
     return Route(path, endpoint, methods=list(handlers))
 
 
-def create_app(daemon: Daemon) -> Starlette:
-    """The control plane's app, serving ``daemon``."""
-    h = _Handlers(daemon)
+def create_app(control: Control, store: Store, metrics: Metrics) -> Starlette:
+    """The control plane's app, serving the daemon behind ``control``."""
+    h = _Handlers(control, store, metrics)
     routes = [
         Route("/healthz", h.healthz, methods=["GET"]),
         Route("/readyz", h.readyz, methods=["GET"]),
@@ -550,9 +527,9 @@ def create_app(daemon: Daemon) -> Starlette:
             StoreUnavailable: _store_unavailable,
         },
     )
-    policy = HostPolicy(daemon.settings.http_host, daemon.settings.allowed_hosts)
+    policy = HostPolicy(control.settings.http_host, control.settings.allowed_hosts)
     app.add_middleware(RequestGuard, policy=policy)
-    app.add_middleware(_Observe, metrics=daemon.metrics, routes=labels)  # outermost: sees all
+    app.add_middleware(_Observe, metrics=metrics, routes=labels)  # outermost: sees all
     return app
 
 

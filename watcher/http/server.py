@@ -46,8 +46,10 @@ from watcher.logs import BurstLog
 from watcher.webhooks import configured
 
 if TYPE_CHECKING:
-    from watcher.daemon import Daemon
+    from watcher.control import Control
+    from watcher.metrics import Metrics
     from watcher.settings import Settings
+    from watcher.store import Store
 
 log = structlog.get_logger("watcher")
 
@@ -344,15 +346,15 @@ class HttpServer:
         self.state = ServerState.CLOSED
         self._socket.close()
 
-    async def run(self, daemon: Daemon) -> None:
-        """Serve ``daemon``'s app until cancelled (the daemon's side task)."""
+    async def run(self, control: Control, store: Store, metrics: Metrics) -> None:
+        """Serve the app of the daemon behind ``control`` until cancelled (a side task)."""
         if self.state is not ServerState.BOUND:
             raise RuntimeError(f"cannot serve an HTTP server that is {self.state.value}")
         self.state = ServerState.SERVING
-        limits = ConnectionLimits.from_settings(daemon.settings)
+        limits = ConnectionLimits.from_settings(control.settings)
         self._protocol = bounded_protocol(limits)
         config = uvicorn.Config(
-            create_app(daemon),
+            create_app(control, store, metrics),
             http=self._protocol,
             ws="none",
             lifespan="off",

@@ -1,0 +1,79 @@
+"""The control interface: what the HTTP app and the notifier may ask of the running daemon.
+
+:class:`Control` is narrow on purpose. The control plane tracks and untracks projects, makes one
+due now (a webhook said it changed), and reads the facts readiness reports; the notifier reads
+the secret in force and says when the store failed. Neither sees the dispatcher, the workflow or
+the API client, and neither decides anything about scheduling: "poll once more when the GET in
+flight ends" is :meth:`Control.expedite`'s, not the webhook handler's. :class:`watcher.daemon.
+Daemon` implements it; a test may hand either side a fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from watcher.errors import StoreError
+    from watcher.models import ProjectRef
+    from watcher.settings import Settings
+    from watcher.store import ProjectRecord
+
+
+class Control(Protocol):
+    """The running daemon, as the HTTP app and the notifier see it."""
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force (SIGHUP re-reads the ``*_FILE`` secrets: read at each use)."""
+        ...
+
+    @property
+    def stopping(self) -> bool:
+        """Whether shutdown has begun."""
+        ...
+
+    @property
+    def unauthorized(self) -> bool:
+        """Whether the API refused the token (polling is stopped)."""
+        ...
+
+    @property
+    def payment_required(self) -> bool:
+        """Whether the API answered 402 (polling is paused)."""
+        ...
+
+    @property
+    def store_problem(self) -> str | None:
+        """What readiness says while the store does not answer, or ``None``."""
+        ...
+
+    @property
+    def store_down(self) -> bool:
+        """Whether a store outage is under way (the daemon says when it is over)."""
+        ...
+
+    @property
+    def rate_limit_paused(self) -> float:
+        """Seconds every API call still waits after a 429 (0 when none)."""
+        ...
+
+    async def track(
+        self, refs: Iterable[ProjectRef], *, delete_after_download: bool, revive: bool = False
+    ) -> list[str]:
+        """Track ``refs`` (idempotent; ``revive`` starts ``not_found`` ones over); the ids that
+        were new or revived."""
+        ...
+
+    async def untrack(self, project_id: str) -> bool:
+        """Forget the project (nothing is deleted remotely); whether it was tracked."""
+        ...
+
+    async def expedite(self, record: ProjectRecord) -> bool:
+        """Make the active project of ``record`` due now; ``True`` when a poll of it is in
+        flight, so that one more poll follows as soon as that work releases it."""
+        ...
+
+    def store_failed(self, exc: StoreError, *, during: str) -> None:
+        """A store call failed (the outage begins, or goes on)."""
+        ...
