@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 import structlog
 
 from watcher import __version__, clock, logs, notify
-from watcher.daemon import Daemon, Outcome
 from watcher.errors import ConfigError, InvalidProjectId, WatcherError
 from watcher.models import Kind, ProjectRef, State, parse_kind, parse_project_spec
 from watcher.settings import Settings, load_settings, unknown_variables
@@ -41,13 +36,14 @@ from watcher.store import (
     create_store,
     sqlite_path,
 )
+from watcher.table import render_status
 from watcher.terminal import printable
 from watcher.views import project_json
 from watcher.webhooks import configured
+from watcher.wiring import build, run_daemon
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-EXIT_SECOND_SIGNAL = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell shows for a tool cut off by `head`
 
 log = structlog.get_logger("watcher")
@@ -192,7 +188,7 @@ def _settings() -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``watcher run``: the daemon, its HTTP server and its notifier."""
-    from watcher.http import HttpServer, check_settings  # noqa: PLC0415 - only run serves HTTP
+    from watcher.http import check_settings  # noqa: PLC0415 - only run serves HTTP
 
     settings = _settings()
     settings.require_token()
@@ -201,48 +197,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
     for name in unknown_variables():
         log.warning("unknown_setting", variable=name, hint="not a WATCHER_* setting; a typo?")
-    store = create_store(settings.database_url, exclusive=True, timeout=settings.store_timeout)
-    daemon = Daemon(settings, store, until_done=args.until_done, judge_all=args.judge == "all")
-    server = None
-    if settings.http_enabled:
-        server = HttpServer.bind(settings.http_host, settings.http_port)
-        daemon.side_tasks.append(functools.partial(server.run, daemon, store, daemon.metrics))
-    notifier = notify.Notifier.from_settings(settings)
-    if notifier is not None:
-        daemon.side_tasks.append(functools.partial(notifier.run, daemon, store, daemon.metrics))
-    try:
-        outcome = asyncio.run(run_daemon(daemon))
-    finally:
-        if server is not None:
-            server.close()
-    return outcome.exit_code
-
-
-async def run_daemon(daemon: Daemon) -> Outcome:
-    """Run ``daemon`` with SIGTERM/SIGINT wired to a graceful stop (a second one exits at once)
-    and SIGHUP to re-reading the ``*_FILE`` secrets (the daemon keeps running)."""
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if daemon.stopping:
-            log.warning("shutdown_forced", signal=signal.Signals(signum).name)
-            sys.stdout.flush()
-            os._exit(EXIT_SECOND_SIGNAL)
-        log.info("signal_received", signal=signal.Signals(signum).name)
-        daemon.request_stop()
-
-    def on_hangup() -> None:
-        log.info("signal_received", signal="SIGHUP")
-        daemon.reload_secrets("SIGHUP")
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    try:
-        return await daemon.run()
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
+    daemon = build(
+        settings,
+        until_done=args.until_done,
+        judge_all=args.judge == "all",
+        serve=True,
+        notify_out=True,
+    )
+    return asyncio.run(run_daemon(daemon)).exit_code
 
 
 # --- health ----------------------------------------------------------------------------------
@@ -423,122 +385,6 @@ def _require_database(url: str) -> None:
             f"status: no database at {sqlite_path(url)} (WATCHER_DATABASE_URL): "
             "nothing has been tracked there"
         )
-
-
-def render_table(
-    counts: dict[State, int], rows: list[tuple[ProjectRecord, list[OutputRecord]]]
-) -> str:
-    """A readable table of projects, with a summary line of counts by state."""
-    return render_status(
-        {
-            "counts": {s.value: n for s, n in sorted(counts.items())},
-            "projects": [project_json(p, o) for p, o in rows],
-        }
-    )
-
-
-def _saved_cell(saved: int, total: int, so_far: int) -> str:
-    """``1/3``, and the bytes of the unsaved outputs already on disk: ``1/3 +12.5 MiB``."""
-    if not total:
-        return "-"
-    return f"{saved}/{total}" + (f" +{_human_bytes(so_far)}" if so_far else "")
-
-
-def _human_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    size = n / 1024
-    for unit in ("KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
-
-
-NOTE_CHARS = 60
-
-
-def render_status(
-    doc: dict[str, Any],
-    state: str | None = None,
-    *,
-    wide: bool = False,
-    now: float | None = None,
-) -> str:
-    """The table of a ``status --json`` document (as the store or the control API gives it),
-    listing projects in ``state`` only if given; says so when more exist than it shows.
-
-    AGE is the time since the project was tracked, NEXT the time until its next poll (``now``
-    for one that is due, ``-`` once final). Notes are cut to fit unless ``wide``.
-    """
-    at = clock.now() if now is None else now
-    counts: dict[str, int] = doc["counts"]
-    summary = ", ".join(f"{s} {n}" for s, n in sorted(counts.items())) or "no projects"
-    summary = printable(summary)
-    header = ("ID", "KIND", "STATE", "REMOTE", "POLLS", "SAVED", "AGE", "NEXT", "NOTE")
-    lines: list[tuple[str, ...]] = [header]
-    cut = False
-    for p in doc["projects"]:
-        outputs = p["outputs"]
-        saved = sum(1 for o in outputs if o["state"] == "saved")
-        so_far = sum(o.get("bytes_received") or 0 for o in outputs if o["state"] != "saved")
-        error = p["error"]
-        note = p["failure"] or (f"{error['code']}: {error['message']}" if error else "")
-        note = printable(note)  # before the cut, which then counts what is shown
-        cells = (
-            p["id"],
-            p["kind"],
-            p["state"],
-            p["remote_status"] or "-",
-            str(p["polls"]),
-            _saved_cell(saved, len(outputs), so_far),
-            _since(p["tracked_at"], at),
-            _until(p["next_due_at"], at),
-            note if wide else _cut(note),
-        )
-        lines.append(tuple(printable(str(cell)) for cell in cells))
-        cut = cut or (not wide and len(note) > NOTE_CHARS)
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    text = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in lines
-    ]
-    shown = len(doc["projects"])
-    total = counts.get(state, 0) if state else sum(counts.values())
-    if shown < total:
-        text.append(f"(showing {shown} of {total}: --limit for more, --state to filter)")
-    if cut:
-        text.append("(notes cut short: --wide or --json for the whole of each)")
-    return "\n".join([f"projects: {summary}", *text])
-
-
-def _cut(note: str) -> str:
-    return note if len(note) <= NOTE_CHARS else note[: NOTE_CHARS - 1] + "…"
-
-
-def _seconds_of(iso_time: str | None) -> float | None:
-    return None if iso_time is None else datetime.fromisoformat(iso_time).timestamp()
-
-
-def _since(iso_time: str | None, now: float) -> str:
-    at = _seconds_of(iso_time)
-    return "-" if at is None else _duration(now - at)
-
-
-def _until(iso_time: str | None, now: float) -> str:
-    at = _seconds_of(iso_time)
-    if at is None:
-        return "-"
-    return "now" if at <= now else f"in {_duration(at - now)}"
-
-
-def _duration(seconds: float) -> str:
-    """``45s``, ``12m``, ``5h``, ``3d``: a span as people read it at a glance."""
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
 
 
 # --- demo ------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""The daemon: the wiring that turns store, API client and downloader into a running service.
+"""The daemon: the lifecycle of the running service (start, the task group, drain, outcome).
+
+It is built by :func:`watcher.wiring.build`, which makes every part it runs.
 
 One event loop, one ``asyncio.TaskGroup`` for the long-lived loops (dispatch, lease renewal, and
 the HTTP server when enabled): a crash in any of them stops the daemon instead of leaving it half
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 
@@ -27,13 +28,7 @@ import httpx
 import structlog
 
 from watcher import __version__, clock
-from watcher.api import USER_AGENT, MagicHourClient
-from watcher.backoff import PollPolicy
 from watcher.dispatcher import Dispatcher
-from watcher.downloader import (
-    Downloader,
-    TransferLimits,
-)
 from watcher.errors import (
     StoreError,
 )
@@ -41,23 +36,20 @@ from watcher.health import ApiHealth
 from watcher.metrics import Metrics
 from watcher.models import Kind, ProjectRef, State
 from watcher.outage import StoreHealth
-from watcher.priority import PriorityGate
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats
 from watcher.settings import Settings
 from watcher.store import (
     ProjectRecord,
     Store,
 )
-from watcher.throttle import Throttle
-from watcher.workflow import Workflow, WorkflowLimits, sweep_parts
+from watcher.workflow import Workflow, sweep_parts
 
 log = structlog.get_logger("watcher")
-
-IDLE_CHECK_SECONDS = 1.0
 
 EXIT_OK = 0
 EXIT_NOT_AS_CONFIGURED = 1
 EXIT_UNAUTHORIZED = 3
+EXIT_SECOND_SIGNAL = 130  # a second SIGTERM/SIGINT ended the run at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,67 +71,38 @@ class Daemon:
 
     def __init__(
         self,
-        settings: Settings,
-        store: Store,
         *,
+        store: Store,
+        http: httpx.AsyncClient,
+        health: ApiHealth,
+        store_health: StoreHealth,
+        dispatcher: Dispatcher,
+        workflow: Workflow,
+        render_stats: RenderStats,
+        rate_paused: Callable[[], float],
+        stopping: asyncio.Event,
+        metrics: Metrics,
         until_done: bool = False,
         judge_all: bool = False,
-        rng: random.Random | None = None,
-        metrics: Metrics | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        limits: WorkflowLimits | None = None,
     ) -> None:
         self.store = store
+        self.http = http
+        self.health = health
+        self.store_health = store_health
+        self.dispatcher = dispatcher
+        self.workflow = workflow
+        self.render_stats = render_stats
+        self.metrics = metrics
         self.until_done = until_done
         self.judge_all = judge_all  # until_done: every stored project decides, not this run's
-        self.rng = rng or random.Random()
-        self.metrics = metrics or Metrics()
-        self.health = ApiHealth(settings, until_done=until_done, metrics=self.metrics)
-        self.policy = PollPolicy(settings.poll_initial, settings.poll_max)
-        self.render_stats = RenderStats()
-        self.owner = settings.replica_id
-        # The replica is named in every request, so the far side (and the fleet test) can tell
-        # which process did what.
-        self.user_agent = f"{USER_AGENT}/{__version__} (replica {self.owner})"
-        self.lease_seconds = settings.lease_seconds
-        self.download_dir = settings.download_dir
-        self.max_in_flight = (
-            max(16, 4 * settings.max_concurrent_requests) + 2 * settings.max_concurrent_downloads
-        )
-        self._transport = transport
-        self._stopping = asyncio.Event()
-        self.limits = limits or WorkflowLimits()
+        self._rate_paused = rate_paused
+        self._stopping = stopping
         self._run_ids: set[str] = set()  # the projects of this run (see Outcome)
         self.started = asyncio.Event()
-        self.api: MagicHourClient | None = None
-        self.workflow: Workflow | None = None
-        self.download_gate = PriorityGate(settings.max_concurrent_downloads)
-        self.store_health = StoreHealth(
-            initial=settings.store_retry_initial,
-            maximum=settings.store_retry_max,
-            rng=self.rng,
-        )
-        self.dispatcher = Dispatcher(
-            store=store,
-            health=self.health,
-            store_health=self.store_health,
-            owner=self.owner,
-            lease_seconds=self.lease_seconds,
-            max_in_flight=self.max_in_flight,
-            stopping=self._stopping,
-            until_done=until_done,
-            on_done=self.request_stop,
-            metrics=self.metrics,
-        )
-        self.health.on_release = self.dispatcher.release_held
-        # Extra long-lived loops (the HTTP server) started in the daemon's task group.
+        # Extra long-lived loops (the HTTP server, the notifier) run in the daemon's task group,
+        # and what to release when the run ends (the server's socket, if it never served).
         self.side_tasks: list[Callable[[], Coroutine[object, object, None]]] = []
-
-    @property
-    def _work_flow(self) -> Workflow:
-        if self.workflow is None:
-            raise RuntimeError("the daemon is not running")
-        return self.workflow
+        self.closers: list[Callable[[], None]] = []
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -191,7 +154,7 @@ class Daemon:
     @property
     def rate_limit_paused(self) -> float:
         """Seconds every API call still waits after a 429."""
-        return self.api.throttle.paused_for if self.api is not None else 0.0
+        return self._rate_paused()
 
     async def untrack(self, project_id: str) -> bool:
         """Forget the project here; nothing is deleted remotely."""
@@ -208,62 +171,16 @@ class Daemon:
         """Read every ``*_FILE`` secret again; see :meth:`ApiHealth.reload_secrets`."""
         return self.health.reload_secrets(trigger)
 
-    def _http_client(self) -> httpx.AsyncClient:
-        s = self.settings
-        pool = s.max_concurrent_requests + s.max_concurrent_downloads + 4
-        return httpx.AsyncClient(
-            timeout=httpx.Timeout(s.request_timeout, connect=min(10.0, s.request_timeout)),
-            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
-            follow_redirects=True,
-            transport=self._transport,
-        )
-
     async def run(self) -> Outcome:
         """Run until stopped (or, with ``until_done``, until no project is active)."""
-        token = self.settings.require_token()
-        async with self._http_client() as http, self.store:
-            throttle = Throttle(
-                rate=self.settings.max_requests_per_second,
-                concurrency=self.settings.max_concurrent_requests,
-                shared=self._fleet_budget if self.store.shares_rate_budget else None,
-            )
-            self.api = MagicHourClient(
-                http,
-                base_url=str(self.settings.api_base_url),
-                token=token,
-                throttle=throttle,
-                on_retry=self.health.on_retry,
-                metrics=self.metrics,
-                user_agent=self.user_agent,
-                reload_token=self.health.token_after_401,
-            )
-            self.health.throttle = throttle
-            self.health.set_token = self.api.set_token
-            downloader = Downloader(
-                http,
-                user_agent=self.user_agent,
-                limits=self._transfer_limits(),
-                on_bytes=self.metrics.download_bytes.inc,
-            )
-            self.workflow = Workflow(
-                store=self.store,
-                api=self.api,
-                downloader=downloader,
-                health=self.health,
-                store_health=self.store_health,
-                policy=self.policy,
-                limits=self.limits,
-                lease_seconds=self.lease_seconds,
-                download_dir=self.download_dir,
-                stopping=self._stopping,
-                on_store_failed=self.dispatcher.store_failed,
-                metrics=self.metrics,
-                render_stats=self.render_stats,
-                download_gate=self.download_gate,
-                notify=self.settings.notify_url is not None,
-                rng=self.rng,
-            )
-            self.dispatcher.workflow = self.workflow
+        try:
+            return await self._run()
+        finally:
+            for close in self.closers:
+                close()
+
+    async def _run(self) -> Outcome:
+        async with self.http, self.store:
             await self._start()
             try:
                 async with asyncio.TaskGroup() as group:
@@ -280,7 +197,7 @@ class Daemon:
                         loop.cancel()
             finally:
                 with contextlib.suppress(StoreError):
-                    await self.store.release_leases(now=clock.now(), owner=self.owner)
+                    await self.store.release_leases(now=clock.now(), owner=self.settings.replica_id)
             self.store_health.settle(force=True)
             try:
                 return await self._outcome()
@@ -289,27 +206,10 @@ class Daemon:
                 log.warning("daemon_stopped", exit_code=code, error=str(exc))
                 return Outcome(code, {})
 
-    def _transfer_limits(self) -> TransferLimits:
-        s = self.settings
-        return TransferLimits(
-            min_rate=s.download_min_rate,
-            rate_window=s.download_rate_window,
-            max_seconds=s.download_max_seconds,
-            progress_seconds=s.download_progress_seconds,
-        )
-
-    async def _fleet_budget(self, want: int) -> int:
-        if self.store_health.down:  # no wait on a store that does not answer: our own limit holds
-            return want
-        rate = self.settings.max_requests_per_second
-        return await self.store.take_rate_tokens(
-            now=clock.now(), rate=rate, burst=max(1.0, rate), want=want
-        )
-
     async def _start(self) -> None:
         now = clock.now()
         released = await self.store.release_leases(
-            now=now, owner=None if self.store.is_exclusive else self.owner
+            now=now, owner=None if self.store.is_exclusive else self.settings.replica_id
         )
         refs = self.settings.project_refs
         added = await self.track(refs, delete_after_download=self.settings.delete_after_download)
@@ -319,16 +219,17 @@ class Daemon:
             self._run_ids |= await self._active_ids()
         counts = await self.store.count_by_state()
         active = sum(n for state, n in counts.items() if not state.is_final)
-        suspect = self.limits.base_url_suspect_404s
-        self._work_flow.suspect_after = min(suspect, active) or suspect
-        swept = await sweep_parts(self.store, self.download_dir, await self._active_ids())
+        suspect = self.workflow.limits.base_url_suspect_404s
+        self.workflow.suspect_after = min(suspect, active) or suspect
+        download_dir = self.settings.download_dir
+        swept = await sweep_parts(self.store, download_dir, await self._active_ids())
         learned = await self._learn()
         log.info(
             "daemon_started",
             version=__version__,
-            replica=self.owner,
+            replica=self.settings.replica_id,
             config=self.settings.summary(),
-            download_dir=str(self.download_dir),
+            download_dir=str(download_dir),
             projects_from_env=len(refs),
             projects_added=len(added),
             leases_released=released,

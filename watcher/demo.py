@@ -14,13 +14,13 @@ import tempfile
 from pathlib import Path
 
 from watcher import logs
-from watcher.cli import render_table, run_daemon
-from watcher.daemon import Daemon
 from watcher.models import Kind, RemoteStatus, State
 from watcher.settings import load_settings
 from watcher.simulator import SimConfig, Simulator, SimulatorServer
 from watcher.simulator.timeline import ProjectOverrides
 from watcher.store import create_store
+from watcher.table import render_table
+from watcher.wiring import build, run_daemon
 
 # What the demo asks the simulator for: (kind, forced final status or None for a seeded draw).
 DEMO_PROJECTS = [
@@ -73,7 +73,7 @@ def run_demo(directory: str | None = None, seed: int = 7) -> int:
         logs.configure(settings.log_level, settings.log_format)
         print(f"simulator at {server.base_url}; watching {len(ids)} projects in {root}\n")
         store = create_store(settings.database_url, exclusive=True)
-        asyncio.run(run_daemon(Daemon(settings, store, until_done=True)))
+        asyncio.run(run_daemon(build(settings, store, until_done=True)))
         return asyncio.run(_report(settings.database_url, root / "downloads", simulator))
 
 

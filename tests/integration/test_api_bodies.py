@@ -27,6 +27,7 @@ from watcher.models import Kind, ProjectRef, State
 from watcher.settings import Settings, load_settings
 from watcher.store import InMemoryStore, SQLiteStore, Store
 from watcher.throttle import Throttle
+from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio
 
@@ -148,7 +149,7 @@ async def test_hostile_bodies_end_as_clear_notes_and_final_states(tmp_path: Path
         )
         settings = settings_for(api, tmp_path, "deep200 deep404 year1 html good")
         store = SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True)
-        daemon = Daemon(settings, store)
+        daemon = build(settings, store)
         expected = {
             "deep200": "JSON nested too deeply",
             "year1": "downloads.0.expires_at: a date out of range: 0001-01-01T00:00:00",
@@ -202,8 +203,9 @@ async def test_a_crashing_project_is_quarantined_naming_the_exception(tmp_path: 
     answers = {"/v1/image-projects/p1": (200, "application/json", project("p1"))}
     async with HostileApi(answers) as api:
         store: Store = BuggyStore()
-        daemon = Daemon(settings_for(api, tmp_path, "p1"), store, until_done=True)
-        daemon.lease_seconds = 1.0  # (the old code would quarantine, blaming a dead replica)
+        # A lease of 1 s (the old code would quarantine, blaming a dead replica).
+        settings = settings_for(api, tmp_path, "p1").model_copy(update={"lease_seconds": 1.0})
+        daemon = build(settings, store, until_done=True)
         with capture_logs() as logs:
             outcome = await asyncio.wait_for(daemon.run(), 20)
     assert outcome.counts == {State.QUARANTINED: 1}
@@ -234,7 +236,7 @@ async def test_an_interruption_quarantine_names_the_last_failure(tmp_path: Path)
     for n in range(1, 5):  # a claim, then three take-overs of a lease that ran out
         await store.claim_due(now=1000 + 100 * n, limit=1, owner=f"ghost{n}", lease_seconds=10)
     async with HostileApi({}) as api:
-        daemon = Daemon(settings_for(api, tmp_path, ""), store, until_done=True)
+        daemon = build(settings_for(api, tmp_path, ""), store, until_done=True)
         outcome = await asyncio.wait_for(daemon.run(), 10)
         assert api.requests == []
     assert outcome.counts == {State.QUARANTINED: 1}
@@ -297,7 +299,7 @@ async def test_a_request_that_cannot_be_sent_stops_polling_with_one_line(tmp_pat
         ids = [f"p{i}" for i in range(10)]
         settings = settings_for(api, tmp_path, " ".join(ids), replica_id="réplica")
         store = SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True)
-        daemon = Daemon(settings, store, until_done=True)
+        daemon = build(settings, store, until_done=True)
         with capture_logs() as logs:
             outcome = await asyncio.wait_for(daemon.run(), 10)
         assert api.requests == []

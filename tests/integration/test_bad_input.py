@@ -16,10 +16,10 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from watcher.daemon import Daemon
 from watcher.models import Kind, ProjectRef, State
 from watcher.settings import Settings, load_settings
 from watcher.store import InMemoryStore, SQLiteStore
+from watcher.wiring import build
 from watcher.workflow import WorkflowLimits
 
 pytestmark = pytest.mark.anyio
@@ -91,7 +91,7 @@ async def test_hostile_file_names_stay_inside_the_download_dir(tmp_path: Path) -
         api.files[httpx.URL(url).raw_path.decode()] = f"file {i}".encode()
     api.bodies["hostile1"] = json.dumps(project("hostile1", urls)).encode()
     settings = settings_for(tmp_path, "hostile1")
-    daemon = Daemon(
+    daemon = build(
         settings, InMemoryStore(), until_done=True, transport=httpx.MockTransport(api.handler)
     )
     outcome = await asyncio.wait_for(daemon.run(), 20)
@@ -124,7 +124,7 @@ async def test_unreadable_api_bodies_are_retried_not_fatal(
     api.bodies["p1"] = body
     settings = settings_for(tmp_path, "p1")
     store = InMemoryStore()
-    daemon = Daemon(settings, store, transport=httpx.MockTransport(api.handler))
+    daemon = build(settings, store, transport=httpx.MockTransport(api.handler))
     with capture_logs() as logs:
         task = asyncio.create_task(daemon.run())
         while len(api.requests) < 6:
@@ -162,7 +162,7 @@ async def test_a_full_disk_fails_the_download_cleanly_and_it_is_retried(tmp_path
     settings = settings_for(tmp_path, "p1")
     with tmpfs(downloads, "1m"):
         store = SQLiteStore(str(tmp_path / "w.db"), exclusive=True)
-        daemon = Daemon(
+        daemon = build(
             settings,
             store,
             until_done=True,
@@ -213,7 +213,7 @@ async def test_outputs_that_cannot_be_fetched_end_failed_naming_the_cause(
     api = RefusingCdn(vanish=vanish)
     settings = settings_for(tmp_path, "p1", delete_after_download="true")
     store = InMemoryStore()
-    daemon = Daemon(settings, store, until_done=True, transport=httpx.MockTransport(api.handler))
+    daemon = build(settings, store, until_done=True, transport=httpx.MockTransport(api.handler))
     with capture_logs() as logs:
         outcome = await asyncio.wait_for(daemon.run(), 30)
     assert outcome.counts == {State.FAILED: 1}
@@ -240,7 +240,7 @@ async def test_payment_required_pauses_polling_with_one_clear_line(tmp_path: Pat
     settings = settings_for(
         tmp_path, " ".join(f"p{i}" for i in range(20)), max_concurrent_requests="1"
     )
-    daemon = Daemon(settings, InMemoryStore(), transport=httpx.MockTransport(handler))
+    daemon = build(settings, InMemoryStore(), transport=httpx.MockTransport(handler))
     with capture_logs() as logs:
         task = asyncio.create_task(daemon.run())
         await asyncio.sleep(1.0)
@@ -264,7 +264,7 @@ async def test_a_project_whose_work_keeps_being_interrupted_is_quarantined(
     await store.track([ProjectRef(Kind.IMAGE, "p1")], now=start, delete_after_download=False)
     for n in range(4):  # the first claim, then three take-overs of a lease that ran out
         await store.claim_due(now=start + 100 * n, limit=1, owner=f"ghost{n}", lease_seconds=10)
-    daemon = Daemon(
+    daemon = build(
         settings_for(tmp_path, ""),
         store,
         until_done=True,

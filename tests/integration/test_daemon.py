@@ -28,6 +28,7 @@ from watcher.simulator.server import SimulatorServer
 from watcher.simulator.state import Simulator
 from watcher.simulator.timeline import ProjectOverrides
 from watcher.store import Claim, InMemoryStore, OutputState, SQLiteStore
+from watcher.wiring import build
 from watcher.workflow import WorkflowLimits
 
 pytestmark = pytest.mark.anyio
@@ -88,7 +89,7 @@ async def test_two_hundred_projects_end_in_the_right_states(serve: Serve, tmp_pa
     )
     store = SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True)
     with capture_logs() as logs:
-        outcome = await run_daemon(Daemon(settings, store, until_done=True))
+        outcome = await run_daemon(build(settings, store, until_done=True))
 
     async with SQLiteStore(str(tmp_path / "watcher.db")) as reader:
         page = await reader.list_projects(limit=1000)
@@ -133,7 +134,7 @@ async def test_restart_in_the_middle_loses_and_refetches_nothing(
     settings = watcher_settings(server, tmp_path, projects=" ".join(specs))
     db = str(tmp_path / "watcher.db")
 
-    first = Daemon(settings, SQLiteStore(db, exclusive=True), until_done=True)
+    first = build(settings, SQLiteStore(db, exclusive=True), until_done=True)
 
     async def stop_when_some_saved() -> None:
         while sum(1 for e in sim.events() if e.what == "download" and e.completed) < 15:
@@ -148,7 +149,7 @@ async def test_restart_in_the_middle_loses_and_refetches_nothing(
     assert counts.get(State.SAVED, 0) >= 1
     assert counts.get(State.POLLING, 0) + counts.get(State.DOWNLOADING, 0) >= 1
 
-    second = await run_daemon(Daemon(settings, SQLiteStore(db, exclusive=True), until_done=True))
+    second = await run_daemon(build(settings, SQLiteStore(db, exclusive=True), until_done=True))
     assert second.exit_code == 0
     assert second.counts == {State.SAVED: 60}
     completed = Counter(
@@ -173,7 +174,7 @@ async def test_not_found_and_unauthorized_end_clearly(serve: Serve, tmp_path: Pa
     )
     settings = watcher_settings(server, tmp_path, projects=f"{good} cmissing0000000000000000")
     outcome = await run_daemon(
-        Daemon(settings, SQLiteStore(str(tmp_path / "a.db")), until_done=True)
+        build(settings, SQLiteStore(str(tmp_path / "a.db")), until_done=True)
     )
     assert outcome.counts == {State.SAVED: 1, State.NOT_FOUND: 1}
     assert outcome.exit_code == 1
@@ -188,9 +189,7 @@ async def test_not_found_and_unauthorized_end_clearly(serve: Serve, tmp_path: Pa
         database_url=f"sqlite:///{tmp_path / 'b.db'}",
     )
     with capture_logs() as logs:
-        outcome = await run_daemon(
-            Daemon(bad, SQLiteStore(str(tmp_path / "b.db")), until_done=True)
-        )
+        outcome = await run_daemon(build(bad, SQLiteStore(str(tmp_path / "b.db")), until_done=True))
     assert outcome.exit_code == 3
     assert [e for e in logs if e["event"] == "api_unauthorized"]
     gets = [e for e in server.simulator.events()[seen_before:] if e.what == "get"]
@@ -222,13 +221,13 @@ async def test_a_restart_keeps_what_the_schedule_learned(serve: Serve, tmp_path:
     specs = create_mixed(server.simulator, 15, 1, 3)
     settings = watcher_settings(server, tmp_path, projects=" ".join(specs))
     db = str(tmp_path / "watcher.db")
-    first = Daemon(settings, SQLiteStore(db, exclusive=True), until_done=True)
+    first = build(settings, SQLiteStore(db, exclusive=True), until_done=True)
     assert (await run_daemon(first)).exit_code == 0
     learned = {kind: first.render_stats.count(kind) for kind in Kind}
     assert learned[Kind.IMAGE] >= 12  # enough for a window: the next start is not cold
     assert learned[Kind.AUDIO] >= 1
 
-    second = Daemon(settings, SQLiteStore(db, exclusive=True), until_done=True)
+    second = build(settings, SQLiteStore(db, exclusive=True), until_done=True)
     with capture_logs() as logs:
         assert (await run_daemon(second)).exit_code == 0
     assert {kind: second.render_stats.count(kind) for kind in Kind} == learned
@@ -274,7 +273,7 @@ async def test_work_stops_at_once_when_another_replica_takes_the_lease(
     (pid,) = server.simulator.create_projects(Kind.IMAGE, 1)
     settings = short_lease(watcher_settings(server, tmp_path, projects=pid))
     store = InMemoryStore()
-    daemon = Daemon(settings, store)
+    daemon = build(settings, store)
     with capture_logs() as logs:
         running = asyncio.create_task(daemon.run())
         await until(lambda: daemon.dispatcher.working_on(pid), 5)
@@ -315,7 +314,7 @@ async def test_an_own_lease_that_ran_out_is_taken_up_by_a_fresh_task(
     settings = short_lease(watcher_settings(server, tmp_path, projects=pid))
     store = MissesRenewals()
     with capture_logs() as logs:
-        outcome = await run_daemon(Daemon(settings, store, until_done=True), limit=30)
+        outcome = await run_daemon(build(settings, store, until_done=True), limit=30)
     assert outcome.counts == {State.SAVED: 1}
     assert [e["event"] for e in logs].count("lease_expired_while_working") == 1
     gets = [e for e in server.simulator.events() if e.what == "get"]
@@ -355,7 +354,7 @@ async def test_a_project_whose_get_keeps_failing_while_others_work_is_quarantine
     settings = watcher_settings(server, tmp_path, projects=f"{poison} {healthy}")
     store = InMemoryStore()
     limits = WorkflowLimits(max_poll_failures=3)
-    daemon = Daemon(settings, store, transport=poisoned_gets({poison}), limits=limits)
+    daemon = build(settings, store, transport=poisoned_gets({poison}), limits=limits)
     with capture_logs() as logs:
         running = asyncio.create_task(daemon.run())
         await until(lambda: any(e["event"] == "project_quarantined" for e in logs), 20)
@@ -379,7 +378,7 @@ async def test_no_project_is_quarantined_when_every_get_fails(serve: Serve, tmp_
     settings = watcher_settings(server, tmp_path, projects=" ".join(ids))
     store = InMemoryStore()
     limits = WorkflowLimits(max_poll_failures=3)
-    daemon = Daemon(settings, store, transport=poisoned_gets(set(ids)), limits=limits)
+    daemon = build(settings, store, transport=poisoned_gets(set(ids)), limits=limits)
 
     def failed_often() -> bool:
         return len(store.projects) == 2 and all(p.failures >= 5 for p in store.projects.values())
@@ -421,7 +420,7 @@ async def test_a_refused_download_link_is_renewed_with_a_fresh_get(
 
     transport = Intercepted(refuse_first_links)
     with capture_logs() as logs:
-        daemon = Daemon(settings, InMemoryStore(), until_done=True, transport=transport)
+        daemon = build(settings, InMemoryStore(), until_done=True, transport=transport)
         outcome = await run_daemon(daemon)
     assert outcome.counts == {State.SAVED: 1}
     assert len(refused) == 2  # the first link of each output was refused
@@ -485,7 +484,7 @@ async def test_an_output_first_listed_by_the_fresh_get_is_saved_too(
     )
     transport = ListsOneOutputLate()
     store = InMemoryStore()
-    outcome = await run_daemon(Daemon(settings, store, until_done=True, transport=transport))
+    outcome = await run_daemon(build(settings, store, until_done=True, transport=transport))
     assert (transport.trimmed, transport.refused) == (1, 1)
     assert outcome.counts == {State.DELETED if delete else State.SAVED: 1}
     assert [o.state for o in await store.outputs(pid)] == [OutputState.SAVED] * 3
@@ -562,7 +561,7 @@ async def test_twelve_outputs_each_cut_once_are_all_saved(serve: Serve, tmp_path
     try:
         settings = watcher_settings(server, tmp_path, projects=pid, api_base_url=proxy.base_url)
         store = InMemoryStore()
-        outcome = await run_daemon(Daemon(settings, store, until_done=True))
+        outcome = await run_daemon(build(settings, store, until_done=True))
     finally:
         proxy.stop()
     assert len(proxy.cut) == 12
@@ -602,7 +601,7 @@ async def test_a_cdn_outage_is_waited_out_with_backoff(serve: Serve, tmp_path: P
     (pid,) = server.simulator.create_projects(Kind.AUDIO, 1)
     settings = watcher_settings(server, tmp_path, projects=f"audio:{pid}")
     with capture_logs() as logs:
-        daemon = Daemon(settings, InMemoryStore(), until_done=True, transport=cdn_down_for(12))
+        daemon = build(settings, InMemoryStore(), until_done=True, transport=cdn_down_for(12))
         outcome = await run_daemon(daemon)
     assert outcome.counts == {State.SAVED: 1}
     retries = [e for e in logs if e["event"] == "project_retry_scheduled"]
@@ -627,7 +626,7 @@ async def test_a_download_that_never_progresses_is_given_up(serve: Serve, tmp_pa
     settings = watcher_settings(server, tmp_path, projects=f"audio:{pid}")
     store = InMemoryStore()
     limits = WorkflowLimits(give_up=GiveUpLimits(stalled_tries=4, stalled_seconds=0.0))
-    daemon = Daemon(settings, store, until_done=True, transport=cdn_down_for(10_000), limits=limits)
+    daemon = build(settings, store, until_done=True, transport=cdn_down_for(10_000), limits=limits)
     outcome = await run_daemon(daemon)
     assert outcome.counts == {State.FAILED: 1}
     p = await store.get(pid)
@@ -649,7 +648,7 @@ async def test_one_missing_project_among_good_ones_is_no_base_url_alarm(
     settings = watcher_settings(server, tmp_path, projects=" ".join([*good, "cmissing00000001"]))
     with capture_logs() as logs:
         outcome = await run_daemon(
-            Daemon(settings, SQLiteStore(str(tmp_path / "w.db")), until_done=True)
+            build(settings, SQLiteStore(str(tmp_path / "w.db")), until_done=True)
         )
     assert outcome.counts == {State.SAVED: 2, State.NOT_FOUND: 1}
     (missing,) = [e for e in logs if e["event"] == "project_not_found"]

@@ -29,6 +29,7 @@ from watcher.simulator.config import SimConfig
 from watcher.simulator.server import SimulatorServer
 from watcher.simulator.state import Simulator
 from watcher.store import InMemoryStore, SQLiteStore
+from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio
 
@@ -184,7 +185,7 @@ async def test_a_slow_drip_is_cut_and_resumed_with_range(serve: Any, tmp_path: P
     )
     async with SlowCdn(body, [Plan(fast=50_000)]) as cdn:
         with capture_logs() as logs:
-            daemon = Daemon(settings, InMemoryStore(), until_done=True, transport=ToCdn(cdn))
+            daemon = build(settings, InMemoryStore(), until_done=True, transport=ToCdn(cdn))
             outcome = await run_daemon(daemon)
     assert outcome.counts == {State.SAVED: 1}
     first, second = cdn.requests
@@ -247,7 +248,7 @@ async def test_a_running_download_shows_its_progress(serve: Any, tmp_path: Path)
     store = SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True)
     async with SlowCdn(body, [Plan(fast=300_000, interval=0.01)]) as cdn:
         with capture_logs() as logs:
-            daemon = Daemon(settings, store, transport=ToCdn(cdn))
+            daemon = build(settings, store, transport=ToCdn(cdn))
 
             def counted() -> float:
                 value = daemon.metrics.registry.get_sample_value("watcher_download_bytes_total")
@@ -313,7 +314,7 @@ async def test_an_output_named_part_survives_its_projects_clean_up(
     server: SimulatorServer = serve(one_output(30_000))
     (pid,) = server.simulator.create_projects(Kind.IMAGE, 1)
     settings = watcher_settings(server, tmp_path, projects=pid, delete_after_download="true")
-    daemon = Daemon(settings, InMemoryStore(), until_done=True, transport=PartNames())
+    daemon = build(settings, InMemoryStore(), until_done=True, transport=PartNames())
     outcome = await run_daemon(daemon)
     assert outcome.counts == {State.DELETED: 1}
     saved = tmp_path / "downloads" / "image" / pid / "0-output.png.part"
@@ -331,7 +332,7 @@ async def test_start_up_removes_temporary_files_but_never_an_output(
     settings = watcher_settings(server, tmp_path, projects=pid)
     db = str(tmp_path / "watcher.db")
     outcome = await run_daemon(
-        Daemon(settings, SQLiteStore(db, exclusive=True), until_done=True, transport=PartNames())
+        build(settings, SQLiteStore(db, exclusive=True), until_done=True, transport=PartNames())
     )
     assert outcome.counts == {State.SAVED: 1}
     folder = tmp_path / "downloads" / "image" / pid
@@ -351,7 +352,7 @@ async def test_start_up_removes_temporary_files_but_never_an_output(
 
     with capture_logs() as logs:
         outcome = await run_daemon(
-            Daemon(settings, SQLiteStore(db, exclusive=True), until_done=True)
+            build(settings, SQLiteStore(db, exclusive=True), until_done=True)
         )
     assert outcome.counts == {State.SAVED: 1}
     assert saved.read_bytes() == expected
@@ -376,7 +377,7 @@ async def test_a_url_that_looks_expired_is_still_tried(serve: Any, tmp_path: Pat
         (pid,) = server.simulator.create_projects(Kind.IMAGE, 1)
         settings = watcher_settings(server, tmp_path, projects=pid)
         with capture_logs() as logs:
-            outcome = await run_daemon(Daemon(settings, InMemoryStore(), until_done=True), 15)
+            outcome = await run_daemon(build(settings, InMemoryStore(), until_done=True), 15)
         gets = [e for e in server.simulator.events() if e.what == "get"]
         downloads = [e for e in server.simulator.events() if e.what == "download"]
     finally:

@@ -28,6 +28,7 @@ from watcher.simulator.config import Faults, SimConfig
 from watcher.simulator.server import SimulatorServer
 from watcher.simulator.timeline import ProjectOverrides
 from watcher.store import PostgresStore, SQLiteStore
+from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio
 
@@ -53,7 +54,7 @@ def make_daemon(
     extra.setdefault("control_token", CONTROL_TOKEN)
     settings = watcher_settings(server, root, **extra)
     store = SQLiteStore(str(root / "watcher.db"), exclusive=True)
-    return Daemon(settings, store, transport=transport)
+    return build(settings, store, transport=transport)
 
 
 async def project_state(client: httpx.AsyncClient, pid: str) -> str:
@@ -443,7 +444,7 @@ async def test_only_one_replica_reports_the_fleet_gauges(
             control_token=CONTROL_TOKEN,
             **extra,
         )
-        return Daemon(settings, PostgresStore(pg_url, max_size=4))
+        return build(settings, PostgresStore(pg_url, max_size=4))
 
     async with (
         running(replica("a", projects=" ".join(done))) as a,

@@ -30,6 +30,7 @@ from watcher.simulator.config import SimConfig
 from watcher.simulator.server import SimulatorServer
 from watcher.simulator.timeline import ProjectOverrides
 from watcher.store import SQLiteStore
+from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio
 
@@ -63,7 +64,7 @@ def make_daemon(
 ) -> Daemon:
     """A daemon notifying ``url``, retrying fast, on the SQLite file under ``root``."""
     settings = watcher_settings(server, root, notify_url=url, notify_secret=SECRET, **extra)
-    daemon = Daemon(
+    daemon = build(
         settings,
         SQLiteStore(str(root / "watcher.db"), exclusive=True),
         until_done=until_done,

@@ -14,10 +14,10 @@ from structlog.testing import capture_logs
 
 from tests.integration.http_support import CONTROL_TOKEN, running
 from tests.support import watcher_settings
-from watcher.daemon import Daemon
 from watcher.simulator.server import SimulatorServer
 from watcher.store import SQLiteStore
 from watcher.webhooks import signed_headers
+from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio
 
@@ -49,7 +49,7 @@ async def test_reloaded_control_token_and_webhook_secret_apply_at_once(
         control_token_file=str(control_file),
         webhook_secret_file=str(webhook_file),
     )
-    daemon = Daemon(settings, SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True))
+    daemon = build(settings, SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True))
     with capture_logs() as logs:
         async with running(daemon) as run:
             assert (await run.client.get("/v1/projects")).status_code == 200
@@ -76,7 +76,7 @@ async def test_an_empty_secret_file_keeps_the_secrets_in_use(serve: Serve, tmp_p
     control_file = tmp_path / "control"
     control_file.write_text(CONTROL_TOKEN + "\n")
     settings = watcher_settings(serve(), tmp_path, control_token_file=str(control_file))
-    daemon = Daemon(settings, SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True))
+    daemon = build(settings, SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True))
     with capture_logs() as logs:
         async with running(daemon) as run:
             control_file.write_text("")

@@ -15,13 +15,13 @@ from structlog.testing import capture_logs
 
 from tests.support import watcher_settings
 from watcher import clock
-from watcher.daemon import Daemon
 from watcher.errors import StoreUnavailable
 from watcher.models import Kind, RemoteStatus, State
 from watcher.simulator.config import SimConfig
 from watcher.simulator.server import SimulatorServer
 from watcher.simulator.timeline import ProjectOverrides
 from watcher.store import Claim, InMemoryStore, OutputState
+from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio
 
@@ -102,7 +102,7 @@ async def test_a_write_that_fails_mid_work_is_redone_under_the_same_lease(
     )
     store = OutageStore(trigger, failing=3)
     with capture_logs() as logs:
-        outcome = await asyncio.wait_for(Daemon(settings, store, until_done=True).run(), 30)
+        outcome = await asyncio.wait_for(build(settings, store, until_done=True).run(), 30)
     assert store.failed[0] == trigger
     assert outcome.exit_code == 0
     assert outcome.counts == {State.DELETED: 1}
@@ -138,7 +138,7 @@ async def test_claims_that_fail_pause_the_daemon_instead_of_ending_it(
     )
     store = OutageStore("claim_due", failing=4)
     with capture_logs() as logs:
-        outcome = await asyncio.wait_for(Daemon(settings, store, until_done=True).run(), 30)
+        outcome = await asyncio.wait_for(build(settings, store, until_done=True).run(), 30)
     assert outcome.counts == {State.SAVED: 3}
     assert store.failed[0] == "claim_due"
     assert set(store.failed) == {"claim_due", "release_leases"}  # the probe: a write
@@ -171,7 +171,7 @@ async def test_work_whose_lease_was_taken_during_the_outage_stops_there(
         )
 
     store = OutageStore("record_output_saved", failing=3, meanwhile=another_replica_claims)
-    daemon = Daemon(settings, store)
+    daemon = build(settings, store)
     with capture_logs() as logs:
         running = asyncio.create_task(daemon.run())
         deadline = asyncio.get_running_loop().time() + 20

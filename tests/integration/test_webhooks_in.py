@@ -24,6 +24,7 @@ from watcher.simulator.state import Simulator
 from watcher.simulator.timeline import ProjectOverrides
 from watcher.store import SQLiteStore
 from watcher.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, signed_headers
+from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +49,7 @@ def make_daemon(server: SimulatorServer, root: Path, **extra: str) -> Daemon:
         **extra,
     }
     settings = watcher_settings(server, root, **values)
-    return Daemon(settings, SQLiteStore(str(root / "watcher.db"), exclusive=True))
+    return build(settings, SQLiteStore(str(root / "watcher.db"), exclusive=True))
 
 
 def event_body(kind: Kind, pid: str, event: str = "completed") -> bytes:

@@ -10,13 +10,13 @@ import httpx
 import pytest
 
 from watcher import clock
-from watcher.daemon import Daemon
 from watcher.errors import ConfigError, StoreError
 from watcher.http import check_settings, create_app
 from watcher.models import Kind, ProjectRef, RemoteStatus
 from watcher.settings import load_settings
 from watcher.store import InMemoryStore
 from watcher.webhooks import signed_headers
+from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio
 
@@ -28,7 +28,7 @@ async def test_an_event_during_an_in_flight_poll_is_followed_by_another_poll() -
     project is made due again as soon as that work releases it, not after its long backoff."""
     settings = load_settings({"WATCHER_WEBHOOK_SECRET": SECRET, "WATCHER_API_TOKEN": "t"})
     store = InMemoryStore()
-    daemon = Daemon(settings, store)
+    daemon = build(settings, store)
     now = clock.now()
     await store.track([ProjectRef(Kind.IMAGE, "cm1")], now=now, delete_after_download=False)
     (claim,) = await store.claim_due(now=now, limit=1, owner="me", lease_seconds=30)
@@ -79,7 +79,7 @@ class DeadStore(InMemoryStore):
 async def test_readiness_fails_when_the_store_does_not_answer() -> None:
     """/readyz answers 503 naming the store while /healthz still answers 200."""
     settings = load_settings({"WATCHER_API_TOKEN": "t"})
-    daemon = Daemon(settings, DeadStore())
+    daemon = build(settings, DeadStore())
     transport = httpx.ASGITransport(app=create_app(daemon, daemon.store, daemon.metrics))
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         ready = await client.get("/readyz")

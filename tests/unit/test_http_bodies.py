@@ -13,6 +13,7 @@ from watcher.http import create_app
 from watcher.settings import load_settings
 from watcher.store import InMemoryStore
 from watcher.webhooks import signed_headers
+from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio
 
@@ -43,7 +44,7 @@ def client_of(daemon: Daemon) -> httpx.AsyncClient:
 @pytest.mark.parametrize("body", HOSTILE)
 async def test_hostile_bodies_to_the_tracking_api_are_refused_with_400(body: bytes) -> None:
     """``POST /v1/projects`` answers 400 with a JSON error, never 500, and tracks nothing."""
-    daemon = Daemon(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
+    daemon = build(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
     async with client_of(daemon) as client:
         response = await client.post(
             "/v1/projects", content=body, headers={"content-type": "application/json"}
@@ -68,7 +69,7 @@ async def test_hostile_signed_webhooks_are_refused_with_400(body: bytes) -> None
             "WATCHER_WEBHOOK_AUTO_TRACK": "true",
         }
     )
-    daemon = Daemon(settings, InMemoryStore())
+    daemon = build(settings, InMemoryStore())
     async with client_of(daemon) as client:
         response = await client.post(
             "/webhooks/magic-hour",
@@ -87,7 +88,7 @@ async def test_hostile_signed_webhooks_are_refused_with_400(body: bytes) -> None
 async def test_a_limit_that_is_not_plain_digits_is_400(limit: str) -> None:
     """``limit`` must be ASCII digits: 5000 of them, a superscript or Arabic-Indic digits are
     400 ``invalid_parameter``, not a 500 (or a page of ten)."""
-    daemon = Daemon(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
+    daemon = build(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
     async with client_of(daemon) as client:
         response = await client.get("/v1/projects", params={"limit": limit})
     assert (response.status_code, response.json()["error"]) == (400, "invalid_parameter")
@@ -95,7 +96,7 @@ async def test_a_limit_that_is_not_plain_digits_is_400(limit: str) -> None:
 
 async def test_an_absurd_content_length_is_413() -> None:
     """A declared length of 5000 digits is refused as too large, not parsed into a 500."""
-    daemon = Daemon(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
+    daemon = build(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
     async with client_of(daemon) as client:
         response = await client.post(
             "/v1/projects",

@@ -11,12 +11,12 @@ import httpx
 import jsonschema
 import pytest
 
-from watcher.daemon import Daemon
 from watcher.http import create_app
 from watcher.http.app import LIST_PARAMETERS, route_table
 from watcher.http.openapi import openapi_document
 from watcher.settings import load_settings
 from watcher.store import InMemoryStore
+from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio
 
@@ -32,7 +32,7 @@ def documented_methods(path: str) -> set[str]:
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     """A client of the app of an idle daemon on an in-memory store, without a control token."""
-    daemon = Daemon(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
+    daemon = build(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
     transport = httpx.ASGITransport(app=create_app(daemon, daemon.store, daemon.metrics))
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
         yield http
@@ -45,7 +45,7 @@ def concrete(path: str) -> str:
 
 def test_the_document_names_every_route_and_method() -> None:
     """Every (path, method) the app serves is in the document, and nothing else is."""
-    daemon = Daemon(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
+    daemon = build(load_settings({"WATCHER_API_TOKEN": "t"}), InMemoryStore())
     app = create_app(daemon, daemon.store, daemon.metrics)
     documented = {(path, m) for path in DOCUMENT["paths"] for m in documented_methods(path)}
     assert documented == route_table(app)

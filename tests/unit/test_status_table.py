@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from watcher.cli import render_status
 from watcher.models import Kind, State
 from watcher.store import ProjectRecord
+from watcher.table import render_status
 from watcher.views import project_json
 
 NOW = 1_700_000_000.0

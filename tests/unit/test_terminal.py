@@ -11,8 +11,8 @@ import pytest
 import structlog
 
 from watcher import logs
-from watcher.cli import render_status
 from watcher.errors import WatcherError
+from watcher.table import render_status
 from watcher.terminal import printable
 
 HOSTILE = "\x1b]0;owned\x07\x1b[2J\x1b[31mred\rover\u202eeerht\x9b1m\ud800\u2028next\x00"
