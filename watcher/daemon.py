@@ -29,19 +29,14 @@ import structlog
 
 from watcher import __version__, clock
 from watcher.dispatcher import Dispatcher
-from watcher.errors import (
-    StoreError,
-)
+from watcher.errors import StoreError
 from watcher.health import ApiHealth
 from watcher.metrics import Metrics
 from watcher.models import Kind, ProjectRef, State
 from watcher.outage import StoreHealth
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats
 from watcher.settings import Settings
-from watcher.store import (
-    ProjectRecord,
-    Store,
-)
+from watcher.store import ProjectRecord, Store
 from watcher.workflow import Workflow, sweep_parts
 
 log = structlog.get_logger("watcher")
@@ -67,7 +62,8 @@ class Outcome:
 
 
 class Daemon:
-    """Tracks projects until final; see the module docstring."""
+    """Tracks projects until final; see the module docstring. It is the
+    :class:`~watcher.control.Control` the HTTP app and the notifier are given."""
 
     def __init__(
         self,
