@@ -13,7 +13,9 @@ leases them to the caller: their ``due_at`` moves to the lease's end and their `
 increases. Every write that ends a piece of work passes the :class:`Claim` back; the store
 refuses it with :class:`LeaseLost` if the lease was taken over since, so a paused worker can
 never overwrite a newer result. A worker that dies simply lets its lease run out: the project is
-due again when it does.
+due again when it does. On a store shared by replicas, each replica also proves it is alive
+(:meth:`Store.liveness`, a :class:`Liveness` session), so the leases of one that died are taken
+over at once (:meth:`Store.expire_dead_leases`) instead of at their expiry.
 
 A store shared by replicas also holds the fleet's API request budget
 (:meth:`Store.take_rate_tokens`), so ``WATCHER_MAX_REQUESTS_PER_SECOND`` bounds the whole fleet.
@@ -163,6 +165,34 @@ class TrackResult:
     revived: list[str] = field(default_factory=list)
 
 
+class Liveness(abc.ABC):
+    """One replica's proof of life on a store shared with other replicas, and its ear for work
+    that they make due.
+
+    While :meth:`watch` runs, the store knows the replica is alive (PostgreSQL: a session-level
+    advisory lock on a connection of its own): when its session ends (the process died, or was
+    cut off from the database) the other replicas may take its leases over at once. The same
+    session hears the other replicas' wake-ups (PostgreSQL: ``LISTEN``).
+    """
+
+    @abc.abstractmethod
+    async def take(self) -> None:
+        """Open a new session and prove life in it (after a loss too). Raises
+        :class:`StoreError` (:class:`~watcher.errors.StoreUnavailable` while the database does
+        not answer)."""
+
+    @abc.abstractmethod
+    async def watch(self, on_due: Callable[[], None], *, every: float) -> None:
+        """Keep the session taken by :meth:`take`: call ``on_due`` when another process has
+        made work due, check the session every ``every`` seconds (each check allowed the
+        store's call timeout). Returns never; raises :class:`StoreError` once the session is
+        lost (it is closed then: the caller must assume its leases may be taken over)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """End the session (its proof of life with it). Safe to call twice."""
+
+
 class Store(abc.ABC):
     """Durable state of the watcher. Methods are coroutines; implementations must be safe to
     call from one event loop concurrently."""
@@ -271,6 +301,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def release_leases(self, *, now: float, owner: str | None = None) -> int:
         """Make leased projects due ``now`` (those of ``owner``, or all). Returns how many."""
+
+    def liveness(self, owner: str) -> Liveness | None:
+        """A new (untaken) :class:`Liveness` session of replica ``owner``, or ``None`` for a
+        store that one daemon alone works on (SQLite, memory): nobody else could take over."""
+        del owner
+        return None
+
+    async def expire_dead_leases(self, *, now: float) -> dict[str, str]:
+        """Make due ``now`` the projects leased to replicas whose liveness session has ended
+        (they died, or were cut off from the store), keeping the lease's owner, so the next
+        claim takes them over as after a lease expiry. Returns ``{project id: dead owner}``.
+
+        This default finds none: without :meth:`liveness` there is nobody to find dead."""
+        del now
+        return {}
 
     @abc.abstractmethod
     async def renew(self, claim: Claim, *, now: float, lease_seconds: float) -> bool:

@@ -13,6 +13,12 @@ database alone, and this module holds what only a shared database does:
 - :meth:`PostgresStore.take_rate_tokens` keeps the fleet's API budget in one locked row.
 - :meth:`PostgresStore.reports_fleet_gauges` lets one replica at a time report the gauges, by a
   session-level advisory lock.
+- :meth:`PostgresStore.liveness` is a replica's proof of life (a session-level advisory lock on
+  a connection of its own, :mod:`watcher.store.postgres_liveness`), and
+  :meth:`PostgresStore.expire_dead_leases` makes the leases of a replica whose lock is free (its
+  session ended while the server ran on: it died) due at once, for the next claim to take over.
+- A write that makes work due (tracking, reviving, expediting, releasing leases) notifies
+  ``watcher_due`` in its own transaction, which wakes every replica that listens.
 
 It does not own the token bucket's caller (the API client) nor any decision about what to claim.
 """
@@ -26,6 +32,7 @@ from watcher.errors import StoreError
 from watcher.store.base import Claim, Notification
 from watcher.store.connector import Session
 from watcher.store.postgres_connector import DEFAULT_TIMEOUT, PostgresConnector, redact_url
+from watcher.store.postgres_liveness import LIVENESS_LOCK_CLASS, PostgresLiveness
 from watcher.store.rows import notification_from_row, project_from_row
 from watcher.store.sql import load_queries
 from watcher.store.sql_store import SqlStore
@@ -88,6 +95,24 @@ class PostgresStore(SqlStore[PostgresConnector]):
         params = {"now": now, "limit": limit, "until": now + lease_seconds}
         rows = await self.connector.fetchall(_Q["claim_notifications"], params)
         return [notification_from_row(r) for r in rows]
+
+    # --- liveness: a dead replica's leases taken over at once; wake-ups -----------------------
+
+    def liveness(self, owner: str) -> PostgresLiveness:
+        return PostgresLiveness(self.connector, owner)
+
+    async def expire_dead_leases(self, *, now: float) -> dict[str, str]:
+        async def work(s: Session) -> dict[str, str]:
+            params = {"class": LIVENESS_LOCK_CLASS, "now": now}
+            rows = await s.fetchall(_Q["expire_dead_leases"], params)
+            if rows:
+                await self._announce_due(s)
+            return {row["id"]: row["lease_owner"] for row in rows}
+
+        return await self.connector.transaction(work)
+
+    async def _announce_due(self, s: Session) -> None:
+        await s.execute(_Q["announce_due"], {})
 
     # --- the fleet's request budget -------------------------------------------------------------
 

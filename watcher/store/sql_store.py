@@ -37,6 +37,7 @@ from watcher.store.base import (
 )
 from watcher.store.connector import Connector, Session
 from watcher.store.rows import (
+    Row,
     output_from_row,
     project_changes,
     project_from_row,
@@ -86,7 +87,7 @@ class SqlStore(TransitionWrites, Generic[C]):
     ) -> TrackResult:
         params = self._refs(refs, now=now, delete_after_download=delete_after_download)
         rows = await self.connector.transaction(
-            lambda s: s.fetchall(self._q["insert_projects"], params)
+            lambda s: self._due_rows(s, self._q["insert_projects"], params)
         )
         new = {row["id"] for row in rows}
         result = TrackResult()
@@ -103,7 +104,7 @@ class SqlStore(TransitionWrites, Generic[C]):
     ) -> list[str]:
         params = self._refs(refs, now=now, delete_after_download=delete_after_download)
         rows = await self.connector.transaction(
-            lambda s: s.fetchall(self._q["revive_projects"], params)
+            lambda s: self._due_rows(s, self._q["revive_projects"], params)
         )
         revived = {row["id"] for row in rows}
         return [pid for pid in dict.fromkeys(ref.id for ref in refs) if pid in revived]
@@ -147,6 +148,21 @@ class SqlStore(TransitionWrites, Generic[C]):
         rows = await self.connector.fetchall(self._q["render_durations"], params)
         return [r["seconds"] for r in reversed(rows)]
 
+    # --- waking the fleet ------------------------------------------------------------------------
+
+    async def _announce_due(self, s: Session) -> None:
+        """Inside the transaction of a write that makes work due: tell every replica, at commit,
+        to look for it now. Nothing here: a store that one daemon alone works on wakes it in
+        process (the daemon's own wake-up, and its claim loop's next look for another
+        process's ``watcher track``)."""
+
+    async def _due_rows(self, s: Session, sql: str, params: dict[str, object]) -> list[Row]:
+        """The rows of a write that makes them due, announced (:meth:`_announce_due`) if any."""
+        rows = list(await s.fetchall(sql, params))
+        if rows:
+            await self._announce_due(s)
+        return rows
+
     # --- scheduling -----------------------------------------------------------------------------
 
     async def next_due_at(self) -> float | None:
@@ -154,7 +170,13 @@ class SqlStore(TransitionWrites, Generic[C]):
         return None if row is None else row["due_at"]
 
     async def release_leases(self, *, now: float, owner: str | None = None) -> int:
-        return await self.connector.execute(self._q["release_leases"], {"now": now, "owner": owner})
+        async def work(s: Session) -> int:
+            released = await s.execute(self._q["release_leases"], {"now": now, "owner": owner})
+            if released:
+                await self._announce_due(s)
+            return released
+
+        return await self.connector.transaction(work)
 
     async def renew(self, claim: Claim, *, now: float, lease_seconds: float) -> bool:
         params = {"id": claim.id, "version": claim.version, "until": now + lease_seconds}
@@ -162,7 +184,8 @@ class SqlStore(TransitionWrites, Generic[C]):
 
     async def expedite(self, project_id: str, *, now: float) -> bool:
         async def work(s: Session) -> bool:
-            await s.execute(self._q["expedite"], {"id": project_id, "now": now})
+            if await s.execute(self._q["expedite"], {"id": project_id, "now": now}):
+                await self._announce_due(s)
             return await s.fetchone(self._q["is_active"], {"id": project_id}) is not None
 
         return await self.connector.transaction(work)

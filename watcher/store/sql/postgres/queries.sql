@@ -188,6 +188,66 @@ SELECT tokens, updated_at FROM rate_budget WHERE name = %(name)s FOR UPDATE
 -- name: update_rate_bucket
 UPDATE rate_budget SET tokens = %(tokens)s, updated_at = %(updated_at)s WHERE name = %(name)s
 
+-- name: announce_due
+-- In the transaction of a write that makes work due (tracked, revived, expedited, released):
+-- delivered at commit to every replica LISTENing, which looks for due work at once.
+SELECT pg_notify('watcher_due', '')
+
+-- name: listen_due
+LISTEN watcher_due
+
+-- name: next_replica_key
+SELECT nextval('replica_keys')::integer AS lock_key
+
+-- name: take_liveness_lock
+-- Session-level: held until the connection that took it closes (a replica that dies frees it).
+-- Taken before the replica's row is written, in the same transaction: no other replica ever
+-- sees the row of a live replica without its lock.
+SELECT pg_advisory_lock(%(class)s::integer, %(key)s::integer)
+
+-- name: register_replica
+-- Also the heartbeat, from the session that holds the lock: while it succeeds, the row names
+-- the key held and the server it is held under.
+INSERT INTO replicas (owner, lock_key, server_started, seen_at)
+VALUES (%(owner)s, %(key)s, pg_postmaster_start_time(), extract(epoch FROM now()))
+ON CONFLICT (owner) DO UPDATE
+SET lock_key = excluded.lock_key, server_started = excluded.server_started,
+    seen_at = excluded.seen_at
+
+-- name: forget_replicas
+-- Rows of replicas not heard of for an hour and whose lock is not held: long gone.
+DELETE FROM replicas AS r
+WHERE r.seen_at < extract(epoch FROM now()) - 3600
+  AND NOT EXISTS (
+    SELECT 1 FROM pg_locks AS l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+      AND l.classid = %(class)s::bigint::oid AND l.objid = r.lock_key::bigint::oid
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+
+-- name: expire_dead_leases
+-- The leases of replicas whose session ended while the server ran on (their lock is free):
+-- due now, lease owner kept, so the next claim counts the interruption as a lease expiry does.
+-- Rows being claimed or written right now are skipped, not waited for.
+WITH held AS (
+    SELECT l.objid::bigint AS lock_key FROM pg_locks AS l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+      AND l.classid = %(class)s::bigint::oid
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+), dead AS (
+    SELECT r.owner FROM replicas AS r
+    WHERE r.server_started = pg_postmaster_start_time()
+      AND NOT EXISTS (SELECT 1 FROM held WHERE held.lock_key = r.lock_key)
+), expired AS (
+    SELECT p.id FROM projects AS p
+    WHERE p.lease_owner IN (SELECT owner FROM dead) AND p.state IN {active}
+      AND p.due_at > %(now)s
+    FOR UPDATE OF p SKIP LOCKED
+)
+UPDATE projects AS p SET due_at = %(now)s
+FROM expired
+WHERE p.id = expired.id
+RETURNING p.id, p.lease_owner
+
 -- name: try_session_lock
 -- Session-level: held until the connection that took it closes (a replica that dies frees it).
 SELECT pg_try_advisory_lock(%(key)s) AS held
