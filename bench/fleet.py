@@ -1,4 +1,5 @@
 """Scenario "fleet": N image projects, each client on its own simulator with the same seed.
+(Its second part, :func:`run_takeover`, runs the watcher as a fleet of replicas: see there.)
 
 Every project renders for 2.5 to 8 s counted from its first GET (queued 0.5-2 s, rendering
 2-6 s, always ``complete``) and has 1 or 2 outputs of 200,000 bytes. The simulators share a seed,
@@ -10,12 +11,22 @@ seconds and peak RSS of the client process, and outputs on disk whose sha256 mat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import secrets
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psycopg
+from psycopg import sql
 
 from bench.common import (
     Profile,
@@ -333,3 +344,226 @@ def _below(value: float, limit: float) -> bool | None:
 def dump(runs: list[FleetRun]) -> str:
     """The raw numbers of the runs as JSON."""
     return json.dumps([r.to_json() for r in runs], indent=2)
+
+
+# --- the fleet as replicas: what a SIGKILLed replica costs ---------------------------------------
+
+ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+POLL_SECONDS = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class TakeoverRun:
+    """N projects worked by a fleet of replicas on one PostgreSQL database, one of them
+    SIGKILLed ``kill_after`` seconds in (or none)."""
+
+    projects: int
+    replicas: int
+    kill_after: float | None
+    wall_seconds: float  # from the replicas' start until the store says every project is final
+    held_at_kill: int  # projects leased to the killed replica when it died
+    takeover_seconds: float  # from the kill until none of those is leased to it any more
+    outputs_expected: int
+    outputs_ok: int
+    timed_out: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """The raw numbers, for ``--json``."""
+        return {
+            "projects": self.projects,
+            "replicas": self.replicas,
+            "kill_after": self.kill_after,
+            "wall_seconds": self.wall_seconds,
+            "held_at_kill": self.held_at_kill,
+            "takeover_seconds": self.takeover_seconds,
+            "outputs_expected": self.outputs_expected,
+            "outputs_ok": self.outputs_ok,
+            "timed_out": self.timed_out,
+        }
+
+
+@contextlib.contextmanager
+def bench_database() -> Iterator[str]:
+    """A database of the bench's own on ``BENCH_POSTGRES_URL``'s server, dropped afterwards."""
+    name = f"watcher_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def _leased_to(conn: psycopg.Connection[Any], owner: str) -> set[str]:
+    rows = conn.execute("SELECT id FROM projects WHERE lease_owner = %s", (owner,)).fetchall()
+    return {str(row[0]) for row in rows}
+
+
+def _active(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM projects WHERE state IN ('polling', 'downloading', 'deleting')"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def run_takeover(
+    count: int, workdir: Path, timeout: float, *, replicas: int = 3, kill_after: float | None
+) -> TakeoverRun:
+    """``count`` fresh projects tracked into a fresh PostgreSQL database, then ``replicas``
+    plain ``watcher run`` processes (``r1``…, the defaults but a 1000/s request budget, 60 s
+    leases) on one download volume; with ``kill_after``, ``r2`` is SIGKILLed that many seconds
+    in. Measured from the store, every ``POLL_SECONDS``: how long until no project is active, and
+    how long after the kill until none of the projects ``r2`` held is leased to it any more."""
+    slug = "none" if kill_after is None else f"kill-{kill_after:g}"
+    folder = fresh_folder(workdir / f"takeover-{count}-{slug}")
+    with (
+        bench_database() as url,
+        SimProcess(SIM_CONFIG) as sim,
+        psycopg.connect(url, autocommit=True) as probe,
+    ):
+        ids = sim.create(count)
+        profile = Profile("fleet", {"WATCHER_MAX_REQUESTS_PER_SECOND": "1000"})
+        env = watcher_env(sim, folder, profile=profile, extra={"WATCHER_DATABASE_URL": url})
+        tracker = [sys.executable, "-m", "watcher", "track", *(f"image:{pid}" for pid in ids)]
+        subprocess.run(tracker, env=env, check=True, capture_output=True, timeout=120)
+        started = time.monotonic()
+        procs = _start_replicas(replicas, env, folder)
+        try:
+            wall, held, takeover = _observe(procs, probe, started, timeout, kill_after)
+        finally:
+            _stop(procs)
+        report = sim.report(folder / "simulator.json", truth=ids)
+    truth: dict[str, Any] = report["truth"]
+    expected = {pid: [o["sha256"] for o in t["outputs"]] for pid, t in truth.items()}
+    found = {pid: folder_digests(folder / "downloads" / "image" / pid) for pid in truth}
+    return TakeoverRun(
+        projects=count,
+        replicas=replicas,
+        kill_after=kill_after,
+        wall_seconds=wall,
+        held_at_kill=len(held),
+        takeover_seconds=takeover if held else math.nan,
+        outputs_expected=sum(len(v) for v in expected.values()),
+        outputs_ok=outputs_correct(expected, found),
+        timed_out=math.isnan(wall),
+    )
+
+
+def _start_replicas(
+    replicas: int, env: dict[str, str], folder: Path
+) -> dict[str, subprocess.Popen[bytes]]:
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for i in range(1, replicas + 1):
+        name = f"r{i}"
+        with (folder / f"{name}.log").open("wb") as log:
+            procs[name] = subprocess.Popen(
+                watcher_argv(until_done=False),
+                env={**env, "WATCHER_REPLICA_ID": name},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+    return procs
+
+
+def _observe(
+    procs: dict[str, subprocess.Popen[bytes]],
+    probe: psycopg.Connection[Any],
+    started: float,
+    timeout: float,
+    kill_after: float | None,
+) -> tuple[float, set[str], float]:
+    """Kill ``r2`` when it is time, and watch the store: (wall seconds until no project is
+    active, the projects ``r2`` held when killed, seconds until none is leased to it)."""
+    held: set[str] = set()
+    takeover = math.nan
+    killed_at: float | None = None
+    while time.monotonic() < started + timeout:
+        elapsed = time.monotonic() - started
+        if kill_after is not None and killed_at is None and elapsed >= kill_after:
+            procs["r2"].send_signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            procs["r2"].wait()
+            held = _leased_to(probe, "r2")
+        taken = killed_at is not None and not held & _leased_to(probe, "r2")
+        if killed_at is not None and math.isnan(takeover) and taken:
+            takeover = time.monotonic() - killed_at
+        if _active(probe) == 0 and (killed_at is None) == (kill_after is None):
+            return time.monotonic() - started, held, takeover
+        time.sleep(POLL_SECONDS)
+    return math.nan, held, takeover
+
+
+def _stop(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs.values():
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def takeover_table(runs: list[TakeoverRun]) -> str:
+    """One row per fleet run: with and without a replica killed."""
+    headers = (
+        "replicas",
+        "projects",
+        "kill",
+        "wall s",
+        "projects held by the killed replica",
+        "takeover s",
+        "outputs correct",
+    )
+    rows = [
+        (
+            str(r.replicas),
+            str(r.projects),
+            "none" if r.kill_after is None else f"r2 SIGKILLed {r.kill_after:g} s in",
+            "timeout" if r.timed_out else fmt(r.wall_seconds),
+            "-" if r.kill_after is None else str(r.held_at_kill),
+            fmt(r.takeover_seconds),
+            f"{r.outputs_ok}/{r.outputs_expected}",
+        )
+        for r in runs
+    ]
+    return markdown_table(headers, rows)
+
+
+def takeover_verdicts(runs: list[TakeoverRun]) -> list[Verdict]:
+    """Issue 13's targets: a kill costs at most 5 s of wall time; takeover within 2 s."""
+    calm = next((r for r in runs if r.kill_after is None), None)
+    result: list[Verdict] = []
+    for run in runs:
+        complete = run.outputs_ok == run.outputs_expected and not run.timed_out
+        result.append(
+            Verdict(
+                f"fleet of {run.replicas}, {run.projects} projects, "
+                f"{'no kill' if run.kill_after is None else 'one killed'}: every output correct",
+                f"{run.outputs_ok}/{run.outputs_expected}",
+                complete,
+            )
+        )
+        if run.kill_after is None:
+            continue
+        result.append(
+            Verdict(
+                "a killed replica's projects taken over within 2 s",
+                f"{fmt(run.takeover_seconds)} s ({run.held_at_kill} projects held)",
+                at_most(run.takeover_seconds, 2.0),
+            )
+        )
+        if calm is not None:
+            extra = run.wall_seconds - calm.wall_seconds
+            result.append(
+                Verdict(
+                    "a kill costs at most 5 s more wall time",
+                    f"{fmt(extra)} s ({fmt(run.wall_seconds)} s vs {fmt(calm.wall_seconds)} s)",
+                    at_most(extra, 5.0),
+                )
+            )
+    return result

@@ -9,6 +9,8 @@ Scenarios (see each module's docstring, and RESULTS.md for how to read the numbe
 
 - ``fleet`` (bench/fleet.py): N image projects, the SDK's ``check_result`` (one task per project)
   vs the watcher (``run --until-done``) with each settings profile;
+- ``takeover`` (bench/fleet.py): a fleet of replicas on one PostgreSQL database, with and without
+  one SIGKILLed mid-run: the wall time a kill costs and how soon its projects are taken over;
 - ``big`` (bench/big.py): one 1 GiB output, curl vs the watcher;
 - ``scale`` (bench/scale.py): CPU per poll and RSS with 1,000 vs 100,000 tracked projects;
 - ``floor`` (bench/floor.py): CPU per request of a bare httpx client, the floor under both.
@@ -35,7 +37,7 @@ from bench.stats import Verdict, markdown_table, verdict_table
 
 GIB = 1 << 30
 MIB = 1 << 20
-SCENARIOS = ("fleet", "big", "scale", "floor")
+SCENARIOS = ("fleet", "takeover", "big", "scale", "floor")
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -67,6 +69,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="extra WATCHER_* setting for every fleet watcher run (a profile named 'custom')",
     )
     parser.add_argument("--no-sdk", action="store_true", help="fleet: skip the SDK runs")
+    parser.add_argument("--takeover-projects", type=int, help="takeover: projects (300)")
+    parser.add_argument("--replicas", type=int, default=3, help="takeover: replicas (3)")
+    parser.add_argument(
+        "--kill-after", type=float, default=2.0, help="takeover: seconds before the kill (2)"
+    )
     parser.add_argument("--big-size", type=int, help="bytes of the big output (1 GiB)")
     parser.add_argument("--big-reps", type=int, help="curl/watcher repetitions (3)")
     parser.add_argument("--scale", type=int, nargs=2, metavar=("SMALL", "LARGE"))
@@ -86,6 +93,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     args.projects = args.projects or ([20] if quick else [100, 1000])
+    args.takeover_projects = args.takeover_projects or (60 if quick else 300)
     args.big_size = args.big_size or (64 * MIB if quick else GIB)
     args.big_reps = args.big_reps or (1 if quick else 3)
     args.scale = args.scale or ([200, 5000] if quick else [1000, 100_000])
@@ -137,6 +145,36 @@ def run_fleet(args: argparse.Namespace, out: list[str], raw: dict[str, Any]) -> 
             ]
         )
     return verdicts
+
+
+def run_takeover(args: argparse.Namespace, out: list[str], raw: dict[str, Any]) -> list[Verdict]:
+    """A fleet of replicas without and with one SIGKILLed."""
+    runs = []
+    for kill_after in (None, args.kill_after):
+        what = "no kill" if kill_after is None else f"r2 SIGKILLed {kill_after:g} s in"
+        progress(f"takeover: {args.replicas} replicas, {args.takeover_projects} projects, {what}")
+        run = fleet.run_takeover(
+            args.takeover_projects,
+            args.workdir,
+            args.timeout,
+            replicas=args.replicas,
+            kill_after=kill_after,
+        )
+        progress(f"  wall {run.wall_seconds:.1f} s, takeover {run.takeover_seconds:.2f} s")
+        runs.append(run)
+    found = fleet.takeover_verdicts(runs)
+    raw["takeover"] = [r.to_json() for r in runs]
+    out.extend(
+        [
+            (
+                f"### takeover: {args.replicas} replicas on PostgreSQL, "
+                f"{args.takeover_projects} image projects, one SIGKILLed or none"
+            ),
+            fleet.takeover_table(runs),
+            verdict_table(found),
+        ]
+    )
+    return found
 
 
 def run_big(args: argparse.Namespace, out: list[str], raw: dict[str, Any]) -> list[Verdict]:
@@ -220,7 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     out = [machine.describe(argv)]
     raw: dict[str, Any] = {}
     verdicts: list[Verdict] = []
-    runners = {"fleet": run_fleet, "big": run_big, "scale": run_scale, "floor": run_floor}
+    runners = {
+        "fleet": run_fleet,
+        "takeover": run_takeover,
+        "big": run_big,
+        "scale": run_scale,
+        "floor": run_floor,
+    }
     for name in SCENARIOS:
         if name in chosen:
             verdicts.extend(runners[name](args, out, raw))
