@@ -415,8 +415,9 @@ def run_takeover(
     """``count`` fresh projects tracked into a fresh PostgreSQL database, then ``replicas``
     plain ``watcher run`` processes (``r1``…, the defaults but a 1000/s request budget, 60 s
     leases) on one download volume; with ``kill_after``, ``r2`` is SIGKILLed that many seconds
-    in. Measured from the store, every ``POLL_SECONDS``: how long until no project is active, and
-    how long after the kill until none of the projects ``r2`` held is leased to it any more."""
+    in (or at the first moment after that when it holds a lease). Measured from the store,
+    every ``POLL_SECONDS``: how long until no project is active, and how long after the kill
+    until none of the projects ``r2`` held is leased to it any more."""
     slug = "none" if kill_after is None else f"kill-{kill_after:g}"
     folder = fresh_folder(workdir / f"takeover-{count}-{slug}")
     with (
@@ -482,7 +483,8 @@ def _observe(
     killed_at: float | None = None
     while time.monotonic() < started + timeout:
         elapsed = time.monotonic() - started
-        if kill_after is not None and killed_at is None and elapsed >= kill_after:
+        due = kill_after is not None and killed_at is None and elapsed >= kill_after
+        if due and _leased_to(probe, "r2"):  # killed while it holds work, the case that costs
             procs["r2"].send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
             procs["r2"].wait()
