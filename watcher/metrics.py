@@ -131,6 +131,18 @@ class Metrics:
         self.in_flight = Gauge(
             "watcher_work_in_flight", "Projects being polled, downloaded or deleted.", registry=r
         )
+        self.liveness_held = Gauge(
+            "watcher_liveness_held",
+            "1 while this replica holds its liveness session on the shared store (it claims "
+            "work only then); always 1 on SQLite, which one process works on.",
+            registry=r,
+        )
+        self.leases_taken_over = Counter(
+            "watcher_leases_taken_over",
+            "Leases of replicas found dead (their liveness session ended) that this replica "
+            "made due at once, for the fleet to take over.",
+            registry=r,
+        )
         self.webhooks = Counter(
             "watcher_webhooks",
             "Magic Hour webhook deliveries by result: expedited, tracked, ignored, invalid, "

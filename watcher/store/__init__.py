@@ -9,6 +9,7 @@ from watcher.errors import ConfigError
 from watcher.store.base import (
     Claim,
     LeaseLost,
+    Liveness,
     NewOutput,
     Notification,
     NotificationBuilder,
@@ -27,6 +28,7 @@ __all__ = [
     "Claim",
     "InMemoryStore",
     "LeaseLost",
+    "Liveness",
     "NewOutput",
     "Notification",
     "NotificationBuilder",
