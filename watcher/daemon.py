@@ -31,6 +31,7 @@ from watcher import __version__, clock
 from watcher.dispatcher import Dispatcher
 from watcher.errors import StoreError
 from watcher.health import ApiHealth
+from watcher.liveness import LivenessKeeper
 from watcher.metrics import Metrics
 from watcher.models import Kind, ProjectRef, State
 from watcher.outage import StoreHealth
@@ -99,6 +100,7 @@ class Daemon:
         # and what to release when the run ends (the server's socket, if it never served).
         self.side_tasks: list[Callable[[], Coroutine[object, object, None]]] = []
         self.closers: list[Callable[[], None]] = []
+        self.liveness: LivenessKeeper | None = None  # a shared store's proof of life
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -194,6 +196,8 @@ class Daemon:
             finally:
                 with contextlib.suppress(StoreError):
                     await self.store.release_leases(now=clock.now(), owner=self.settings.replica_id)
+                if self.liveness is not None:  # after the release: none of ours is found dead
+                    await self.liveness.close()
             self.store_health.settle(force=True)
             try:
                 return await self._outcome()

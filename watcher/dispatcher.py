@@ -12,6 +12,11 @@ It owns the store-outage pause too (:class:`watcher.outage.StoreHealth` keeps th
 the store does not answer it claims nothing and probes with a write after a backoff, renewing
 the leases held first. What the work does to a project is :mod:`watcher.workflow`'s; when the
 daemon starts and stops is :mod:`watcher.daemon`'s.
+
+On a store shared by replicas it claims only while this replica can prove it is alive
+(:mod:`watcher.liveness`): when that proof is lost it stops all the work it runs at once
+(:meth:`Dispatcher.stop_all_work`: another replica may be taking it over), and once it is back
+it releases what is still leased in its name and claims again (:meth:`Dispatcher.carry_on`).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class Dispatcher:
         owner: str,
         lease_seconds: float,
         max_in_flight: int,
+        claim_interval: float = IDLE_CHECK_SECONDS,
         stopping: asyncio.Event,
         until_done: bool = False,
         on_done: Callable[[], None] = lambda: None,
@@ -61,6 +67,9 @@ class Dispatcher:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.max_in_flight = max_in_flight
+        self.claim_interval = claim_interval
+        # Whether this replica can prove it is alive (always, on a store one process works on).
+        self.proven: Callable[[], bool] = lambda: True
         self.stopping = stopping
         self.until_done = until_done
         self.on_done = on_done  # until_done: nothing is left
@@ -114,7 +123,7 @@ class Dispatcher:
         if self.health.unauthorized and self.until_done:
             self.on_done()
             return True
-        if not self.health.paused(now):
+        if not self.health.paused(now) and self.proven():
             await self._claim(now)
         await self._sleep_until_due(now)
         return False
@@ -164,18 +173,18 @@ class Dispatcher:
         self.metrics.in_flight.set(len(self._running))
 
     async def _sleep_until_due(self, now: float) -> None:
-        """Wait for a wake-up (work finished, project tracked) or until work is due, at most
-        ``IDLE_CHECK_SECONDS`` (other processes may have tracked projects meanwhile)."""
+        """Wait for a wake-up (work finished, project tracked, here or, on PostgreSQL, on any
+        replica) or until work is due, at most ``claim_interval`` (another process may have
+        tracked projects in a SQLite database meanwhile)."""
         timeout: float | None
         if len(self._running) >= self.max_in_flight or (self.health.probing and self._running):
             timeout = None
         elif self.health.paused(now):
-            timeout = min(self.health.paused_until - now, IDLE_CHECK_SECONDS)
+            timeout = min(self.health.paused_until - now, self.claim_interval)
         else:
             due = await self.store.next_due_at()
-            timeout = (
-                IDLE_CHECK_SECONDS if due is None else min(max(0.0, due - now), IDLE_CHECK_SECONDS)
-            )
+            idle = self.claim_interval
+            timeout = idle if due is None else min(max(0.0, due - now), idle)
         if timeout == 0.0:
             await asyncio.sleep(0)  # claimed a full batch: yield, then claim more
             return
@@ -217,6 +226,27 @@ class Dispatcher:
             "lease_lost", project_id=claim.id, kind=claim.project.kind.value, during="renewal"
         )
         task.cancel()
+
+    def stop_all_work(self) -> int:
+        """This replica can no longer prove it is alive, so another may be taking its projects
+        over right now: stop every piece of work at once (nothing more is sent or written for
+        it; a download's ``.part`` stays). Returns how many were stopped."""
+        running = [task for task, _ in self._running.values() if not task.done()]
+        for task in running:
+            task.cancel()
+        return len(running)
+
+    async def carry_on(self) -> None:
+        """This replica proves it is alive again: once the stopped work has ended, release what
+        is still leased in its name (due now, for whoever claims first) and claim again."""
+        running = [task for task, _ in self._running.values()]
+        if running:
+            await asyncio.wait(running)
+        try:
+            await self.store.release_leases(now=self.now(), owner=self.owner)
+        except StoreError as exc:  # the outage probe releases them once the store answers
+            self.store_failed(exc, during="claim")
+        self._wake.set()
 
     async def _work(self, claim: Claim, *, after: asyncio.Task[None] | None = None) -> None:
         p = claim.project

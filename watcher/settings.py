@@ -105,6 +105,7 @@ class Settings(BaseSettings):
         default_factory=_default_replica_id
     )
     lease_seconds: Annotated[float, Field(ge=5, le=3600)] = 60.0
+    claim_interval: Annotated[float, Field(gt=0, le=3600)] = 1.0
     store_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
     store_retry_initial: PositiveSeconds = 0.5
     store_retry_max: PositiveSeconds = 5.0
@@ -260,6 +261,7 @@ class Settings(BaseSettings):
             "download_max_seconds": self.download_max_seconds,
             "shutdown_grace": self.shutdown_grace,
             "lease_seconds": self.lease_seconds,
+            "claim_interval": self.claim_interval,
             "store_timeout": self.store_timeout,
             "store_retry_initial": self.store_retry_initial,
             "store_retry_max": self.store_retry_max,

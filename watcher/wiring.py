@@ -28,6 +28,7 @@ from watcher.daemon import EXIT_SECOND_SIGNAL, Daemon, Outcome
 from watcher.dispatcher import Dispatcher
 from watcher.downloader import Downloader, TransferLimits
 from watcher.health import ApiHealth
+from watcher.liveness import LivenessKeeper
 from watcher.metrics import Metrics
 from watcher.outage import StoreHealth
 from watcher.priority import PriorityGate
@@ -99,6 +100,7 @@ def build(
         owner=settings.replica_id,
         lease_seconds=settings.lease_seconds,
         max_in_flight=max_in_flight(settings),
+        claim_interval=settings.claim_interval,
         stopping=stopping,
         until_done=until_done,
         metrics=metrics,
@@ -146,6 +148,7 @@ def build(
         judge_all=judge_all,
     )
     dispatcher.on_done = daemon.request_stop
+    keep_alive(daemon, settings, rng=rng, metrics=metrics)
     if serve and settings.http_enabled:
         from watcher.http import HttpServer  # noqa: PLC0415 - only a served run loads uvicorn
 
@@ -156,6 +159,33 @@ def build(
     if notifier is not None:
         daemon.side_tasks.append(functools.partial(notifier.run, daemon, store, metrics))
     return daemon
+
+
+def keep_alive(daemon: Daemon, settings: Settings, *, rng: random.Random, metrics: Metrics) -> None:
+    """On a store shared by replicas: this replica's liveness session (its proof of life, and
+    its ear for the others' wake-ups) and the search for dead replicas, as side tasks; the
+    dispatcher claims only while the session is held (see :mod:`watcher.liveness`)."""
+    session = daemon.store.liveness(settings.replica_id)
+    if session is None:  # one process works on this store: alive while it runs
+        metrics.liveness_held.set(1)
+        return
+    dispatcher = daemon.dispatcher
+    keeper = LivenessKeeper(
+        session,
+        store=daemon.store,
+        on_due=dispatcher.wake,
+        on_lost=dispatcher.stop_all_work,
+        on_back=dispatcher.carry_on,
+        store_down=lambda: daemon.store_health.down,
+        stopping=dispatcher.stopping,
+        retry_initial=settings.store_retry_initial,
+        retry_max=settings.store_retry_max,
+        rng=rng,
+        metrics=metrics,
+    )
+    dispatcher.proven = lambda: keeper.proven
+    daemon.liveness = keeper
+    daemon.side_tasks += [keeper.run, keeper.find_dead]
 
 
 def http_client(
