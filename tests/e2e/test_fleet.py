@@ -1,6 +1,7 @@
 """Three ``watcher run`` replicas on one PostgreSQL database, one of them killed with SIGKILL:
-every output is saved once, byte for byte, no output is fetched by two replicas at the same time,
-the fleet keeps one request budget, and no project is left behind."""
+its projects are taken over within seconds (long before its leases run out), every output is
+saved once, byte for byte, no output is fetched by two replicas at the same time, the fleet keeps
+one request budget, and no project is left behind."""
 
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ from watcher.simulator.server import SimulatorServer
 from watcher.simulator.state import Event
 
 Serve = Callable[..., SimulatorServer]
-LEASE_SECONDS = 5
+# Leases far longer than the takeover may take: a dead replica's projects are taken over because
+# its session ended, not because its leases ran out.
+LEASE_SECONDS = 60
+TAKEOVER_WITHIN = 10
 RATE = 150
 WATCHER = [sys.executable, "-m", "watcher"]
 FINAL = {
@@ -80,8 +84,8 @@ def held_by(pg_url: str, owner: str) -> set[str]:
 
 
 def assert_taken_over_in_time(pg_url: str, *, within: float) -> None:
-    """The leases a killed replica held are all taken over (or run out) within ``within``
-    seconds: no cron job, no operator, only the other replicas."""
+    """The leases a killed replica held are all taken over within ``within`` seconds: no cron
+    job, no operator, only the other replicas."""
     held = held_by(pg_url, "r2")
     assert held, "the killed replica held no lease: the takeover was not tried"
     deadline = time.monotonic() + within
@@ -94,8 +98,8 @@ def assert_taken_over_in_time(pg_url: str, *, within: float) -> None:
 @pytest.mark.timeout(150)
 def test_three_replicas_one_killed(serve: Serve, tmp_path: Path, pg_url: str) -> None:
     """300 projects, three replicas, one SIGKILLed mid-run: the others take its leases over
-    within a lease, finish everything, never work on one project together, and keep to one
-    request budget."""
+    within seconds though they would last a minute, finish everything, never work on one
+    project together, and keep to one request budget."""
     server = serve(FLEET)
     sim = server.simulator
     specs = []
@@ -134,7 +138,7 @@ def test_three_replicas_one_killed(serve: Serve, tmp_path: Path, pg_url: str) ->
         time.sleep(0.05)
     procs["r2"].send_signal(signal.SIGKILL)
     procs["r2"].wait(timeout=10)
-    assert_taken_over_in_time(pg_url, within=LEASE_SECONDS + 3)
+    assert_taken_over_in_time(pg_url, within=TAKEOVER_WITHIN)
 
     finish = subprocess.run(
         [*WATCHER, "run", "--until-done", "--judge", "all"],
