@@ -19,6 +19,7 @@ from watcher.models import Kind, ProjectRef
 from watcher.settings import load_settings
 from watcher.store import PostgresStore, Store, create_store
 from watcher.store.postgres import _Q, take_from_bucket
+from watcher.store.postgres_liveness import LIVENESS_LOCK_CLASS
 from watcher.store.sql import load_migrations
 
 pytestmark = pytest.mark.anyio
@@ -120,7 +121,8 @@ async def test_open_is_idempotent_and_data_survives_reopening(pg_url: str) -> No
 
 
 async def test_claims_go_through_the_due_indexes(pg_url: str) -> None:
-    """Claiming projects and notifications reads their due index in order: no scan, no sort."""
+    """Claiming projects and notifications reads their due index in order: no scan, no sort;
+    a dead replica's leases are found through the index of leases, not by a scan."""
     async with await psycopg.AsyncConnection.connect(
         pg_url, autocommit=True, row_factory=dict_row
     ) as conn:
@@ -138,8 +140,15 @@ async def test_claims_go_through_the_due_indexes(pg_url: str) -> None:
             {"t": T0},
         )
         await conn.execute("ANALYZE projects, notifications")
-        params = {"now": T0 + 10_000, "limit": 10, "owner": "r", "until": T0 + LEASE}
+        params = {
+            "now": T0 + 10_000,
+            "limit": 10,
+            "owner": "r",
+            "until": T0 + LEASE,
+            "class": LIVENESS_LOCK_CLASS,
+        }
         for query, table, index in (
+            ("expire_dead_leases", "projects", "projects_leased"),
             ("claim_due", "projects", "projects_due"),
             ("next_due_at", "projects", "projects_due"),
             ("claim_notifications", "notifications", "notifications_due"),
