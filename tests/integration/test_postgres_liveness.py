@@ -207,3 +207,27 @@ async def test_a_dead_replicas_expired_leases_wake_the_others(
         with contextlib.suppress(asyncio.CancelledError):
             await watching
         await live.close()
+
+
+async def test_a_watch_cancelled_at_shutdown_keeps_the_session_until_it_is_closed(
+    replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """A daemon that stops cancels the watch, releases its leases, then closes the session:
+    until it closes it, nobody takes it for dead (a replica stopping is not a death)."""
+    a, b = replicas
+    await a.track(refs(1), now=T0, delete_after_download=False)
+    live = a.liveness("a")
+    await live.take()
+    await a.claim_due(now=T0, limit=1, owner="a", lease_seconds=LEASE)
+    watching = asyncio.create_task(live.watch(lambda: None, every=60))
+    await asyncio.sleep(0.1)
+    watching.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watching
+    assert await b.expire_dead_leases(now=T0 + 1) == {}
+    await live.close()
+
+    async def expired() -> bool:
+        return bool(await b.expire_dead_leases(now=T0 + 2))
+
+    assert await until(expired)

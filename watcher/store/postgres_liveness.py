@@ -97,9 +97,11 @@ class PostgresLiveness(Liveness):
         except TimeoutError:
             await self.close()
             raise self._no_answer() from None
-        except BaseException:
+        except StoreError:
             await self.close()
             raise
+        # Cancelled (the daemon stops): the session stays open, and the lock held, until the
+        # daemon has released its leases and closes it; a replica stopping is not a death.
 
     def _no_answer(self) -> StoreUnavailable:
         return StoreUnavailable(
