@@ -45,7 +45,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Unpack
 
 import structlog
 
@@ -75,6 +75,7 @@ from watcher.priority import PriorityGate
 from watcher.schedule import RenderStats, next_poll_delay
 from watcher.store import (
     Claim,
+    Ending,
     LeaseLost,
     NewOutput,
     NotificationBuilder,
@@ -537,31 +538,24 @@ class Workflow:
         claim: Claim,
         state: State,
         *,
-        remote_status: RemoteStatus | None = None,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        failure: str | None = None,
         already_gone: bool | None = None,
         path: str | None = None,
+        **ending: Unpack[Ending],
     ) -> None:
         p = claim.project
-        now = self.now()
+        failure = ending.get("failure")
         await self.store.record_final(
-            claim,
-            now=now,
-            state=state,
-            remote_status=remote_status,
-            error_code=error_code,
-            error_message=error_message,
-            failure=failure,
-            notify=self._announce,
+            claim, now=self.now(), state=state, notify=self._announce, **ending
         )
         self.metrics.finished.labels(state.value).inc()
         await self._remove_parts(p.kind.value, p.id)
         fields: dict[str, object] = {"project_id": p.id, "kind": p.kind.value, "state": state.value}
         if state == State.ERROR:
             log.warning(
-                "project_error", **fields, error_code=error_code, error_message=error_message
+                "project_error",
+                **fields,
+                error_code=ending.get("error_code"),
+                error_message=ending.get("error_message"),
             )
         elif state == State.FAILED:
             log.error("project_failed", **fields, cause=failure)

@@ -6,43 +6,25 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from watcher.errors import ConfigError
-from watcher.store.base import (
-    Claim,
-    LeaseLost,
-    Liveness,
-    NewOutput,
-    Notification,
-    NotificationBuilder,
-    OutputRecord,
-    OutputState,
-    ProjectPage,
-    ProjectRecord,
-    Store,
-    TrackResult,
-)
+from watcher.store import records
+from watcher.store.base import Liveness, Store
 from watcher.store.memory import InMemoryStore
 from watcher.store.postgres import PostgresStore
+from watcher.store.records import *  # noqa: F403 - the records are listed once, in records.__all__
 from watcher.store.sqlite import SQLiteStore
+from watcher.store.transitions import Ending
 
 __all__ = [
-    "Claim",
+    "Ending",
     "InMemoryStore",
-    "LeaseLost",
     "Liveness",
-    "NewOutput",
-    "Notification",
-    "NotificationBuilder",
-    "OutputRecord",
-    "OutputState",
     "PostgresStore",
-    "ProjectPage",
-    "ProjectRecord",
     "SQLiteStore",
     "Store",
-    "TrackResult",
     "create_store",
     "sqlite_path",
 ]
+__all__ += records.__all__
 
 POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
 

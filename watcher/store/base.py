@@ -19,150 +19,30 @@ over at once (:meth:`Store.expire_dead_leases`) instead of at their expiry.
 
 A store shared by replicas also holds the fleet's API request budget
 (:meth:`Store.take_rate_tokens`), so ``WATCHER_MAX_REQUESTS_PER_SECOND`` bounds the whole fleet.
+
+The records a store hands out are :mod:`watcher.store.records`; the writes that change a
+project's state (``record_poll``, ``record_retry``, ``record_saved``, ``record_final``) are
+:class:`~watcher.store.writes.TransitionWrites`', which :class:`Store` extends, written once over
+the two persistence hooks each backend gives.
 """
 
 from __future__ import annotations
 
 import abc
-import enum
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Self
 
-from watcher.errors import StoreError
-from watcher.models import Kind, ProjectRef, RemoteStatus, State
-
-
-class LeaseLost(StoreError):
-    """The claim is stale: another worker holds this project now."""
-
-
-class OutputState(enum.StrEnum):
-    """Where an output is on its way to disk.
-
-    ``pending``: not yet on disk. ``verified``: fully downloaded to its temporary file, fsynced,
-    length checked, size and sha256 recorded; the rename may or may not have happened.
-    ``saved``: under its final name, fsynced, recorded. Only ``saved`` outputs allow a DELETE.
-    """
-
-    PENDING = "pending"
-    VERIFIED = "verified"
-    SAVED = "saved"
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectRecord:
-    """One tracked project as stored."""
-
-    id: str
-    kind: Kind
-    state: State
-    remote_status: RemoteStatus | None
-    delete_after_download: bool
-    due_at: float
-    attempt: int
-    polls: int
-    tracked_at: float
-    updated_at: float
-    terminal_at: float | None = None
-    finished_at: float | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    failure: str | None = None
-    failures: int = 0
-    lease_owner: str | None = None
-    lease_version: int = 0
-    interruptions: int = 0
-    stalled_since: float | None = None
-
-    @property
-    def ref(self) -> ProjectRef:
-        """The project's kind and id."""
-        return ProjectRef(self.kind, self.id)
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A leased project: the record as claimed, and the lease version that fences writes."""
-
-    project: ProjectRecord
-    version: int
-
-    @property
-    def id(self) -> str:
-        """The claimed project's id."""
-        return self.project.id
-
-
-@dataclass(frozen=True, slots=True)
-class NewOutput:
-    """An output as announced by a ``complete`` snapshot."""
-
-    index: int
-    url: str
-    expires_at: float
-    path: str
-
-
-@dataclass(frozen=True, slots=True)
-class OutputRecord:
-    """One output of a project as stored. ``path`` is relative to the download directory."""
-
-    project_id: str
-    index: int
-    url: str
-    expires_at: float
-    path: str
-    state: OutputState
-    bytes: int | None = None
-    sha256: str | None = None
-    saved_at: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Notification:
-    """A queued event for ``WATCHER_NOTIFY_URL`` (the outbox), written in the same transaction
-    as the final state it announces, so a crash can neither lose nor invent one."""
-
-    id: int
-    project_id: str
-    body: str
-    attempts: int
-    created_at: float
-    last_error: str | None = None
-
-
-# Builds the body of the event announcing a final state from the project row and outputs the
-# store has just written, inside the same transaction (so the event shows what the store holds).
-NotificationBuilder = Callable[[ProjectRecord, list[OutputRecord]], str]
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectPage:
-    """A page of projects and the cursor of the next page (``None`` at the end)."""
-
-    projects: list[ProjectRecord]
-    next_cursor: str | None = None
-
-
-def group_outputs(
-    project_ids: list[str], outputs: Iterable[OutputRecord]
-) -> dict[str, list[OutputRecord]]:
-    """``outputs`` (in index order per project) by project, an empty list for a project without."""
-    grouped: dict[str, list[OutputRecord]] = {pid: [] for pid in project_ids}
-    for output in outputs:
-        grouped[output.project_id].append(output)
-    return grouped
-
-
-@dataclass(slots=True)
-class TrackResult:
-    """What :meth:`Store.track` did: ids newly tracked and ids that were already there (and,
-    filled in by the caller that went on to :meth:`Store.revive`, those of them revived)."""
-
-    added: list[str] = field(default_factory=list)
-    existing: list[str] = field(default_factory=list)
-    revived: list[str] = field(default_factory=list)
+from watcher.models import Kind, ProjectRef, State
+from watcher.store.records import (
+    Claim,
+    NewOutput,
+    Notification,
+    OutputRecord,
+    ProjectPage,
+    ProjectRecord,
+    TrackResult,
+)
+from watcher.store.writes import TransitionWrites
 
 
 class Liveness(abc.ABC):
@@ -193,7 +73,7 @@ class Liveness(abc.ABC):
         """End the session (its proof of life with it). Safe to call twice."""
 
 
-class Store(abc.ABC):
+class Store(TransitionWrites):
     """Durable state of the watcher. Methods are coroutines; implementations must be safe to
     call from one event loop concurrently."""
 
@@ -326,35 +206,7 @@ class Store(abc.ABC):
         """Make an active project due now (e.g. a webhook said it changed). True if active."""
 
     # --- writes that end a piece of work (fenced by the claim) -------------------------------
-
-    @abc.abstractmethod
-    async def record_poll(
-        self,
-        claim: Claim,
-        *,
-        now: float,
-        remote_status: RemoteStatus,
-        attempt: int,
-        due_at: float,
-    ) -> None:
-        """A GET saw a non-terminal status; poll again at ``due_at``. Clears past failures."""
-
-    @abc.abstractmethod
-    async def record_retry(
-        self,
-        claim: Claim,
-        *,
-        now: float,
-        due_at: float,
-        failure: str,
-        count_failure: bool = True,
-        progressed: bool = False,
-    ) -> None:
-        """A transient fault: keep the state, try again at ``due_at``, remember why.
-
-        ``count_failure`` adds one to the failures in a row and, on the first of them, sets
-        ``stalled_since`` to ``now``. ``progressed`` (the try gained bytes before it failed)
-        instead clears both: the work is moving, however often it is interrupted."""
+    # (and the state changes of TransitionWrites: record_poll, _retry, _saved, _final)
 
     @abc.abstractmethod
     async def record_complete(
@@ -385,40 +237,6 @@ class Store(abc.ABC):
         the new holder has verified.
         """
 
-    @abc.abstractmethod
-    async def record_saved(
-        self,
-        claim: Claim,
-        *,
-        now: float,
-        due_at: float,
-        delete_next: bool,
-        notify: NotificationBuilder | None = None,
-    ) -> None:
-        """Every output is saved: finish as ``saved`` (lease released, and the event ``notify``
-        builds from the row just written queued with it), or move to ``deleting`` keeping the
-        lease until ``due_at``. Refused with :class:`OutputsNotSaved` (nothing written) if an
-        output is not saved."""
-
-    @abc.abstractmethod
-    async def record_final(
-        self,
-        claim: Claim,
-        *,
-        now: float,
-        state: State,
-        remote_status: RemoteStatus | None = None,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        failure: str | None = None,
-        notify: NotificationBuilder | None = None,
-    ) -> None:
-        """The project ended in a final ``state``; the event ``notify`` (if any) builds from the
-        row and outputs just written is queued in the same transaction. Ending ``saved`` or
-        ``deleted`` is refused with :class:`OutputsNotSaved` (nothing written) if an output is
-        not saved."""
-
-    @abc.abstractmethod
     # --- the notification outbox ---------------------------------------------------------------
 
     @abc.abstractmethod

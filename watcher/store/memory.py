@@ -15,7 +15,9 @@ from collections.abc import Callable
 
 from watcher.models import ACTIVE_STATES, Kind, ProjectRef, State
 from watcher.store import transitions as t
-from watcher.store.base import (
+from watcher.store.base import Store
+from watcher.store.records import (
+    Change,
     Claim,
     LeaseLost,
     NewOutput,
@@ -27,10 +29,9 @@ from watcher.store.base import (
     ProjectRecord,
     TrackResult,
 )
-from watcher.store.writes import Change, TransitionWrites
 
 
-class InMemoryStore(TransitionWrites):
+class InMemoryStore(Store):
     """A :class:`Store` in memory; nothing survives the process."""
 
     def __init__(self) -> None:

@@ -29,10 +29,10 @@ import math
 from typing import Any
 
 from watcher.errors import StoreError
-from watcher.store.base import Claim, Notification
 from watcher.store.connector import Session
 from watcher.store.postgres_connector import DEFAULT_TIMEOUT, PostgresConnector, redact_url
 from watcher.store.postgres_liveness import LIVENESS_LOCK_CLASS, PostgresLiveness
+from watcher.store.records import Claim, Notification
 from watcher.store.rows import notification_from_row, project_from_row
 from watcher.store.sql import load_queries
 from watcher.store.sql_store import SqlStore

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any, Protocol
 
 from watcher.models import Kind, RemoteStatus, State
-from watcher.store.base import Notification, OutputRecord, OutputState, ProjectRecord
+from watcher.store.records import Notification, OutputRecord, OutputState, ProjectRecord
 
 
 class Row(Protocol):

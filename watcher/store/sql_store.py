@@ -8,8 +8,8 @@ adds only what its SQL cannot say the same way: how due projects and notificatio
 lease), and what only a shared database has (the fleet's rate budget and gauge reporter).
 
 Every transition is read, computed (:mod:`watcher.store.transitions`) and written in one
-transaction, fenced by ``lease_version`` (:class:`LeaseLost`); :class:`TransitionWrites` says
-which change each ``record_*`` method makes.
+transaction, fenced by ``lease_version`` (:class:`LeaseLost`);
+:class:`~watcher.store.writes.TransitionWrites` says which change each ``record_*`` method makes.
 
 Adding to the store: a new table gets a migration in each dialect's folder, its statements a
 name in each ``queries.sql``, and its methods go here once (and into the in-memory store); only
@@ -24,7 +24,10 @@ from typing import Generic, TypeVar
 
 from watcher.models import Kind, ProjectRef, State
 from watcher.store import transitions as t
-from watcher.store.base import (
+from watcher.store.base import Store
+from watcher.store.connector import Connector, Session
+from watcher.store.records import (
+    Change,
     Claim,
     LeaseLost,
     NewOutput,
@@ -35,19 +38,17 @@ from watcher.store.base import (
     TrackResult,
     group_outputs,
 )
-from watcher.store.connector import Connector, Session
 from watcher.store.rows import (
     Row,
     output_from_row,
     project_changes,
     project_from_row,
 )
-from watcher.store.writes import Change, TransitionWrites
 
 C = TypeVar("C", bound=Connector)
 
 
-class SqlStore(TransitionWrites, Generic[C]):
+class SqlStore(Store, Generic[C]):
     """A :class:`Store` in a SQL database reached through ``connector``, with the dialect's
     named ``queries``. Abstract: a dialect's subclass says how it claims projects
     (:meth:`claim_due`) and notifications (:meth:`claim_notifications`)."""

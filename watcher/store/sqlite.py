@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from watcher.store import transitions as t
-from watcher.store.base import Claim, Notification
 from watcher.store.connector import Session
+from watcher.store.records import Claim, Notification
 from watcher.store.rows import notification_from_row, project_from_row
 from watcher.store.sql import load_queries
 from watcher.store.sql_store import SqlStore

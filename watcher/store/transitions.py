@@ -18,10 +18,11 @@ What a state requires of the outputs is :func:`require_saved`; which states are 
 from __future__ import annotations
 
 import dataclasses
+from typing import TypedDict, Unpack
 
 from watcher.errors import OutputsNotSaved
 from watcher.models import ACTIVE_STATES, ProjectRef, RemoteStatus, State
-from watcher.store.base import OutputRecord, OutputState, ProjectRecord
+from watcher.store.records import OutputRecord, OutputState, ProjectRecord
 
 # The states a project may take only once every output it has is saved.
 NEEDS_EVERY_OUTPUT_SAVED = frozenset({State.SAVED, State.DELETING, State.DELETED})
@@ -207,27 +208,35 @@ def saved(p: ProjectRecord, *, now: float, due_at: float, delete_next: bool) -> 
     )
 
 
+class Ending(TypedDict, total=False):
+    """How a project ended, beyond its final state; each part absent means ``None``.
+
+    Declared once for every layer that passes it on (the workflow, the store, :func:`finished`).
+    ``remote_status``: what a GET said, if a GET said so. ``error_code``, ``error_message``: the
+    API's account of a render that ended in error. ``failure``: the watcher's own note.
+    """
+
+    remote_status: RemoteStatus | None
+    error_code: str | None
+    error_message: str | None
+    failure: str | None
+
+
 def finished(
-    p: ProjectRecord,
-    *,
-    now: float,
-    state: State,
-    remote_status: RemoteStatus | None,
-    error_code: str | None,
-    error_message: str | None,
-    failure: str | None,
+    p: ProjectRecord, *, now: float, state: State, **ending: Unpack[Ending]
 ) -> ProjectRecord:
     """The project ended in a final ``state``. A ``remote_status`` means a GET said so (one
     more poll; a terminal one is the render's end); ``failed`` keeps the last failure when no
     new one is given."""
+    remote_status, failure = ending.get("remote_status"), ending.get("failure")
     terminal = remote_status is not None and remote_status.is_terminal
     keep_failure = state == State.FAILED and failure is None
     return dataclasses.replace(
         p,
         state=state,
         remote_status=remote_status if remote_status is not None else p.remote_status,
-        error_code=error_code,
-        error_message=error_message,
+        error_code=ending.get("error_code"),
+        error_message=ending.get("error_message"),
         failure=p.failure if keep_failure else failure,
         finished_at=now,
         updated_at=now,

@@ -1,26 +1,25 @@
-"""The fenced writes every backend makes the same way.
+"""The fenced writes every backend makes the same way: the state changes of a claimed project.
 
 Each computes its change once with :mod:`watcher.store.transitions` and hands it to the backend's
 ``_apply`` (write the change of the claimed row, fenced) or ``_finish`` (the same, refused unless
 every output is saved where the new state needs it, with the event ``notify`` builds from the row
 as written queued in the same transaction). A backend only says how it persists; it never
-restates a rule.
+restates a rule. :class:`~watcher.store.base.Store` extends :class:`TransitionWrites`, so these
+methods are declared and defined here alone.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from typing import Unpack
 
 from watcher.models import RemoteStatus, State
 from watcher.store import transitions as t
-from watcher.store.base import Claim, NotificationBuilder, ProjectRecord, Store
-
-Change = Callable[[ProjectRecord], ProjectRecord]
+from watcher.store.records import Change, Claim, NotificationBuilder
 
 
-class TransitionWrites(Store):
-    """:class:`Store`'s transition writes in terms of two persistence hooks."""
+class TransitionWrites(abc.ABC):
+    """The writes that move a claimed project on, in terms of two persistence hooks."""
 
     @abc.abstractmethod
     async def _apply(self, claim: Claim, change: Change) -> None:
@@ -43,6 +42,7 @@ class TransitionWrites(Store):
         attempt: int,
         due_at: float,
     ) -> None:
+        """A GET saw a non-terminal status; poll again at ``due_at``. Clears past failures."""
         await self._apply(
             claim,
             lambda p: t.polled(
@@ -60,6 +60,11 @@ class TransitionWrites(Store):
         count_failure: bool = True,
         progressed: bool = False,
     ) -> None:
+        """A transient fault: keep the state, try again at ``due_at``, remember why.
+
+        ``count_failure`` adds one to the failures in a row and, on the first of them, sets
+        ``stalled_since`` to ``now``. ``progressed`` (the try gained bytes before it failed)
+        instead clears both: the work is moving, however often it is interrupted."""
         await self._apply(
             claim,
             lambda p: t.retried(
@@ -81,6 +86,10 @@ class TransitionWrites(Store):
         delete_next: bool,
         notify: NotificationBuilder | None = None,
     ) -> None:
+        """Every output is saved: finish as ``saved`` (lease released, and the event ``notify``
+        builds from the row just written queued with it), or move to ``deleting`` keeping the
+        lease until ``due_at``. Refused with :class:`OutputsNotSaved` (nothing written) if an
+        output is not saved."""
         await self._finish(
             claim,
             lambda p: t.saved(p, now=now, due_at=due_at, delete_next=delete_next),
@@ -94,23 +103,13 @@ class TransitionWrites(Store):
         *,
         now: float,
         state: State,
-        remote_status: RemoteStatus | None = None,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        failure: str | None = None,
         notify: NotificationBuilder | None = None,
+        **ending: Unpack[t.Ending],
     ) -> None:
+        """The project ended in a final ``state``, with what :class:`~transitions.Ending` says
+        of how; the event ``notify`` (if any) builds from the row and outputs just written is
+        queued in the same transaction. Ending ``saved`` or ``deleted`` is refused with
+        :class:`OutputsNotSaved` (nothing written) if an output is not saved."""
         await self._finish(
-            claim,
-            lambda p: t.finished(
-                p,
-                now=now,
-                state=state,
-                remote_status=remote_status,
-                error_code=error_code,
-                error_message=error_message,
-                failure=failure,
-            ),
-            now=now,
-            notify=notify,
+            claim, lambda p: t.finished(p, now=now, state=state, **ending), now=now, notify=notify
         )
