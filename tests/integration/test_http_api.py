@@ -20,14 +20,14 @@ from tests.integration.http_support import CONTROL_TOKEN, eventually, running
 from tests.support import Intercepted, watcher_settings
 from watcher import __version__, clock
 from watcher.daemon import Daemon
-from watcher.http import create_app
-from watcher.http.app import MAX_BODY_BYTES, route_table
+from watcher.http.app import MAX_BODY_BYTES, create_app, route_table
 from watcher.http.openapi import openapi_document
 from watcher.models import Kind, ProjectRef, RemoteStatus, State
 from watcher.simulator.config import Faults, SimConfig
 from watcher.simulator.server import SimulatorServer
 from watcher.simulator.timeline import ProjectOverrides
-from watcher.store import PostgresStore, SQLiteStore
+from watcher.store import SQLiteStore
+from watcher.store.postgres import PostgresStore
 from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio

@@ -15,7 +15,7 @@ import pytest
 from tests import pg
 from watcher.errors import StoreUnavailable
 from watcher.models import Kind, ProjectRef, State
-from watcher.store import PostgresStore
+from watcher.store.postgres import PostgresStore
 from watcher.store.postgres_liveness import LIVENESS_LOCK_CLASS, PostgresLiveness
 
 pytestmark = pytest.mark.anyio

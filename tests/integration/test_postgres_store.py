@@ -17,8 +17,8 @@ from tests import pg
 from watcher.errors import StoreError
 from watcher.models import Kind, ProjectRef
 from watcher.settings import load_settings
-from watcher.store import PostgresStore, Store, create_store
-from watcher.store.postgres import _Q, take_from_bucket
+from watcher.store import Store, create_store
+from watcher.store.postgres import _Q, PostgresStore, take_from_bucket
 from watcher.store.postgres_liveness import LIVENESS_LOCK_CLASS
 from watcher.store.sql import load_migrations
 

@@ -18,11 +18,11 @@ from watcher.store import (
     NewOutput,
     OutputRecord,
     OutputState,
-    PostgresStore,
     ProjectRecord,
     SQLiteStore,
     Store,
 )
+from watcher.store.postgres import PostgresStore
 from watcher.store.sqlite import _Q
 from watcher.store.sqlite import _transaction as sqlite_transaction
 

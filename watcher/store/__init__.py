@@ -1,5 +1,9 @@
 """Durable state behind one interface: :class:`Store`, and :func:`create_store` to pick a backend
-from ``WATCHER_DATABASE_URL``."""
+from ``WATCHER_DATABASE_URL``.
+
+The PostgreSQL backend (and with it psycopg) is imported only when a URL names it: a SQLite
+daemon never pays for the driver. Import :class:`~watcher.store.postgres.PostgresStore` from
+:mod:`watcher.store.postgres`."""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from watcher.errors import ConfigError
 from watcher.store import records
 from watcher.store.base import Liveness, Store
 from watcher.store.memory import InMemoryStore
-from watcher.store.postgres import PostgresStore
 from watcher.store.records import *  # noqa: F403 - the records are listed once, in records.__all__
 from watcher.store.sqlite import SQLiteStore
 from watcher.store.transitions import Ending
@@ -18,7 +21,6 @@ __all__ = [
     "Ending",
     "InMemoryStore",
     "Liveness",
-    "PostgresStore",
     "SQLiteStore",
     "Store",
     "create_store",
@@ -59,6 +61,8 @@ def create_store(
     if scheme == "sqlite":
         return SQLiteStore(sqlite_path(url), exclusive=exclusive, timeout=timeout)
     if scheme in POSTGRES_SCHEMES:
+        from watcher.store.postgres import PostgresStore  # noqa: PLC0415 - psycopg only if used
+
         return PostgresStore(url, min_size=pool_min_size, max_size=pool_max_size, timeout=timeout)
     if scheme == "memory":
         return InMemoryStore()
