@@ -24,10 +24,10 @@ from pathlib import Path
 import httpx
 import structlog
 
-from watcher import __version__, clock, logs, notify
+from watcher import __version__, clock, logs
 from watcher.errors import ConfigError, InvalidProjectId, WatcherError
 from watcher.models import Kind, ProjectRef, State, parse_kind, parse_project_spec
-from watcher.settings import Settings, load_settings, unknown_variables
+from watcher.settings import Settings, configured, load_settings, unknown_variables
 from watcher.store import (
     OutputRecord,
     ProjectRecord,
@@ -39,7 +39,6 @@ from watcher.store import (
 from watcher.table import render_status
 from watcher.terminal import printable
 from watcher.views import project_json
-from watcher.webhooks import configured
 from watcher.wiring import build, run_daemon
 
 EXIT_USAGE = 2
@@ -49,8 +48,11 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell shows for a tool cut off b
 log = structlog.get_logger("watcher")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every subcommand.
+
+    Given the command line it will parse, the options of ``simulate`` are added only when that
+    is the command: they come from the simulator, which no other command imports."""
     parser = argparse.ArgumentParser(
         prog="watcher",
         description="Track Magic Hour projects until they finish and save every output.",
@@ -111,17 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.set_defaults(func=cmd_health)
 
-    from watcher.simulator import cli as simulator_cli  # noqa: PLC0415 - keep start-up light
-
     simulate = sub.add_parser("simulate", help="serve a local simulator of the Magic Hour API")
-    simulator_cli.add_arguments(simulate)
-    simulate.set_defaults(func=simulator_cli.run)
+    if argv is None or _command_of(argv) == "simulate":
+        from watcher.simulator import cli as simulator_cli  # noqa: PLC0415 - only to simulate
+
+        simulator_cli.add_arguments(simulate)
+        simulate.set_defaults(func=simulator_cli.run)
 
     demo = sub.add_parser("demo", help="try the watcher against the simulator, no setup needed")
     demo.add_argument("--dir", help="where to put the database and downloads (a new temp dir)")
     demo.add_argument("--seed", type=int, default=7, help="simulator seed (7)")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (the top-level
+    options, ``--help`` and ``--version``, take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _positive_int(text: str) -> int:
@@ -146,7 +155,8 @@ def _add_url_argument(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``watcher`` command."""
     logs.repair_standard_streams()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     code: int | None = None
     try:
         code = args.func(args)
@@ -188,12 +198,17 @@ def _settings() -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``watcher run``: the daemon, its HTTP server and its notifier."""
-    from watcher.http import check_settings  # noqa: PLC0415 - only run serves HTTP
-
     settings = _settings()
     settings.require_token()
-    check_settings(settings)
-    notify.check_settings(settings)
+    # Each part is imported only when the settings use it (see the README's "Start-up").
+    if settings.http_enabled:
+        from watcher.http.server import check_settings  # noqa: PLC0415 - uvicorn only if served
+
+        check_settings(settings)
+    if settings.notify_url is not None:
+        from watcher.notify import check_settings as check_notify  # noqa: PLC0415 - if used
+
+        check_notify(settings)
     logs.configure(settings.log_level, settings.log_format)
     for name in unknown_variables():
         log.warning("unknown_setting", variable=name, hint="not a WATCHER_* setting; a typo?")

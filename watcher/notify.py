@@ -27,7 +27,8 @@ import structlog
 
 from watcher import __version__, clock
 from watcher.errors import ConfigError, StoreError, StoreUnavailable
-from watcher.webhooks import configured, signed_headers
+from watcher.settings import configured
+from watcher.webhooks import signed_headers
 
 if TYPE_CHECKING:
     from watcher.control import Control

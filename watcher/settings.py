@@ -283,6 +283,13 @@ class Settings(BaseSettings):
         return self.api_token
 
 
+def configured(secret: SecretStr | None) -> str | None:
+    """A secret setting's text, or ``None`` when it is unset or blank (an empty variable)."""
+    if secret is None:
+        return None
+    return secret.get_secret_value().strip() or None
+
+
 def configured_secret(secret: SecretStr | None) -> bool:
     """Whether a secret is set to something other than blanks (never the secret itself)."""
     return secret is not None and bool(secret.get_secret_value().strip())

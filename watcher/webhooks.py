@@ -16,8 +16,6 @@ import hmac
 import json
 from dataclasses import dataclass
 
-from pydantic import SecretStr
-
 from watcher.errors import InvalidProjectId, WatcherError
 from watcher.models import Kind, validate_project_id
 
@@ -41,13 +39,6 @@ class SignatureRejected(WatcherError):
 
 class InvalidEvent(WatcherError):
     """A correctly signed body that is not a webhook event the watcher can read."""
-
-
-def configured(secret: SecretStr | None) -> str | None:
-    """A secret setting's text, or ``None`` when it is unset or blank (an empty variable)."""
-    if secret is None:
-        return None
-    return secret.get_secret_value().strip() or None
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:

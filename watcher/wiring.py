@@ -21,7 +21,7 @@ from collections.abc import Callable
 import httpx
 import structlog
 
-from watcher import __version__, clock, notify
+from watcher import __version__, clock
 from watcher.api import USER_AGENT, MagicHourClient
 from watcher.backoff import PollPolicy
 from watcher.daemon import EXIT_SECOND_SIGNAL, Daemon, Outcome
@@ -150,14 +150,17 @@ def build(
     dispatcher.on_done = daemon.request_stop
     keep_alive(daemon, settings, rng=rng, metrics=metrics)
     if serve and settings.http_enabled:
-        from watcher.http import HttpServer  # noqa: PLC0415 - only a served run loads uvicorn
+        from watcher.http.server import HttpServer  # noqa: PLC0415 - uvicorn only if served
 
         server = HttpServer.bind(settings.http_host, settings.http_port)
         daemon.side_tasks.append(functools.partial(server.run, daemon, store, metrics))
         daemon.closers.append(server.close)
-    notifier = notify.Notifier.from_settings(settings) if notify_out else None
-    if notifier is not None:
-        daemon.side_tasks.append(functools.partial(notifier.run, daemon, store, metrics))
+    if notify_out and settings.notify_url is not None:
+        from watcher.notify import Notifier  # noqa: PLC0415 - only a notifying run loads it
+
+        notifier = Notifier.from_settings(settings)
+        if notifier is not None:
+            daemon.side_tasks.append(functools.partial(notifier.run, daemon, store, metrics))
     return daemon
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from watcher.daemon import Daemon, Outcome
-from watcher.http import HttpServer
+from watcher.http.server import HttpServer
 
 CONTROL_TOKEN = "control-token-for-tests"
 # Loading the CA bundle takes tens of milliseconds; the test clients speak plain HTTP anyway.

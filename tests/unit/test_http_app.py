@@ -11,7 +11,8 @@ import pytest
 
 from watcher import clock
 from watcher.errors import ConfigError, StoreError
-from watcher.http import check_settings, create_app
+from watcher.http.app import create_app
+from watcher.http.server import check_settings
 from watcher.models import Kind, ProjectRef, RemoteStatus
 from watcher.settings import load_settings
 from watcher.store import InMemoryStore

@@ -9,7 +9,7 @@ import pytest
 
 from watcher import clock
 from watcher.daemon import Daemon
-from watcher.http import create_app
+from watcher.http.app import create_app
 from watcher.settings import load_settings
 from watcher.store import InMemoryStore
 from watcher.webhooks import signed_headers

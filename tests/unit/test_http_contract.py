@@ -11,8 +11,7 @@ import httpx
 import jsonschema
 import pytest
 
-from watcher.http import create_app
-from watcher.http.app import LIST_PARAMETERS, route_table
+from watcher.http.app import LIST_PARAMETERS, create_app, route_table
 from watcher.http.openapi import openapi_document
 from watcher.settings import load_settings
 from watcher.store import InMemoryStore

@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from watcher.errors import ConfigError
 from watcher.models import Kind, ProjectRef
-from watcher.settings import Settings, load_settings, reread_secret_files, unknown_variables
+from watcher.settings import (
+    Settings,
+    configured,
+    load_settings,
+    reread_secret_files,
+    unknown_variables,
+)
 
 TOKEN = "mhk_live_Zq8sECRETsECRETsECRET0042"
 
@@ -493,3 +500,10 @@ def test_a_secret_file_that_became_malformed_is_refused_on_reread(tmp_path: Path
     with pytest.raises(ConfigError, match=r"^WATCHER_API_TOKEN_FILE: .*printable ASCII"):
         reread_secret_files(settings)
     assert settings.require_token().get_secret_value() == TOKEN
+
+
+def test_a_blank_secret_counts_as_unset() -> None:
+    """An empty or blank secret variable turns the feature off instead of signing with ''."""
+    assert configured(None) is None
+    assert configured(SecretStr("  ")) is None
+    assert configured(SecretStr(" s3cret ")) == "s3cret"

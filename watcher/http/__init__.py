@@ -7,11 +7,8 @@
 
 Signatures of webhooks (in and out) are in :mod:`watcher.webhooks`; the outgoing notifications
 in :mod:`watcher.notify`.
+
+The package itself imports nothing: ``watcher track --url`` loads the client without Starlette,
+and a daemon with ``WATCHER_HTTP_ENABLED=false`` loads neither Starlette nor uvicorn. Import
+from the modules (``watcher.http.server.HttpServer``, ``watcher.http.app.create_app``).
 """
-
-from __future__ import annotations
-
-from watcher.http.app import create_app
-from watcher.http.server import HttpServer, check_settings
-
-__all__ = ["HttpServer", "check_settings", "create_app"]

@@ -43,6 +43,7 @@ from watcher.http.guard import HostPolicy, RequestGuard
 from watcher.http.openapi import openapi_document
 from watcher.metrics import FLEET, Metrics
 from watcher.models import ProjectRef, State, parse_kind, validate_project_id
+from watcher.settings import configured
 from watcher.views import project_json
 from watcher.webhooks import (
     SIGNATURE_HEADER,
@@ -50,7 +51,6 @@ from watcher.webhooks import (
     InvalidEvent,
     SignatureRejected,
     WebhookEvent,
-    configured,
     parse_event,
     verify,
 )

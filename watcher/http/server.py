@@ -43,7 +43,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from watcher.errors import ConfigError
 from watcher.http.app import create_app
 from watcher.logs import BurstLog
-from watcher.webhooks import configured
+from watcher.settings import configured
 
 if TYPE_CHECKING:
     from watcher.control import Control
