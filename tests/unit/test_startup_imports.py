@@ -19,6 +19,7 @@ from watcher.cli import main
 code = main(["run", "--until-done"])
 print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
 """
+PROBE_ARGV = [sys.executable, "-c", PROBE]
 
 # Loaded only by the configurations that use them (the test names which).
 POSTGRES = ("psycopg", "psycopg_pool", "watcher.store.postgres")
@@ -40,14 +41,7 @@ def loaded_by_run(tmp_path: Path, **settings: str) -> set[str]:
             **settings,
         }
     )
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
+    done = subprocess.run(PROBE_ARGV, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
     assert report["code"] == 0, done.stderr
