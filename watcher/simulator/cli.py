@@ -67,39 +67,47 @@ def _add_project_arguments(parser: argparse.ArgumentParser) -> None:
     _add_pair(group, "--rendering-seconds", float, _CONFIG.rendering_seconds, "time rendering")
     _add_pair(group, "--image-outputs", int, _CONFIG.image_outputs, "outputs per image project")
     _add_pair(group, "--output-bytes", int, _CONFIG.output_bytes, "size of each output")
-    group.add_argument(
-        "--error-rate",
-        type=float,
-        default=_CONFIG.error_rate,
-        metavar="P",
-        help=f"share of projects that end in error {_DEFAULT}",
+    _add_number(
+        group, "--error-rate", _CONFIG.error_rate, "P", "share of projects that end in error"
     )
-    group.add_argument(
-        "--cancel-rate",
-        type=float,
-        default=_CONFIG.cancel_rate,
-        metavar="P",
-        help=f"share of projects that end canceled {_DEFAULT}",
+    _add_number(
+        group, "--cancel-rate", _CONFIG.cancel_rate, "P", "share of projects that end canceled"
     )
-    group.add_argument(
+    _add_number(
+        group,
         "--url-lifetime",
-        type=float,
-        default=_CONFIG.url_lifetime,
-        metavar="SECONDS",
-        help=f"how long a signed download URL stays valid {_DEFAULT}",
+        _CONFIG.url_lifetime,
+        "SECONDS",
+        "how long a signed download URL stays valid",
     )
-    group.add_argument(
+    _add_choice(
+        group,
         "--timeline-start",
-        choices=("created", "first_get"),
-        default=_CONFIG.timeline_start,
-        help=f"when the render clock starts {_DEFAULT}",
+        ("created", "first_get"),
+        _CONFIG.timeline_start,
+        "when the render clock starts",
     )
-    group.add_argument(
+    _add_choice(
+        group,
         "--after-delete",
-        choices=("404", "disabled"),
-        default=_CONFIG.after_delete,
-        help=f"what GET answers after DELETE: 404, or 200 with enabled=false {_DEFAULT}",
+        ("404", "disabled"),
+        _CONFIG.after_delete,
+        "what GET answers after DELETE: 404, or 200 with enabled=false",
     )
+
+
+def _add_number(
+    group: argparse._ArgumentGroup, flag: str, default: float, metavar: str, what: str
+) -> None:
+    group.add_argument(
+        flag, type=float, default=default, metavar=metavar, help=f"{what} {_DEFAULT}"
+    )
+
+
+def _add_choice(
+    group: argparse._ArgumentGroup, flag: str, choices: tuple[str, ...], default: str, what: str
+) -> None:
+    group.add_argument(flag, choices=choices, default=default, help=f"{what} {_DEFAULT}")
 
 
 def _add_pair(
@@ -123,32 +131,17 @@ def _add_pair(
 def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("faults (probabilities per request)")
     for name in ("429", "5xx", "reset", "slow", "broken-json", "truncate"):
-        group.add_argument(
-            f"--rate-{name}",
-            type=float,
-            default=0.0,
-            metavar="P",
-            help=f"chance of a {name} fault per request {_DEFAULT}",
-        )
-    group.add_argument(
-        "--retry-after",
-        type=float,
-        default=_FAULTS.retry_after,
-        metavar="SECONDS",
-        help=f"the delay a 429 asks for {_DEFAULT}",
-    )
-    group.add_argument(
+        _add_number(group, f"--rate-{name}", 0.0, "P", f"chance of a {name} fault per request")
+    _add_number(group, "--retry-after", _FAULTS.retry_after, "SECONDS", "the delay a 429 asks for")
+    _add_choice(
+        group,
         "--retry-after-form",
-        choices=("alternate", "seconds", "http-date"),
-        default=_FAULTS.retry_after_form,
-        help=f"how Retry-After is written {_DEFAULT}",
+        ("alternate", "seconds", "http-date"),
+        _FAULTS.retry_after_form,
+        "how Retry-After is written",
     )
-    group.add_argument(
-        "--slow-seconds",
-        type=float,
-        default=_FAULTS.slow_seconds,
-        metavar="SECONDS",
-        help=f"how long a slow response stalls {_DEFAULT}",
+    _add_number(
+        group, "--slow-seconds", _FAULTS.slow_seconds, "SECONDS", "how long a slow response stalls"
     )
 
 
