@@ -12,15 +12,12 @@ import enum
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 import uvicorn
 
 from watcher.simulator.app import create_app
 from watcher.simulator.state import Simulator
-
-if TYPE_CHECKING:
-    from types import TracebackType
 
 _STARTUP_TIMEOUT = 10.0
 _TICK = 0.02
@@ -159,10 +156,5 @@ class SimulatorServer:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
