@@ -16,7 +16,7 @@ import math
 import secrets
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from watcher.models import Kind, RemoteStatus
@@ -70,24 +70,8 @@ class Event:
     at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        """The event as ``GET /sim/events`` lists it."""
-        return {
-            "seq": self.seq,
-            "at": self.at,
-            "method": self.method,
-            "what": self.what,
-            "path": self.path,
-            "project_id": self.project_id,
-            "index": self.index,
-            "status_code": self.status_code,
-            "range": self.range,
-            "completed": self.completed,
-            "bytes_sent": self.bytes_sent,
-            "ended_at": self.ended_at,
-            "authorization_sent": self.authorization_sent,
-            "fault": self.fault,
-            "user_agent": self.user_agent,
-        }
+        """The event as ``GET /sim/events`` lists it: every field."""
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,14 +85,8 @@ class OutputTruth:
     sha256: str
 
     def to_json(self) -> dict[str, Any]:
-        """The output as ``GET /sim/projects/{id}`` lists it."""
-        return {
-            "index": self.index,
-            "name": self.name,
-            "content_type": self.content_type,
-            "size": self.size,
-            "sha256": self.sha256,
-        }
+        """The output as ``GET /sim/projects/{id}`` lists it: every field."""
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
