@@ -30,14 +30,11 @@ import structlog
 from watcher import __version__, clock
 from watcher.dispatcher import Dispatcher
 from watcher.errors import StoreError
-from watcher.health import ApiHealth
 from watcher.liveness import LivenessKeeper
-from watcher.metrics import Metrics
 from watcher.models import Kind, ProjectRef, State
-from watcher.outage import StoreHealth
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats
 from watcher.settings import Settings
-from watcher.store import ProjectRecord, Store
+from watcher.store import ProjectRecord
 from watcher.workflow import Workflow, sweep_parts
 
 log = structlog.get_logger("watcher")
@@ -69,31 +66,24 @@ class Daemon:
     def __init__(
         self,
         *,
-        store: Store,
-        http: httpx.AsyncClient,
-        health: ApiHealth,
-        store_health: StoreHealth,
         dispatcher: Dispatcher,
         workflow: Workflow,
+        http: httpx.AsyncClient,
         render_stats: RenderStats,
         rate_paused: Callable[[], float],
-        stopping: asyncio.Event,
-        metrics: Metrics,
-        until_done: bool = False,
         judge_all: bool = False,
     ) -> None:
-        self.store = store
-        self.http = http
-        self.health = health
-        self.store_health = store_health
+        # The daemon runs what its dispatcher claims: the same store, API and store health,
+        # stop event, metrics and until_done, taken from it rather than handed in twice.
         self.dispatcher = dispatcher
-        self.workflow = workflow
-        self.render_stats = render_stats
-        self.metrics = metrics
-        self.until_done = until_done
+        self.store, self.health = dispatcher.store, dispatcher.health
+        self.store_health, self._stopping = dispatcher.store_health, dispatcher.stopping
+        self.metrics, self.until_done = dispatcher.metrics, dispatcher.until_done
         self.judge_all = judge_all  # until_done: every stored project decides, not this run's
+        self.workflow = workflow
+        self.http = http
+        self.render_stats = render_stats
         self._rate_paused = rate_paused
-        self._stopping = stopping
         self._run_ids: set[str] = set()  # the projects of this run (see Outcome)
         self.started = asyncio.Event()
         # Extra long-lived loops (the HTTP server, the notifier) run in the daemon's task group,

@@ -134,17 +134,11 @@ def build(
     dispatcher.workflow = workflow
     health.on_release = dispatcher.release_held
     daemon = Daemon(
-        store=store,
-        http=http,
-        health=health,
-        store_health=store_health,
         dispatcher=dispatcher,
         workflow=workflow,
+        http=http,
         render_stats=render_stats,
         rate_paused=lambda: throttle.paused_for,
-        stopping=stopping,
-        metrics=metrics,
-        until_done=until_done,
         judge_all=judge_all,
     )
     dispatcher.on_done = daemon.request_stop
