@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass, field
 
 import structlog
 
@@ -55,42 +56,26 @@ LIVENESS_CHECK_SECONDS = 1.0
 TAKEOVER_CHECK_SECONDS = 0.5
 
 
+@dataclass(eq=False, repr=False)  # compared and shown as itself, as before
 class LivenessKeeper:
     """Keeps ``session``, and finds the replicas that died; see the module docstring."""
 
-    def __init__(
-        self,
-        session: Liveness,
-        *,
-        store: Store,
-        on_due: Callable[[], None],
-        on_lost: Callable[[], int],
-        on_back: Callable[[], Awaitable[None]],
-        store_down: Callable[[], bool],
-        stopping: asyncio.Event,
-        retry_initial: float,
-        retry_max: float,
-        rng: random.Random,
-        metrics: Metrics | None = None,
-        check_every: float = LIVENESS_CHECK_SECONDS,
-        takeover_every: float = TAKEOVER_CHECK_SECONDS,
-        now: Callable[[], float] = clock.now,
-    ) -> None:
-        self.session = session
-        self.store = store
-        self.on_due = on_due
-        self.on_lost = on_lost  # stop the work that can no longer be proven; how many stopped
-        self.on_back = on_back
-        self.store_down = store_down
-        self.stopping = stopping
-        self.retry_initial = retry_initial
-        self.retry_max = retry_max
-        self.rng = rng
-        self.metrics = metrics or Metrics()
-        self.check_every = check_every
-        self.takeover_every = takeover_every
-        self.now = now
-        self._held = False
+    session: Liveness
+    _: KW_ONLY
+    store: Store
+    on_due: Callable[[], None]
+    on_lost: Callable[[], int]  # stop the work that can no longer be proven; how many stopped
+    on_back: Callable[[], Awaitable[None]]
+    store_down: Callable[[], bool]
+    stopping: asyncio.Event
+    retry_initial: float
+    retry_max: float
+    rng: random.Random
+    metrics: Metrics = field(default_factory=Metrics)
+    check_every: float = LIVENESS_CHECK_SECONDS
+    takeover_every: float = TAKEOVER_CHECK_SECONDS
+    now: Callable[[], float] = clock.now
+    _held: bool = field(default=False, init=False)
 
     @property
     def proven(self) -> bool:
