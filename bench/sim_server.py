@@ -20,6 +20,7 @@ import json
 import sys
 import threading
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,7 @@ def _truth(sim: Simulator, project_id: str) -> dict[str, Any]:
         "clock_started_at": truth.clock_started_at,
         "finishes_at": truth.finishes_at,
         "final_status": truth.timeline.final_status.value,
-        "outputs": [o.to_json() for o in truth.outputs],
+        "outputs": [asdict(o) for o in truth.outputs],
     }
 
 

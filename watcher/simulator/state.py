@@ -84,10 +84,6 @@ class OutputTruth:
     size: int
     sha256: str
 
-    def to_json(self) -> dict[str, Any]:
-        """The output as ``GET /sim/projects/{id}`` lists it: every field."""
-        return asdict(self)
-
 
 @dataclass(frozen=True, slots=True)
 class ProjectTruth:
@@ -136,7 +132,7 @@ class ProjectTruth:
                 if timeline.error is None
                 else {"code": timeline.error.code, "message": timeline.error.message},
             },
-            "outputs": [output.to_json() for output in self.outputs],
+            "outputs": [asdict(output) for output in self.outputs],  # every field
         }
 
 
