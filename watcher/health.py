@@ -71,6 +71,7 @@ class ApiHealth:
         until_done: bool = False,
         metrics: Metrics | None = None,
         now: Callable[[], float] = clock.now,
+        throttle: Throttle | None = None,
     ) -> None:
         self.settings = settings
         self.until_done = until_done
@@ -81,7 +82,7 @@ class ApiHealth:
         self.answered = False  # a call of this run succeeded
         self.paused_until = 0.0
         self.probing = False
-        self.throttle: Throttle | None = None  # the API client's, to hold calls under way
+        self.throttle = throttle  # the API client's, to hold calls under way
         self.set_token: Callable[[SecretStr], None] | None = None  # the API client's
         # Makes the projects a refused token put off due now (the dispatcher's).
         self.on_release: Callable[[set[str]], None] = lambda _ids: None

@@ -67,7 +67,6 @@ def build(
     rng = rng or random.Random()
     metrics = metrics or Metrics()
     stopping = asyncio.Event()
-    health = ApiHealth(settings, until_done=until_done, metrics=metrics, now=now)
     store_health = StoreHealth(
         initial=settings.store_retry_initial, maximum=settings.store_retry_max, rng=rng
     )
@@ -81,6 +80,7 @@ def build(
         concurrency=settings.max_concurrent_requests,
         shared=shared,
     )
+    health = ApiHealth(settings, until_done=until_done, metrics=metrics, now=now, throttle=throttle)
     api = MagicHourClient(
         http,
         base_url=str(settings.api_base_url),
@@ -91,7 +91,6 @@ def build(
         user_agent=user_agent,
         reload_token=health.token_after_401,
     )
-    health.throttle = throttle
     health.set_token = api.set_token
     dispatcher = Dispatcher(
         store=store,
