@@ -1,7 +1,8 @@
 """The wiring: one function that builds the running service from its settings.
 
 :func:`build` makes every object once and hands each what it needs: the store, the shared
-``httpx.AsyncClient``, the API client and its throttle, the downloader, the metrics, API health
+``httpx.AsyncClient`` (:mod:`watcher.transport`), the API client and its throttle, the
+downloader, the metrics, API health
 (:mod:`watcher.health`), store health (:mod:`watcher.outage`), the workflow, the dispatcher and
 the daemon around them, and on request the HTTP server and the notifier as side tasks. The CLI,
 the demo and the tests call it; nothing below reaches up to it. :func:`run_daemon` runs a built
@@ -36,6 +37,7 @@ from watcher.schedule import RenderStats
 from watcher.settings import Settings
 from watcher.store import Store, create_store
 from watcher.throttle import SharedBudget, Throttle
+from watcher.transport import http_client
 from watcher.workflow import Workflow, WorkflowLimits
 
 log = structlog.get_logger("watcher")
@@ -182,20 +184,6 @@ def keep_alive(daemon: Daemon, settings: Settings, *, rng: random.Random, metric
     dispatcher.proven = lambda: keeper.proven
     daemon.liveness = keeper
     daemon.side_tasks += [keeper.run, keeper.find_dead]
-
-
-def http_client(
-    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
-) -> httpx.AsyncClient:
-    """The one client of the API and the CDN: explicit timeouts, a pool for every slot."""
-    s = settings
-    pool = s.max_concurrent_requests + s.max_concurrent_downloads + 4
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(s.request_timeout, connect=min(10.0, s.request_timeout)),
-        limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
-        follow_redirects=True,
-        transport=transport,
-    )
 
 
 def max_in_flight(settings: Settings) -> int:

@@ -1,0 +1,261 @@
+"""The HTTP stack: the one ``httpx.AsyncClient`` of the API and the CDN, on aiohttp.
+
+The code talks httpx everywhere (:mod:`watcher.api`, :mod:`watcher.downloader`); underneath,
+:func:`http_client` puts ``httpx_aiohttp.AiohttpTransport`` (the transport the OpenAI and
+Anthropic SDKs ship) instead of httpcore: aiohttp parses HTTP in C and costs a fraction of the
+CPU per request (``bench/floor.py``). What stays httpx's, so nothing of it changes:
+
+- redirects are followed by httpx, which drops ``Authorization`` when a redirect leaves the
+  origin (the token never reaches another host); the transport itself never follows one, and
+  sends the redirected GET as httpx built it, without a body;
+- the body reaches httpx as sent (aiohttp's decompression is off): ``aiter_bytes`` decodes gzip
+  and deflate for the API's JSON, ``aiter_raw`` gives the downloader the raw bytes it decodes
+  and checks itself;
+- proxies from the environment (``HTTPS_PROXY``, ``NO_PROXY``, ...) and TLS trust
+  (``SSL_CERT_FILE``) are read as httpx reads them;
+- timeouts: connect, read (per socket read) and pool from the client's ``httpx.Timeout``;
+  aiohttp has no write timeout (the watcher's requests have no body);
+- pooling: ``max_connections`` of the client's ``httpx.Limits``, idle connections closed after
+  ``keepalive_expiry``; a response closed before its end closes its connection.
+
+The body streams in aiohttp's chunks through a bounded buffer (aiohttp stops reading the socket
+while 64 KiB are unread), so memory does not grow with the file.
+
+What the transport raises is mapped here to the httpx exceptions that httpcore raised for the
+same fault, which the callers already handle (``httpx_aiohttp``'s own table calls a reset
+connection a ``ConnectTimeout``, and lets a malformed answer through as an aiohttp error):
+
+============================================  =============================================
+aiohttp (or the socket)                       httpx
+============================================  =============================================
+``ConnectionTimeoutError``                    ``ConnectTimeout`` (also a full pool)
+``SocketTimeoutError``, ``ServerTimeoutError``  ``ReadTimeout``
+``ClientProxyConnectionError``, proxy refusal  ``ProxyError``
+``ClientConnectorError`` (refused, DNS, TLS)  ``ConnectError``
+``ServerDisconnectedError``                   ``RemoteProtocolError``
+``ClientPayloadError`` (body cut short)       ``RemoteProtocolError``, ``ReadError`` if reset
+``ClientResponseError`` (not HTTP)            ``RemoteProtocolError``
+other ``ClientConnectionError``, ``OSError``  ``ReadError``
+``NonHttpUrlClientError``                     ``UnsupportedProtocol``
+a header or URL that cannot be written        ``LocalProtocolError``
+============================================  =============================================
+
+No message of a mapped exception holds the request's URL (a signed link's query is a secret);
+the original is kept as ``__cause__``, so :func:`watcher.api.describe_transport_error` still
+finds the refused port, the reset connection or the TLS error inside.
+"""
+
+from __future__ import annotations
+
+import errno
+import ssl
+from collections.abc import AsyncIterator
+
+import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+from watcher.settings import Settings
+
+# Most specific first: the first class that matches decides.
+_MAPPING: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
+    (aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout),
+    (aiohttp.ServerTimeoutError, httpx.ReadTimeout),
+    (aiohttp.ClientProxyConnectionError, httpx.ProxyError),
+    (aiohttp.ClientHttpProxyError, httpx.ProxyError),
+    (aiohttp.ClientConnectorError, httpx.ConnectError),
+    (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError),
+    (aiohttp.ClientResponseError, httpx.RemoteProtocolError),
+    (aiohttp.NonHttpUrlClientError, httpx.UnsupportedProtocol),
+    (aiohttp.InvalidURL, httpx.LocalProtocolError),
+    (aiohttp.ClientConnectionError, httpx.ReadError),
+    (OSError, httpx.ReadError),
+    (aiohttp.ClientError, httpx.TransportError),
+)
+
+
+def _origin(exc: BaseException) -> BaseException:
+    """The aiohttp (or socket) exception behind ``exc``: ``httpx_aiohttp`` raises its own
+    mapping from it."""
+    cause = exc.__cause__
+    if isinstance(exc, httpx.TransportError) and isinstance(cause, aiohttp.ClientError | OSError):
+        return cause
+    return exc
+
+
+def _root(origin: BaseException) -> BaseException:
+    """What ``origin`` stands for underneath aiohttp: the socket's or TLS's own error (kept as
+    the cause, where :func:`watcher.api.describe_transport_error` looks for it)."""
+    if isinstance(origin, aiohttp.ClientPayloadError) and "ConnectionResetError(" in str(origin):
+        # aiohttp names the reset that cut a body only in the text of its error.
+        return ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    seen: BaseException | None = origin
+    while isinstance(seen, aiohttp.ClientError):
+        seen = seen.__cause__
+    return seen if isinstance(seen, OSError) else origin
+
+
+def _message(origin: BaseException) -> str:
+    """A short account of ``origin`` without the URL (aiohttp's response errors show it)."""
+    if isinstance(origin, aiohttp.ClientResponseError):
+        return f"{type(origin).__name__}: {origin.message}"
+    if isinstance(origin, aiohttp.ClientConnectorError):
+        return f"cannot connect to {origin.host}:{origin.port} ({origin.os_error})"
+    if isinstance(origin, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        return f"{type(origin).__name__}: the URL cannot be requested"
+    return f"{type(origin).__name__}: {origin}" if str(origin) else type(origin).__name__
+
+
+def mapped(exc: BaseException) -> httpx.TransportError | None:
+    """The httpx exception that stands for ``exc`` (raised by aiohttp or by
+    ``httpx_aiohttp``), or ``None`` if it is none of the transport's."""
+    origin = _origin(exc)
+    if isinstance(origin, aiohttp.ClientPayloadError):
+        reset = isinstance(_root(origin), ConnectionResetError)
+        kind: type[httpx.TransportError] = httpx.ReadError if reset else httpx.RemoteProtocolError
+    else:
+        kind = next((k for base, k in _MAPPING if isinstance(origin, base)), httpx.TransportError)
+        if origin is exc and not isinstance(exc, aiohttp.ClientError | OSError):
+            return None
+    return kind(_message(origin))
+
+
+def _translation(exc: Exception, *, sending: bool) -> httpx.TransportError | None:
+    """What to raise instead of ``exc``, or ``None`` to let it through: an exception of httpx
+    that ``httpx_aiohttp`` raised on its own (an unsupported scheme), or none of the transport's.
+
+    The caller raises it outside its ``except`` clause, so that it carries the socket's error
+    as its cause and nothing of aiohttp's as its context."""
+    if isinstance(exc, aiohttp.ClientError | OSError | httpx.TransportError):
+        if isinstance(exc, httpx.TransportError) and not isinstance(
+            exc.__cause__, aiohttp.ClientError | OSError
+        ):
+            return None
+        new = mapped(exc)
+        if new is not None:
+            new.__cause__ = _root(_origin(exc))
+        return new
+    if sending and isinstance(exc, ValueError | UnicodeError):
+        # aiohttp refuses to write a header with a newline or a character it cannot encode;
+        # its message would show the header's value (the token).
+        return httpx.LocalProtocolError(f"the request cannot be written ({type(exc).__name__})")
+    return None
+
+
+class _Body(httpx.AsyncByteStream):
+    """The response body of ``httpx_aiohttp``, its errors mapped."""
+
+    def __init__(self, inner: httpx.AsyncByteStream) -> None:
+        self._inner = inner
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        chunks = aiter(self._inner)
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                new = _translation(exc, sending=False)
+                if new is None:
+                    raise
+            else:
+                yield chunk
+                continue
+            raise new
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        except Exception as exc:
+            new = _translation(exc, sending=False)
+            if new is None:
+                raise
+        else:
+            return
+        raise new
+
+
+class Transport(AiohttpTransport):
+    """``httpx_aiohttp.AiohttpTransport`` whose faults are httpcore's (module docstring)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request``; the response's body is read as the caller iterates it."""
+        # A request httpx rebuilt to follow a redirect holds its (empty) body as a stream,
+        # which httpx_aiohttp would send as a chunked body with a content type: a GET with a
+        # body, which a CDN may refuse. Read, it is the bytes it is: none.
+        await request.aread()
+        try:
+            response = await super().handle_async_request(request)
+        except Exception as exc:
+            new = _translation(exc, sending=True)
+            if new is None:
+                raise
+        else:
+            assert isinstance(response.stream, httpx.AsyncByteStream)  # noqa: S101
+            response.stream = _Body(response.stream)
+            return response
+        raise new
+
+
+# httpx's default when none is given; the watcher always gives its own.
+_DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+CertTypes = str | tuple[str, str] | tuple[str, str, str]
+
+
+class Client(httpx.AsyncClient):
+    """An ``httpx.AsyncClient`` whose transports, direct and through a proxy from the
+    environment, are :class:`Transport` unless a test passes its own ``transport``."""
+
+    def _init_transport(  # noqa: PLR0917 - httpx's signature
+        self,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: CertTypes | None = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = _DEFAULT_LIMITS,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> httpx.AsyncBaseTransport:
+        if transport is not None:
+            return transport
+        return Transport(
+            verify=verify, cert=cert, trust_env=trust_env, http1=http1, http2=http2, limits=limits
+        )
+
+    def _init_proxy_transport(  # noqa: PLR0917 - httpx's signature
+        self,
+        proxy: httpx.Proxy,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: CertTypes | None = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = _DEFAULT_LIMITS,
+    ) -> httpx.AsyncBaseTransport:
+        return Transport(
+            verify=verify,
+            cert=cert,
+            trust_env=trust_env,
+            http1=http1,
+            http2=http2,
+            limits=limits,
+            proxy=proxy,
+        )
+
+
+def http_client(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """The one client of the API and the CDN: explicit timeouts (``WATCHER_REQUEST_TIMEOUT``
+    for a read or a free connection, at most 10 s to connect), a pool for every slot,
+    redirects followed (by httpx, which drops ``Authorization`` when one leaves the origin).
+    ``transport`` replaces the aiohttp one (a test's ``httpx.MockTransport``)."""
+    s = settings
+    pool = s.max_concurrent_requests + s.max_concurrent_downloads + 4
+    return Client(
+        timeout=httpx.Timeout(s.request_timeout, connect=min(10.0, s.request_timeout)),
+        limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+        follow_redirects=True,
+        transport=transport,
+    )
