@@ -13,7 +13,8 @@ Scenarios (see each module's docstring, and RESULTS.md for how to read the numbe
   one SIGKILLed mid-run: the wall time a kill costs and how soon its projects are taken over;
 - ``big`` (bench/big.py): one 1 GiB output, curl vs the watcher;
 - ``scale`` (bench/scale.py): CPU per poll and RSS with 1,000 vs 100,000 tracked projects;
-- ``floor`` (bench/floor.py): CPU per request of a bare httpx client, the floor under both.
+- ``floor`` (bench/floor.py): CPU per request of each HTTP stack (httpx on httpcore, the
+  watcher's httpx on aiohttp, aiohttp alone), the floor under both.
 
 Tables go to stdout, progress to stderr. Every client and the simulator run as separate
 processes; nothing here is a pass/fail test (the exit status is 0 unless a run crashed).
@@ -221,21 +222,23 @@ def run_scale(args: argparse.Namespace, out: list[str], raw: dict[str, Any]) -> 
 
 
 def run_floor(args: argparse.Namespace, out: list[str], raw: dict[str, Any]) -> list[Verdict]:
-    """CPU per request of a bare httpx client; what it implies for every fleet run."""
-    progress(f"floor: {args.floor_requests:,} GETs and downloads with a bare httpx client")
+    """CPU per request of each HTTP stack; what it implies for every fleet run."""
+    progress(f"floor: {args.floor_requests:,} GETs and downloads through each HTTP stack")
     floors = floor.run(args.floor_requests)
     raw["floor"] = [f.to_json() for f in floors]
-    get_ms, download_ms = floors[0].cpu_ms, floors[1].cpu_ms
     found = []
     for key, runs in raw.items():
         if not key.startswith("fleet-"):
             continue
         for run in runs:
+            stack = floor.HTTPX if run["client"] == fleet.SDK_LABEL else floor.WATCHER
+            get_ms = floor.find(floors, stack, floor.GET).cpu_ms
+            download_ms = floor.find(floors, stack, floor.DOWNLOAD).cpu_ms
             least = (run["gets"] * get_ms + run["downloads"] * download_ms) / 1000
             found.append(
                 Verdict(
-                    f"{run['projects']}: {run['client']}: httpx alone for its requests "
-                    "(context, not a target)",
+                    f"{run['projects']}: {run['client']}: its HTTP stack ({stack}) alone for "
+                    "its requests (context, not a target)",
                     f"{least:.2f} s of its {run['cpu_user'] + run['cpu_system']:.2f} s CPU "
                     f"({run['gets']} GETs x {get_ms:.3f} ms + {run['downloads']} downloads x "
                     f"{download_ms:.3f} ms)",
@@ -243,7 +246,7 @@ def run_floor(args: argparse.Namespace, out: list[str], raw: dict[str, Any]) -> 
                     info=True,
                 )
             )
-    out.extend(["### floor: one request of a bare httpx client", floor.table(floors)])
+    out.extend(["### floor: one request through each HTTP stack", floor.table(floors)])
     if found:
         out.append(verdict_table(found))
     return found
