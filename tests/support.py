@@ -7,10 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 
+from watcher.api import MagicHourClient
 from watcher.settings import Settings, load_settings
 from watcher.simulator.config import SimConfig
 from watcher.simulator.server import SimulatorServer
+from watcher.throttle import Throttle
 
 FAST = SimConfig(
     seed=11,
@@ -70,3 +73,14 @@ class Intercepted(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._network.aclose()
+
+
+def api_client(http: httpx.AsyncClient, base_url: str, token: str) -> MagicHourClient:
+    """An API client on ``http`` that tries each call once (a test sees the first error)."""
+    return MagicHourClient(
+        http,
+        base_url=base_url,
+        token=SecretStr(token),
+        throttle=Throttle(rate=1000, concurrency=4),
+        max_attempts=1,
+    )

@@ -48,8 +48,8 @@ finds the refused port, the reset connection or the TLS error inside.
 from __future__ import annotations
 
 import errno
-import ssl
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import httpx
@@ -198,50 +198,27 @@ class Transport(AiohttpTransport):
         raise new
 
 
-# httpx's default when none is given; the watcher always gives its own.
-_DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
-CertTypes = str | tuple[str, str] | tuple[str, str, str]
-
-
 class Client(httpx.AsyncClient):
     """An ``httpx.AsyncClient`` whose transports, direct and through a proxy from the
-    environment, are :class:`Transport` unless a test passes its own ``transport``."""
+    environment, are :class:`Transport` unless a test passes its own ``transport``.
 
-    def _init_transport(  # noqa: PLR0917 - httpx's signature
+    httpx builds them with these two methods, passing its options (``verify``, ``cert``,
+    ``trust_env``, ``http1``, ``http2``, ``limits``) by keyword; they go to :class:`Transport`
+    as they would go to httpx's own."""
+
+    def _init_transport(  # type: ignore[override]  # httpx passes every option by keyword
         self,
-        verify: ssl.SSLContext | str | bool = True,
-        cert: CertTypes | None = None,
-        trust_env: bool = True,
-        http1: bool = True,
-        http2: bool = False,
-        limits: httpx.Limits = _DEFAULT_LIMITS,
         transport: httpx.AsyncBaseTransport | None = None,
+        **options: Any,  # noqa: ANN401 - httpx's transport options, passed on as they are
     ) -> httpx.AsyncBaseTransport:
-        if transport is not None:
-            return transport
-        return Transport(
-            verify=verify, cert=cert, trust_env=trust_env, http1=http1, http2=http2, limits=limits
-        )
+        return transport if transport is not None else Transport(**options)
 
-    def _init_proxy_transport(  # noqa: PLR0917 - httpx's signature
+    def _init_proxy_transport(  # type: ignore[override]  # httpx passes options by keyword
         self,
         proxy: httpx.Proxy,
-        verify: ssl.SSLContext | str | bool = True,
-        cert: CertTypes | None = None,
-        trust_env: bool = True,
-        http1: bool = True,
-        http2: bool = False,
-        limits: httpx.Limits = _DEFAULT_LIMITS,
+        **options: Any,  # noqa: ANN401 - httpx's transport options, passed on as they are
     ) -> httpx.AsyncBaseTransport:
-        return Transport(
-            verify=verify,
-            cert=cert,
-            trust_env=trust_env,
-            http1=http1,
-            http2=http2,
-            limits=limits,
-            proxy=proxy,
-        )
+        return Transport(proxy=proxy, **options)
 
 
 def http_client(

@@ -17,16 +17,14 @@ from typing import Any, Self
 
 import httpx
 import pytest
-from pydantic import SecretStr
 from structlog.testing import capture_logs
 
-from watcher.api import MagicHourClient
+from tests.support import api_client
 from watcher.daemon import Daemon
 from watcher.errors import InvalidRequest, TransientApiError
 from watcher.models import Kind, ProjectRef, State
 from watcher.settings import Settings, load_settings
 from watcher.store import InMemoryStore, SQLiteStore, Store
-from watcher.throttle import Throttle
 from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio
@@ -247,16 +245,6 @@ async def test_an_interruption_quarantine_names_the_last_failure(tmp_path: Path)
     assert record.failure.endswith("the last failure recorded: crashed (1x in a row): MemoryError")
 
 
-def client_for(http: httpx.AsyncClient, base_url: str, token: str = TOKEN) -> MagicHourClient:
-    return MagicHourClient(
-        http,
-        base_url=base_url,
-        token=SecretStr(token),
-        throttle=Throttle(rate=1000, concurrency=4),
-        max_attempts=1,
-    )
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -277,7 +265,7 @@ async def test_connection_errors_name_the_host_and_the_cause() -> None:
             ),
         ]:
             with pytest.raises(TransientApiError) as caught:
-                await client_for(http, base).get_project(ref)
+                await api_client(http, base, TOKEN).get_project(ref)
             assert str(caught.value) == f"GET image:p1: {message}"
             assert caught.value.cause == "network"
 
@@ -287,7 +275,7 @@ async def test_a_token_no_request_can_carry_sends_nothing(token: str) -> None:
     """A token with a trailing newline or a non-ASCII character is not sent and not retried."""
     async with HostileApi({}) as api, httpx.AsyncClient() as http:
         with pytest.raises(InvalidRequest, match="WATCHER_API_TOKEN") as caught:
-            await client_for(http, api.url, token).get_project(ProjectRef(Kind.IMAGE, "p1"))
+            await api_client(http, api.url, token).get_project(ProjectRef(Kind.IMAGE, "p1"))
         assert api.requests == []
     assert TOKEN not in str(caught.value)
 

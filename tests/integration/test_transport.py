@@ -18,15 +18,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
+from tests.integration.http_support import free_port
+from tests.support import api_client
 from watcher.api import MagicHourClient, describe_transport_error
 from watcher.downloader import Downloader
 from watcher.errors import DownloadIncomplete, TransientApiError
 from watcher.models import Kind, ProjectRef
 from watcher.paths import part_path
 from watcher.settings import Settings, load_settings
-from watcher.throttle import Throttle
 from watcher.transport import Transport, http_client
 
 pytestmark = pytest.mark.anyio
@@ -151,13 +151,7 @@ async def serving(
 
 
 def api(http: httpx.AsyncClient, base: str) -> MagicHourClient:
-    return MagicHourClient(
-        http,
-        base_url=base,
-        token=SecretStr(TOKEN),
-        throttle=Throttle(rate=1000, concurrency=8),
-        max_attempts=1,
-    )
+    return api_client(http, base, TOKEN)
 
 
 def default_stack(s: Settings) -> httpx.AsyncClient:
@@ -206,12 +200,6 @@ async def test_a_fault_of_the_server_reads_the_same_on_either_stack(
     where = base.removeprefix("http://")
     assert str(caught.value) == f"GET image:{what}: {message.format(where=where)}"
     assert caught.value.cause == cause
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("stack", STACKS)
