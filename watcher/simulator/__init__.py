@@ -1,13 +1,14 @@
 """A local Magic Hour project API for demos and tests.
 
 The simulator answers ``GET``/``DELETE /v1/{image,video,audio}-projects/{id}`` like the real API,
-with deterministic timelines, signed download URLs, byte-exact outputs and injectable faults, and
-logs every request so tests can assert on what the watcher did.
+with deterministic timelines, signed download URLs, byte-exact outputs and injectable faults,
+sends signed webhook events when given a ``webhook_url``, and logs every request so tests can
+assert on what the watcher did.
 
 Modules: ``config`` (settings), ``timeline`` (ids and per-project plans), ``content`` (output
 bytes and ranges), ``faults`` (fault draws), ``payload`` (JSON bodies), ``state`` (the
-thread-safe registry and event log), ``app`` (the Starlette app), ``server`` (uvicorn in a
-thread) and ``cli`` (``watcher simulate``).
+thread-safe registry and event log), ``hooks`` (webhook delivery), ``app`` (the Starlette
+app), ``server`` (uvicorn in a thread) and ``cli`` (``watcher simulate``).
 """
 
 from __future__ import annotations

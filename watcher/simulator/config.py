@@ -93,6 +93,11 @@ class SimConfig:
     timeline_start: TimelineStart = "created"
     after_delete: AfterDelete = "404"
     faults: Faults = field(default_factory=Faults)
+    # Signed webhook events (``*.started``, ``*.completed``, ``*.errored``) POSTed to
+    # ``webhook_url`` ``webhook_delay`` seconds after each transition; off without a URL.
+    webhook_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_delay: float = 0.2
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -114,6 +119,10 @@ class SimConfig:
             raise ConfigError(f"unknown timeline_start {self.timeline_start!r}")
         if self.after_delete not in ("404", "disabled"):
             raise ConfigError(f"unknown after_delete {self.after_delete!r}")
+        if self.webhook_url is not None and not self.webhook_secret:
+            raise ConfigError("webhook_url needs a webhook_secret to sign the events with")
+        if not (math.isfinite(self.webhook_delay) and self.webhook_delay >= 0):
+            raise ConfigError("webhook_delay must be a number of seconds, 0 or more")
 
     def outputs_range(self, kind: Kind) -> IntRange:
         """The (min, max) number of outputs a project of ``kind`` renders."""

@@ -1,8 +1,10 @@
 """Serving a simulator over real HTTP from a background thread, for tests and the CLI.
 
 This module owns :class:`SimulatorServer`: it binds a socket (port 0 picks a free one), runs
-uvicorn on its own event loop in a daemon thread and stops it quickly. It installs no signal
-handlers and leaves logging configuration alone, so it can run many times in one process.
+uvicorn on its own event loop in a daemon thread and stops it quickly; with a ``webhook_url``
+configured it also delivers the simulator's webhook events (:mod:`watcher.simulator.hooks`).
+It installs no signal handlers and leaves logging configuration alone, so it can run many
+times in one process.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Self
 import uvicorn
 
 from watcher.simulator.app import create_app
+from watcher.simulator.hooks import WebhookSender
 from watcher.simulator.state import Simulator
 
 _STARTUP_TIMEOUT = 10.0
@@ -82,6 +85,7 @@ class SimulatorServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._hooks: WebhookSender | None = None
 
     @property
     def port(self) -> int:
@@ -118,6 +122,9 @@ class SimulatorServer:
         self.state = ServerState.RUNNING
         self._thread.start()
         self._wait_started()
+        if self.simulator.config.webhook_url is not None:  # events about this server's URLs
+            self._hooks = WebhookSender(self.simulator, self.base_url)
+            self._hooks.start()
         return self
 
     def _run(self) -> None:
@@ -144,6 +151,8 @@ class SimulatorServer:
             self.state = ServerState.CLOSED
             return
         self.state = ServerState.CLOSED
+        if self._hooks is not None:
+            self._hooks.stop()
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
             self._thread.join(self._graceful_timeout + 5.0)

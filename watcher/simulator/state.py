@@ -11,6 +11,7 @@ It does not speak HTTP; plans come from ``timeline``, bytes from ``content``, bo
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import math
 import secrets
@@ -33,7 +34,9 @@ if TYPE_CHECKING:
     from watcher.simulator.faults import Fault, FaultTarget
     from watcher.simulator.timeline import ProjectOverrides, ProjectPlan, Timeline
 
-EventWhat = Literal["get", "delete", "download", "admin"]
+EventWhat = Literal["get", "delete", "download", "admin", "webhook"]
+HookName = Literal["started", "completed", "errored"]
+MAX_WEBHOOK_ATTEMPTS = 5
 
 MAX_EXPECTED_BYTES = 64 * 1024 * 1024
 MAX_CREATE = 10_000
@@ -145,6 +148,17 @@ class DownloadGrant:
     output: OutputSpec | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PendingWebhook:
+    """A webhook event due for delivery: its body (``type`` and the project object as it was
+    at the transition, with fresh URLs once complete) and how many deliveries failed so far."""
+
+    project_id: str
+    event: HookName
+    body: dict[str, Any]
+    attempt: int = 0
+
+
 @dataclass(slots=True)
 class _Project:
     plan: ProjectPlan
@@ -173,6 +187,9 @@ class Simulator:
         self._counter = 0
         self._events: list[Event] = []
         self._sha256: dict[tuple[str, int], str] = {}
+        # Webhook events not yet delivered: (due at, tie-breaker, project id, event, attempt).
+        self._hooks: list[tuple[float, int, str, HookName, int]] = []
+        self._hook_counter = 0
 
     @property
     def config(self) -> SimConfig:
@@ -212,6 +229,8 @@ class Simulator:
         started = now if self._config.timeline_start == "created" else None
         plan = plan_project(self._config, kind, project_id, overrides)
         self._projects[project_id] = _Project(plan, now, started)
+        if started is not None:
+            self._schedule_hooks(project_id, plan.timeline, started)
         return project_id
 
     def truth(self, project_id: str) -> ProjectTruth:
@@ -299,6 +318,7 @@ class Simulator:
                 return None
             if project.clock_started_at is None:
                 project.clock_started_at = now
+                self._schedule_hooks(project_id, project.plan.timeline, now)
             status = self._status(project, now)
             links = []
             if status is RemoteStatus.COMPLETE and not deleted:
@@ -321,6 +341,73 @@ class Simulator:
                 return False
             project.deleted_at = self._clock()
             return True
+
+    # --- webhook events -----------------------------------------------------------------------
+
+    def _schedule_hooks(self, project_id: str, timeline: Timeline, started: float) -> None:
+        """Plan the project's events as Magic Hour sends them: ``started`` when rendering
+        begins (not for a render of no time, as fast images skip it), ``completed`` or
+        ``errored`` at the end, nothing for ``canceled``; each ``webhook_delay`` late."""
+        if self._config.webhook_url is None:
+            return
+        delay = self._config.webhook_delay
+        if timeline.rendering_seconds > 0:
+            self._push_hook(started + timeline.queued_seconds + delay, project_id, "started", 0)
+        end = started + timeline.total_seconds + delay
+        if timeline.final_status is RemoteStatus.COMPLETE:
+            self._push_hook(end, project_id, "completed", 0)
+        elif timeline.final_status is RemoteStatus.ERROR:
+            self._push_hook(end, project_id, "errored", 0)
+
+    def _push_hook(self, at: float, project_id: str, event: HookName, attempt: int) -> None:
+        self._hook_counter += 1
+        heapq.heappush(self._hooks, (at, self._hook_counter, project_id, event, attempt))
+
+    def next_webhook_at(self) -> float | None:
+        """When the next webhook event is due (``None``: none is planned)."""
+        with self._lock:
+            return self._hooks[0][0] if self._hooks else None
+
+    def due_webhooks(self, base_url: str) -> list[PendingWebhook]:
+        """Take the webhook events due by now, oldest first, with their bodies (a deleted
+        project's events are dropped)."""
+        due: list[PendingWebhook] = []
+        with self._lock:
+            now = self._clock()
+            while self._hooks and self._hooks[0][0] <= now:
+                _, _, project_id, event, attempt = heapq.heappop(self._hooks)
+                project = self._projects[project_id]
+                if project.deleted_at is not None or project.clock_started_at is None:
+                    continue
+                timeline = project.plan.timeline
+                at = timeline.queued_seconds if event == "started" else timeline.total_seconds
+                status = timeline.status_at(at)
+                links = []
+                if status is RemoteStatus.COMPLETE:
+                    links = [
+                        self._signed_url(base_url, project_id, o, now) for o in project.plan.outputs
+                    ]
+                payload = project_body(
+                    project.plan,
+                    status=status,
+                    created_at=project.created_at,
+                    enabled=True,
+                    downloads=links,
+                )
+                body = {"type": f"{project.plan.kind.value}.{event}", "payload": payload}
+                due.append(PendingWebhook(project_id, event, body, attempt))
+        return due
+
+    def webhook_failed(self, hook: PendingWebhook) -> bool:
+        """A delivery of ``hook`` failed: plan it again with exponential backoff (1, 2, 4, …
+        seconds) as Magic Hour does, up to ``MAX_WEBHOOK_ATTEMPTS``; whether it will be."""
+        attempt = hook.attempt + 1
+        if attempt >= MAX_WEBHOOK_ATTEMPTS:
+            return False
+        with self._lock:
+            at = self._clock() + 2.0 ** (attempt - 1)
+            self._push_hook(at, hook.project_id, hook.event, attempt)
+        return True
 
     # --- signed download URLs -----------------------------------------------------------------
 
