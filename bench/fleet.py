@@ -139,12 +139,23 @@ class FleetRun:
         }
 
 
-def run_client(count: int, client: Profile | None, workdir: Path, timeout: float) -> FleetRun:
-    """Run one client (``None``: the SDK) over ``count`` fresh projects on a fresh simulator."""
+def run_client(
+    count: int,
+    client: Profile | None,
+    workdir: Path,
+    timeout: float,
+    *,
+    scenario: str = "fleet",
+    sim_config: dict[str, Any] | None = None,
+    extra: dict[str, str] | None = None,
+) -> FleetRun:
+    """Run one client (``None``: the SDK) over ``count`` fresh projects on a fresh simulator
+    (``SIM_CONFIG``, or ``sim_config``), in ``workdir/<scenario>-<count>-<client>``; ``extra``
+    adds settings to a watcher's environment."""
     slug = "sdk" if client is None else f"watcher-{client.name}"
-    folder = fresh_folder(workdir / f"fleet-{count}-{slug}")
+    folder = fresh_folder(workdir / f"{scenario}-{count}-{slug}")
     downloads = folder / "downloads"
-    with SimProcess(SIM_CONFIG) as sim:
+    with SimProcess(sim_config or SIM_CONFIG) as sim:
         ids = sim.create(count)
         log = folder / "client.log"
         with log.open("wb") as out:
@@ -162,7 +173,7 @@ def run_client(count: int, client: Profile | None, workdir: Path, timeout: float
                 env = base_env()
             else:
                 argv = watcher_argv(until_done=True)
-                env = watcher_env(sim, folder, profile=client, projects=ids)
+                env = watcher_env(sim, folder, profile=client, projects=ids, extra=extra)
             sim_cpu_before = sim.cpu_seconds()
             measured = Child(argv, env=env, stdout=out).wait(timeout)
             sim_cpu = sim.cpu_seconds() - sim_cpu_before

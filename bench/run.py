@@ -9,6 +9,8 @@ Scenarios (see each module's docstring, and RESULTS.md for how to read the numbe
 
 - ``fleet`` (bench/fleet.py): N image projects, the SDK's ``check_result`` (one task per project)
   vs the watcher (``run --until-done``) with each settings profile;
+- ``webhooks`` (bench/webhooks.py): N image projects whose simulator sends a signed webhook 0.2 s
+  after each render starts and ends, the SDK vs the watcher with webhooks on;
 - ``takeover`` (bench/fleet.py): a fleet of replicas on one PostgreSQL database, with and without
   one SIGKILLed mid-run: the wall time a kill costs and how soon its projects are taken over;
 - ``big`` (bench/big.py): one 1 GiB output, curl vs the watcher;
@@ -32,13 +34,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import big, fleet, floor, machine, scale
+from bench import big, fleet, floor, machine, scale, webhooks
 from bench.common import PROFILES, Profile
 from bench.stats import Verdict, markdown_table, verdict_table
 
 GIB = 1 << 30
 MIB = 1 << 20
-SCENARIOS = ("fleet", "takeover", "big", "scale", "floor")
+SCENARIOS = ("fleet", "webhooks", "takeover", "big", "scale", "floor")
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -70,6 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="extra WATCHER_* setting for every fleet watcher run (a profile named 'custom')",
     )
     parser.add_argument("--no-sdk", action="store_true", help="fleet: skip the SDK runs")
+    parser.add_argument("--webhook-projects", type=int, help="webhooks: projects (300)")
     parser.add_argument("--takeover-projects", type=int, help="takeover: projects (300)")
     parser.add_argument("--replicas", type=int, default=3, help="takeover: replicas (3)")
     parser.add_argument(
@@ -95,6 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     quick = args.quick
     args.projects = args.projects or ([20] if quick else [100, 1000])
     args.takeover_projects = args.takeover_projects or (60 if quick else 300)
+    args.webhook_projects = args.webhook_projects or (60 if quick else 300)
     args.big_size = args.big_size or (64 * MIB if quick else GIB)
     args.big_reps = args.big_reps or (1 if quick else 3)
     args.scale = args.scale or ([200, 5000] if quick else [1000, 100_000])
@@ -146,6 +150,38 @@ def run_fleet(args: argparse.Namespace, out: list[str], raw: dict[str, Any]) -> 
             ]
         )
     return verdicts
+
+
+def run_webhooks(args: argparse.Namespace, out: list[str], raw: dict[str, Any]) -> list[Verdict]:
+    """The SDK, then each watcher profile, on projects that send webhooks."""
+    count = args.webhook_projects
+    clients: list[Profile | None] = [] if args.no_sdk else [None]
+    clients.extend(fleet_profiles(args))
+    runs = []
+    for client in clients:
+        label = fleet.SDK_LABEL if client is None else client.label
+        progress(f"webhooks {count}: {label}")
+        run = webhooks.run_client(count, client, args.workdir, args.timeout)
+        progress(
+            f"  wall {run.run.measured.wall_seconds:.1f} s, "
+            f"GETs/project {run.run.gets_per_project:.2f}, "
+            f"outputs {run.run.outputs_ok}/{run.run.outputs_expected}"
+        )
+        runs.append(run)
+    found = webhooks.verdicts(count, runs)
+    raw[f"webhooks-{count}"] = [r.to_json() for r in runs]
+    out.extend(
+        [
+            (
+                f"### webhooks: {count} image projects, an event {webhooks.DELAY:g} s after each "
+                "render starts and ends"
+            ),
+            fleet.settings_table([r.run for r in runs]),
+            webhooks.table(runs),
+            verdict_table(found),
+        ]
+    )
+    return found
 
 
 def run_takeover(args: argparse.Namespace, out: list[str], raw: dict[str, Any]) -> list[Verdict]:
@@ -263,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts: list[Verdict] = []
     runners = {
         "fleet": run_fleet,
+        "webhooks": run_webhooks,
         "takeover": run_takeover,
         "big": run_big,
         "scale": run_scale,

@@ -62,13 +62,15 @@ def report(sim: BenchSimulator, truth_ids: list[str]) -> dict[str, Any]:
     """What the simulator saw: every API GET and download, and the truth about ``truth_ids``.
 
     ``gets`` lists ``[time, project_id, status_code, user_agent]`` per GET; ``downloads`` one object
-    per download request; ``first_terminal`` the first terminal answer per project; ``truth`` the
+    per download request; ``webhooks`` ``[time, project_id, status_code]`` per event delivery;
+    ``first_terminal`` the first terminal answer per project; ``truth`` the
     render end and the output hashes of each project of ``truth_ids``.
     """
     gets: list[list[Any]] = []
     downloads: list[dict[str, Any]] = []
     agents: Counter[str] = Counter()
     other = 0
+    webhooks: list[list[Any]] = []
     for event in sim.events():
         if event.what == "get":
             gets.append([event.at, event.project_id, event.status_code, event.user_agent])
@@ -78,6 +80,8 @@ def report(sim: BenchSimulator, truth_ids: list[str]) -> dict[str, Any]:
             agents[event.user_agent or ""] += 1
         elif event.what == "delete":
             other += 1
+        elif event.what == "webhook":
+            webhooks.append([event.at, event.project_id, event.status_code])
     with sim._terminal_lock:  # noqa: SLF001 - our own subclass's lock
         first_terminal = dict(sim.first_terminal)
     return {
@@ -85,6 +89,7 @@ def report(sim: BenchSimulator, truth_ids: list[str]) -> dict[str, Any]:
         "gets": gets,
         "downloads": downloads,
         "deletes": other,
+        "webhooks": webhooks,
         "user_agents": dict(agents),
         "first_terminal": first_terminal,
         "truth": {pid: _truth(sim, pid) for pid in truth_ids},
