@@ -1,8 +1,9 @@
 """The control interface: what the HTTP app and the notifier may ask of the running daemon.
 
-:class:`Control` is narrow on purpose. The control plane tracks and untracks projects, makes one
-due now (a webhook said it changed), and reads the facts readiness reports; the notifier reads
-the secret in force and says when the store failed. Neither sees the dispatcher, the workflow or
+:class:`Control` is narrow on purpose. The control plane tracks and untracks projects, hands a
+verified webhook's payload over (or makes the project due now when the payload lacks what a GET
+gives), and reads the facts readiness reports; the notifier reads the secret in force and says
+when the store failed. Neither sees the dispatcher, the workflow or
 the API client, and neither decides anything about scheduling: "poll once more when the GET in
 flight ends" is :meth:`Control.expedite`'s, not the webhook handler's. :class:`watcher.daemon.
 Daemon` implements it; a test may hand either side a fake.
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from watcher.errors import StoreError
-    from watcher.models import ProjectRef
+    from watcher.models import Kind, ProjectRef, ProjectSnapshot
     from watcher.settings import Settings
     from watcher.store import ProjectRecord
 
@@ -67,6 +68,18 @@ class Control(Protocol):
 
     async def untrack(self, project_id: str) -> bool:
         """Forget the project (nothing is deleted remotely); whether it was tracked."""
+        ...
+
+    def heard(self, kind: Kind) -> None:
+        """A verified event about a project of ``kind`` arrived: while they do, polling of
+        that kind relaxes to ``WATCHER_WEBHOOK_FALLBACK_POLL``."""
+        ...
+
+    async def announce(
+        self, record: ProjectRecord, snapshot: ProjectSnapshot
+    ) -> tuple[str, str | None]:
+        """Act on a verified event's payload about the ``polling`` project of ``record`` as on
+        a GET's answer; the webhook's (action, note)."""
         ...
 
     async def expedite(self, record: ProjectRecord) -> bool:

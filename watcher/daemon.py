@@ -31,7 +31,7 @@ from watcher import __version__, clock
 from watcher.dispatcher import Dispatcher
 from watcher.errors import StoreError
 from watcher.liveness import LivenessKeeper
-from watcher.models import Kind, ProjectRef, State
+from watcher.models import Kind, ProjectRef, ProjectSnapshot, State
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats
 from watcher.settings import Settings
 from watcher.store import ProjectRecord
@@ -91,6 +91,8 @@ class Daemon:
         self.side_tasks: list[Callable[[], Coroutine[object, object, None]]] = []
         self.closers: list[Callable[[], None]] = []
         self.liveness: LivenessKeeper | None = None  # a shared store's proof of life
+        # A verified event arrived (Control.heard): polling relaxes while they do.
+        self.heard: Callable[[Kind], None] = dispatcher.announcements.heard
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -154,6 +156,12 @@ class Daemon:
     async def expedite(self, record: ProjectRecord) -> bool:
         """Make the project due now; see :meth:`Dispatcher.expedite`."""
         return await self.dispatcher.expedite(record)
+
+    async def announce(
+        self, record: ProjectRecord, snapshot: ProjectSnapshot
+    ) -> tuple[str, str | None]:
+        """Act on a webhook's payload; see :meth:`Dispatcher.announce`."""
+        return await self.dispatcher.announce(record, snapshot)
 
     def reload_secrets(self, trigger: str) -> list[str]:
         """Read every ``*_FILE`` secret again; see :meth:`ApiHealth.reload_secrets`."""

@@ -28,10 +28,11 @@ from collections.abc import Callable, Coroutine
 import structlog
 
 from watcher import clock
+from watcher.announcements import Announcements, Verdict
 from watcher.errors import StoreError
 from watcher.health import ApiHealth
 from watcher.metrics import Metrics
-from watcher.models import State
+from watcher.models import ProjectSnapshot, State
 from watcher.outage import StoreHealth
 from watcher.store import Claim, ProjectRecord, Store
 from watcher.workflow import Workflow
@@ -40,6 +41,9 @@ log = structlog.get_logger("watcher")
 
 IDLE_CHECK_SECONDS = 1.0
 RELEASE_CHECK_SECONDS = 0.2  # how often a webhook's follow-up looks whether the GET ended
+# An announced project (a webhook payload waits for it) is due at the epoch: first in the claim
+# order, ahead of every project merely overdue, since acting on it needs no GET.
+ANNOUNCED_DUE_AT = 0.0
 
 
 class Dispatcher:
@@ -59,6 +63,7 @@ class Dispatcher:
         until_done: bool = False,
         on_done: Callable[[], None] = lambda: None,
         metrics: Metrics | None = None,
+        announcements: Announcements | None = None,
         now: Callable[[], float] = clock.now,
     ) -> None:
         self.store = store
@@ -74,6 +79,7 @@ class Dispatcher:
         self.until_done = until_done
         self.on_done = on_done  # until_done: nothing is left
         self.metrics = metrics or Metrics()
+        self.announcements = announcements or Announcements(now=now)
         self.now = now
         self.workflow: Workflow | None = None  # set before the loops start
         self.claimed: set[str] = set()  # every project this dispatcher claimed
@@ -257,6 +263,8 @@ class Dispatcher:
         finally:
             if self._running.get(p.id, (None, None))[1] is claim:  # not a successor's entry
                 del self._running[p.id]
+                if self.announcements.waiting(p.id):  # it came while the work was writing
+                    self._in_background(self._expedite({p.id}, now=ANNOUNCED_DUE_AT))
             self.metrics.in_flight.set(len(self._running))
             self._wake.set()
 
@@ -295,7 +303,30 @@ class Dispatcher:
             return True
         return False
 
-    async def _expedite_when_released(self, project_id: str) -> None:
+    async def announce(
+        self, record: ProjectRecord, snapshot: ProjectSnapshot
+    ) -> tuple[str, str | None]:
+        """A verified webhook's payload about the ``polling`` project of ``record``: act on it
+        as on a GET's answer (:mod:`watcher.announcements`). The payload waits for the
+        project's next claim, which is made due first; the work that claims it takes the
+        payload instead of a GET. A poll of it in flight here takes the payload once its GET
+        is answered; one on another replica is followed as :meth:`expedite` follows it.
+        Returns the webhook's (action, note): ``announced``; ``expedited`` when the payload
+        lacks what a GET gives; ``ignored`` when it is stale."""
+        verdict = self.announcements.put(record, snapshot)
+        if verdict == Verdict.STALE:
+            known = record.remote_status.value if record.remote_status else None
+            return "ignored", f"stale: {snapshot.status.value}, and {known} is known"
+        if verdict == Verdict.LACKING:
+            await self.expedite(record)
+            return "expedited", "the payload lacks what a GET gives: a GET follows at once"
+        await self.store.expedite(record.id, now=ANNOUNCED_DUE_AT)
+        self._wake.set()
+        if record.lease_owner is not None and not self.working_on(record.id):
+            self._in_background(self._expedite_when_released(record.id, due=ANNOUNCED_DUE_AT))
+        return "announced", None
+
+    async def _expedite_when_released(self, project_id: str, due: float | None = None) -> None:
         deadline = clock.monotonic() + self.lease_seconds
         while not self._stopping and clock.monotonic() < deadline:
             await asyncio.sleep(RELEASE_CHECK_SECONDS)
@@ -303,7 +334,7 @@ class Dispatcher:
             if record is None or record.state != State.POLLING:
                 return
             if record.lease_owner is None:
-                await self.store.expedite(project_id, now=self.now())
+                await self.store.expedite(project_id, now=self.now() if due is None else due)
                 self._wake.set()
                 return
 
@@ -312,8 +343,8 @@ class Dispatcher:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _expedite(self, project_ids: set[str]) -> None:
-        now = self.now()
+    async def _expedite(self, project_ids: set[str], now: float | None = None) -> None:
+        now = self.now() if now is None else now
         for pid in sorted(project_ids):
             with contextlib.suppress(StoreError):
                 await self.store.expedite(pid, now=now)

@@ -145,9 +145,15 @@ class Metrics:
         )
         self.webhooks = Counter(
             "watcher_webhooks",
-            "Magic Hour webhook deliveries by result: expedited, tracked, ignored, invalid, "
-            "rejected.",
+            "Magic Hour webhook deliveries by result: announced, expedited, tracked, ignored, "
+            "invalid, rejected.",
             ["result"],
+            registry=r,
+        )
+        self.webhook_payloads = Counter(
+            "watcher_webhook_payloads",
+            "Webhook payloads a project was acted on with instead of a GET, by kind.",
+            ["kind"],
             registry=r,
         )
         self.notifications = Counter(

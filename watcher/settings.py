@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_secret_file: Path | None = None
     webhook_auto_track: bool = False
+    # While verified events arrive, no two polls of a project are closer than this (0: off).
+    webhook_fallback_poll: Annotated[float, Field(ge=0, le=86_400)] = 30.0
     notify_url: pydantic.HttpUrl | None = None
     notify_secret: SecretStr | None = None
     notify_secret_file: Path | None = None
@@ -269,6 +271,7 @@ class Settings(BaseSettings):
             "control_token": configured_secret(self.control_token),
             "webhooks": configured_secret(self.webhook_secret),
             "webhook_auto_track": self.webhook_auto_track,
+            "webhook_fallback_poll": self.webhook_fallback_poll,
             "notify_url": notify_url,
             "log_level": self.log_level,
         }

@@ -16,8 +16,10 @@ import hmac
 import json
 from dataclasses import dataclass
 
+import pydantic
+
 from watcher.errors import InvalidProjectId, WatcherError
-from watcher.models import Kind, validate_project_id
+from watcher.models import Kind, ProjectSnapshot, validate_project_id
 
 SIGNATURE_HEADER = "magic-hour-event-signature"
 TIMESTAMP_HEADER = "magic-hour-event-timestamp"
@@ -89,15 +91,19 @@ class WebhookEvent:
     """A Magic Hour event: ``type`` (e.g. ``video.completed``), and the project it is about.
 
     ``kind`` is ``None`` when the type's prefix names no project kind the watcher knows.
+    ``payload`` is the project object the event carries, parsed as a GET's answer is, or
+    ``None`` when it is not a whole project object (then only its id is used).
     """
 
     type: str
     kind: Kind | None
     project_id: str | None
+    payload: ProjectSnapshot | None = None
 
 
 def parse_event(body: bytes) -> WebhookEvent:
-    """Read ``{"type": "<kind>.<event>", "payload": {"id": …}}``; raise :class:`InvalidEvent`.
+    """Read ``{"type": "<kind>.<event>", "payload": {"id": …, …}}``; raise
+    :class:`InvalidEvent`.
 
     Unknown event types parse (with ``kind`` ``None``) so the caller can ignore them politely; a
     malformed id of a known kind is an error.
@@ -128,4 +134,8 @@ def parse_event(body: bytes) -> WebhookEvent:
         project_id = validate_project_id(raw_id)
     except InvalidProjectId as exc:
         raise InvalidEvent(str(exc)) from None
-    return WebhookEvent(event_type, kind, project_id)
+    try:
+        snapshot: ProjectSnapshot | None = ProjectSnapshot.parse(payload)
+    except pydantic.ValidationError:
+        snapshot = None
+    return WebhookEvent(event_type, kind, project_id, snapshot)

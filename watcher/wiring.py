@@ -23,6 +23,7 @@ import httpx
 import structlog
 
 from watcher import __version__, clock
+from watcher.announcements import Announcements
 from watcher.api import USER_AGENT, MagicHourClient
 from watcher.backoff import PollPolicy
 from watcher.daemon import EXIT_SECOND_SIGNAL, Daemon, Outcome
@@ -94,6 +95,9 @@ def build(
         reload_token=health.token_after_401,
     )
     health.set_token = api.set_token
+    announcements = Announcements(
+        fallback_poll=settings.webhook_fallback_poll, keep_seconds=settings.lease_seconds, now=now
+    )
     dispatcher = Dispatcher(
         store=store,
         health=health,
@@ -105,6 +109,7 @@ def build(
         stopping=stopping,
         until_done=until_done,
         metrics=metrics,
+        announcements=announcements,
         now=now,
     )
     render_stats = RenderStats()
@@ -129,6 +134,7 @@ def build(
         render_stats=render_stats,
         download_gate=PriorityGate(settings.max_concurrent_downloads),
         notify=settings.notify_url is not None,
+        announcements=announcements,
         now=now,
         rng=rng,
     )

@@ -5,8 +5,11 @@ and does the work its stored state calls for, then returns; the dispatcher
 (:mod:`watcher.dispatcher`) decides when and how many run. Each step is a decision over what
 the store holds, the API's answer and ``now``:
 
-- ``polling``: GET the project; a non-terminal status is rescheduled with backoff; ``complete``
-  records the outputs and goes straight on to download them; ``error``/``canceled``/404 end it.
+- ``polling``: GET the project, or take the verified webhook payload waiting for it
+  (:mod:`watcher.announcements`: the same object a GET answers, acted on the same way); a
+  non-terminal status is rescheduled with backoff (no sooner than the webhook fallback while
+  events arrive); ``complete`` records the outputs and goes straight on to download them;
+  ``error``/``canceled``/404 end it.
 - ``downloading``: save every output the store lists (earliest ``expires_at`` first across
   projects), refreshing stale URLs with a new GET (which may list outputs the first did not:
   they are saved too); then finish as ``saved`` or go on to delete. It gives up only on a lack
@@ -50,6 +53,7 @@ from typing import Protocol, Unpack
 import structlog
 
 from watcher import clock
+from watcher.announcements import RANK, Announcements
 from watcher.api import MagicHourClient
 from watcher.backoff import GiveUpLimits, PollPolicy, next_attempt, stalled_for_good
 from watcher.downloader import Downloader, find_parts, finish_from_disk, remove_files
@@ -149,6 +153,7 @@ class Workflow:
         render_stats: RenderStats | None = None,
         download_gate: PriorityGate | None = None,
         notify: bool = False,
+        announcements: Announcements | None = None,
         now: Callable[[], float] = clock.now,
         rng: random.Random | None = None,
     ) -> None:
@@ -166,6 +171,7 @@ class Workflow:
         self.metrics = metrics or Metrics()
         self.render_stats = render_stats or RenderStats()
         self.download_gate = download_gate or PriorityGate(1)
+        self.announcements = announcements or Announcements(now=now)
         self.now = now
         self.rng = rng or random.Random()
         self._announce = announcer(download_dir) if notify else None
@@ -309,12 +315,18 @@ class Workflow:
 
     async def _poll(self, claim: Claim) -> None:
         started = clock.monotonic()
-        snapshot = await self._get(claim)
-        if snapshot is None:
-            return
         p = claim.project
+        snapshot = self._announced(claim)
+        if snapshot is None:
+            snapshot = await self._get(claim)
+            if snapshot is None:
+                return
+            self._last_good_get = (self.now(), p.id)
+            # An event that arrived while the GET was in flight may know more than its answer.
+            later = self._announced(claim)
+            if later is not None and RANK[later.status] > RANK[snapshot.status]:
+                snapshot = later
         now = self.now()
-        self._last_good_get = (now, p.id)
         status = snapshot.status
         if status != p.remote_status:
             log.info(
@@ -347,6 +359,7 @@ class Workflow:
             delay = next_poll_delay(
                 self.policy, p.kind, status, age=now - p.tracked_at, rng=self.rng, window=window
             )
+            delay = self.announcements.poll_delay(p.kind, delay)
             await self.store.record_poll(
                 claim, now=now, remote_status=status, attempt=attempt, due_at=now + delay
             )
@@ -359,6 +372,19 @@ class Workflow:
                 next_poll_in=round(delay, 3),
                 elapsed_ms=round((clock.monotonic() - started) * 1000, 1),
             )
+
+    def _announced(self, claim: Claim) -> ProjectSnapshot | None:
+        """The verified webhook payload waiting for the project, taken (``None``: none)."""
+        snapshot = self.announcements.take(claim.project)
+        if snapshot is not None:
+            self.metrics.webhook_payloads.labels(claim.project.kind.value).inc()
+            log.debug(
+                "webhook_payload_used",
+                project_id=claim.id,
+                kind=claim.project.kind.value,
+                status=snapshot.status.value,
+            )
+        return snapshot
 
     async def _complete(self, claim: Claim, snapshot: ProjectSnapshot, now: float) -> None:
         p = claim.project

@@ -44,9 +44,10 @@ class Running:
 
 
 @asynccontextmanager
-async def running(daemon: Daemon, *side_tasks: SideTask) -> AsyncIterator[Running]:
-    """Run ``daemon`` with an HTTP server on a free port of 127.0.0.1 (and ``side_tasks``)."""
-    server = HttpServer.bind("127.0.0.1", 0)
+async def running(daemon: Daemon, *side_tasks: SideTask, port: int = 0) -> AsyncIterator[Running]:
+    """Run ``daemon`` with an HTTP server on ``port`` (0: a free one) of 127.0.0.1 (and
+    ``side_tasks``)."""
+    server = HttpServer.bind("127.0.0.1", port)
     serve = functools.partial(server.run, daemon, daemon.store, daemon.metrics)
     daemon.side_tasks.extend([serve, *side_tasks])
     task = asyncio.create_task(daemon.run())

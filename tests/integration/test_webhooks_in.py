@@ -4,17 +4,19 @@ be polled at once; forged, tampered, stale or unsigned ones change nothing."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from tests.integration.http_support import CONTROL_TOKEN, eventually, running
+from tests.integration.http_support import CONTROL_TOKEN, eventually, free_port, running
 from tests.support import watcher_settings
 from watcher.daemon import Daemon
 from watcher.models import Kind, RemoteStatus, State
@@ -265,3 +267,118 @@ async def test_without_a_secret_the_webhook_route_is_off(serve: Serve, tmp_path:
         answer = await deliver(run.client, body, signed_headers(SECRET, body, now=time.time()))
     assert (answer.status_code, answer.json()["error"]) == (404, "webhooks_disabled")
     assert "WATCHER_WEBHOOK_SECRET" in answer.json()["message"]
+
+
+# --- the payload trusted: the simulator sends signed events with the project object ----------
+
+
+def hooked_config(port: int, **extra: object) -> SimConfig:
+    """``CONFIG``, sending its webhooks to a daemon's HTTP server on ``port``, 0.1 s late."""
+    url = f"http://127.0.0.1:{port}/webhooks/magic-hour"
+    values: dict[str, Any] = {
+        "seed": 8,
+        "error_rate": 0,
+        "cancel_rate": 0,
+        "output_bytes": (1_000, 8_000),
+        "webhook_url": url,
+        "webhook_secret": SECRET,
+        "webhook_delay": 0.1,
+        **extra,
+    }
+    return SimConfig(**values)
+
+
+def delivered(sim: Simulator, pid: str) -> int:
+    """How many webhook deliveries about ``pid`` the daemon answered 2xx."""
+    return sum(
+        1
+        for e in sim.events()
+        if e.what == "webhook" and e.project_id == pid and e.status_code == 200
+    )
+
+
+async def test_a_signed_payload_is_acted_on_without_another_get(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """With the simulator sending ``started`` then ``completed`` (or ``errored``) events, each
+    carrying the project object, every project costs its first GET and no other: the
+    ``started`` payload records ``rendering``, the ``completed`` one's download URLs are saved
+    from, the ``errored`` one's error is recorded."""
+    port = free_port()
+    server = serve(hooked_config(port))
+    sim = server.simulator
+
+    def render(status: RemoteStatus) -> ProjectOverrides:
+        return ProjectOverrides(status=status, queued_seconds=0.8, rendering_seconds=0.4, outputs=2)
+
+    (image,) = sim.create_projects(Kind.IMAGE, 1, render(RemoteStatus.COMPLETE))
+    (video,) = sim.create_projects(Kind.VIDEO, 1, render(RemoteStatus.COMPLETE))
+    (failed,) = sim.create_projects(Kind.AUDIO, 1, render(RemoteStatus.ERROR))
+    daemon = make_daemon(server, tmp_path, projects=f"image:{image} video:{video} audio:{failed}")
+    with capture_logs() as logs:
+        async with running(daemon, port=port):
+            await eventually(lambda: is_state(daemon, image, State.SAVED), within=10)
+            await eventually(lambda: is_state(daemon, video, State.SAVED), within=10)
+            await eventually(lambda: is_state(daemon, failed, State.ERROR), within=10)
+            error = await daemon.store.get(failed)
+    for pid in (image, video, failed):
+        assert gets(sim, pid) == 1, pid
+        assert delivered(sim, pid) == 2, pid
+    assert completed_downloads(sim, image) == [0, 1]
+    assert completed_downloads(sim, video) == [0, 1]
+    for index in (0, 1):
+        (saved,) = (tmp_path / "downloads" / "image" / image).glob(f"{index}-*")
+        assert saved.read_bytes() == sim.expected_bytes(image, index)
+    assert error is not None
+    truth = sim.truth(failed).timeline.error
+    assert truth is not None
+    assert (error.error_code, error.error_message) == (truth.code, truth.message)
+    actions = Counter(e["action"] for e in logs if e["event"] == "webhook_received")
+    assert actions == {"announced": 6}
+    used = [(e["project_id"], e["status"]) for e in logs if e["event"] == "webhook_payload_used"]
+    assert sorted(used) == sorted(
+        [
+            (image, "rendering"),
+            (image, "complete"),
+            (video, "rendering"),
+            (video, "complete"),
+            (failed, "rendering"),
+            (failed, "error"),
+        ]
+    )
+
+
+async def test_while_events_arrive_polling_relaxes_and_still_finds_a_cancel(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """A render that is canceled sends only ``started``. While that event is recent, the
+    project is polled no sooner than WATCHER_WEBHOOK_FALLBACK_POLL after it (its normal cadence
+    is ten times denser); once no event has come for that long, polling is back to normal and
+    finds the cancel."""
+    port = free_port()
+    server = serve(hooked_config(port))
+    sim = server.simulator
+    canceled = ProjectOverrides(
+        status=RemoteStatus.CANCELED, queued_seconds=0.3, rendering_seconds=3.0
+    )
+    (pid,) = sim.create_projects(Kind.IMAGE, 1, canceled)
+    fallback = 1.5
+    daemon = make_daemon(
+        server,
+        tmp_path,
+        projects=pid,
+        poll_initial="0.15",
+        poll_max="5",
+        webhook_fallback_poll=str(fallback),
+    )
+    async with running(daemon, port=port):
+        await eventually(lambda: delivered(sim, pid) == 1, within=10)
+        await eventually(lambda: is_state(daemon, pid, State.CANCELED), within=15)
+    (started,) = [e.at for e in sim.events() if e.what == "webhook" and e.project_id == pid]
+    polls = [e.at for e in sim.events() if e.what == "get" and e.project_id == pid]
+    after = [at for at in polls if at > started]
+    gaps = [b - a for a, b in itertools.pairwise([started, *after])]
+    assert gaps[0] >= fallback * 0.95  # relaxed while the event is recent
+    assert len(gaps) >= 3
+    assert max(gaps[1:]) < fallback  # back to normal once events stopped
+    assert delivered(sim, pid) == 1

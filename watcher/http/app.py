@@ -8,9 +8,11 @@
 - ``/healthz`` (the loop answers), ``/readyz`` (store reachable, not shutting down; a token
   the API refuses is a warning, not a failure), ``/metrics`` (Prometheus text) and
   ``/openapi.json``: no auth.
-- ``/webhooks/magic-hour``: Magic Hour's signed events; a verified event makes its project due
-  at once (or tracks it, with ``WATCHER_WEBHOOK_AUTO_TRACK``). The GET itself is left to the
-  daemon's dispatch loop, so the answer is immediate. Without ``WATCHER_WEBHOOK_SECRET`` the
+- ``/webhooks/magic-hour``: Magic Hour's signed events; a verified event's payload (the project
+  object) is handed to the daemon to act on as on a GET's answer (:mod:`watcher.announcements`),
+  or, when it lacks what a GET gives, its project is made due at once (or tracked, with
+  ``WATCHER_WEBHOOK_AUTO_TRACK``). The work itself is left to the daemon's dispatch loop, so the
+  answer is immediate. Without ``WATCHER_WEBHOOK_SECRET`` the
   route answers 404 ``webhooks_disabled``.
 
 Every error is JSON ``{"error": <code>, "message": <text>}``. Request bodies are capped
@@ -57,7 +59,7 @@ from watcher.webhooks import (
 
 if TYPE_CHECKING:
     from watcher.control import Control
-    from watcher.store import Store
+    from watcher.store import ProjectRecord, Store
 
 log = structlog.get_logger("watcher")
 
@@ -330,7 +332,8 @@ class _Handlers:
     # --- webhooks in ------------------------------------------------------------------------------
 
     async def webhook(self, request: Request) -> Response:
-        """``POST /webhooks/magic-hour``: verify, then make the project due now."""
+        """``POST /webhooks/magic-hour``: verify, then hand the payload over (or make the
+        project due now)."""
         if self.webhook_secret is None:
             raise ApiProblem(
                 404, "webhooks_disabled", "webhooks are off: set WATCHER_WEBHOOK_SECRET to use them"
@@ -369,6 +372,7 @@ class _Handlers:
         """What the event changes: (action, note)."""
         if event.kind is None or event.project_id is None:
             return "ignored", "not a project event the watcher knows"
+        self.control.heard(event.kind)
         record = await self.store.get(event.project_id)
         if record is None:
             if not self.settings.webhook_auto_track:
@@ -379,6 +383,16 @@ class _Handlers:
             return "tracked", None
         if record.state.is_final:
             return "ignored", f"already final ({record.state.value})"
+        return await self._act_on_active(record, event)
+
+    async def _act_on_active(
+        self, record: ProjectRecord, event: WebhookEvent
+    ) -> tuple[str, str | None]:
+        """An event about an active project: its payload is acted on as a GET's answer would
+        be while the project is polling, else the project is polled now."""
+        payload = event.payload
+        if payload is not None and record.state == State.POLLING and record.kind == event.kind:
+            return await self.control.announce(record, payload)
         if await self.control.expedite(record):
             return "expedited", "a poll is in flight; another follows it"
         return "expedited", None
