@@ -292,6 +292,15 @@ def settings_table(runs: list[FleetRun]) -> str:
     return markdown_table(("client", "settings"), [(r.client, r.settings) for r in runs])
 
 
+def saves_every_output(title: str, run: FleetRun) -> Verdict:
+    """The verdict on whether ``run`` saved every output correctly, in time."""
+    return Verdict(
+        f"{title}: {run.client} saves every output correctly",
+        f"{run.outputs_ok}/{run.outputs_expected} ({run.log_lines} warning lines logged)",
+        run.outputs_ok == run.outputs_expected and not run.measured.timed_out,
+    )
+
+
 def verdicts(count: int, runs: list[FleetRun]) -> list[Verdict]:
     """The issue's targets for this fleet size, for every watcher run, against the SDK's run."""
     sdk = next((r for r in runs if r.client == SDK_LABEL), None)
@@ -301,14 +310,7 @@ def verdicts(count: int, runs: list[FleetRun]) -> list[Verdict]:
     for run in runs:
         if run.client == SDK_LABEL:
             continue
-        complete = run.outputs_ok == run.outputs_expected and not run.measured.timed_out
-        result.append(
-            Verdict(
-                f"{count}: {run.client} saves every output correctly",
-                f"{run.outputs_ok}/{run.outputs_expected} ({run.log_lines} warning lines logged)",
-                complete,
-            )
-        )
+        result.append(saves_every_output(str(count), run))
         p99 = run.lag(99)
         result.append(
             Verdict(f"{count}: {run.client} lag p99 < 1.5 s", f"{fmt(p99, 3)} s", _below(p99, 1.5))

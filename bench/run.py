@@ -28,8 +28,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,6 +43,7 @@ GIB = 1 << 30
 MIB = 1 << 20
 SCENARIOS = ("fleet", "webhooks", "takeover", "big", "scale", "floor")
 RESULTS = Path(__file__).with_name("RESULTS.md")
+_Run = TypeVar("_Run")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -122,22 +124,40 @@ def fleet_profiles(args: argparse.Namespace) -> list[Profile]:
     return profiles
 
 
+def each_client(
+    args: argparse.Namespace,
+    title: str,
+    run_one: Callable[[Profile | None], _Run],
+    summary: Callable[[_Run], str],
+) -> list[_Run]:
+    """Run the SDK (``None``; not with ``--no-sdk``), then each watcher profile, in turn."""
+    clients: list[Profile | None] = [] if args.no_sdk else [None]
+    clients.extend(fleet_profiles(args))
+    runs: list[_Run] = []
+    for client in clients:
+        progress(f"{title}: {fleet.SDK_LABEL if client is None else client.label}")
+        runs.append(run_one(client))
+        progress(f"  {summary(runs[-1])}")
+    return runs
+
+
 def run_fleet(args: argparse.Namespace, out: list[str], raw: dict[str, Any]) -> list[Verdict]:
     """Every fleet size: the SDK, then each watcher profile."""
     verdicts: list[Verdict] = []
-    clients: list[Profile | None] = [] if args.no_sdk else [None]
-    clients.extend(fleet_profiles(args))
     for count in args.projects:
-        runs = []
-        for client in clients:
-            label = fleet.SDK_LABEL if client is None else client.label
-            progress(f"fleet {count}: {label}")
-            run = fleet.run_client(count, client, args.workdir, args.timeout)
-            progress(
-                f"  wall {run.measured.wall_seconds:.1f} s, CPU {run.measured.cpu_seconds:.1f} s,"
-                f" outputs {run.outputs_ok}/{run.outputs_expected}"
-            )
-            runs.append(run)
+
+        def one(client: Profile | None, count: int = count) -> fleet.FleetRun:
+            return fleet.run_client(count, client, args.workdir, args.timeout)
+
+        runs = each_client(
+            args,
+            f"fleet {count}",
+            one,
+            lambda run: (
+                f"wall {run.measured.wall_seconds:.1f} s, CPU {run.measured.cpu_seconds:.1f} s, "
+                f"outputs {run.outputs_ok}/{run.outputs_expected}"
+            ),
+        )
         found = fleet.verdicts(count, runs)
         verdicts.extend(found)
         raw[f"fleet-{count}"] = [r.to_json() for r in runs]
@@ -155,19 +175,16 @@ def run_fleet(args: argparse.Namespace, out: list[str], raw: dict[str, Any]) -> 
 def run_webhooks(args: argparse.Namespace, out: list[str], raw: dict[str, Any]) -> list[Verdict]:
     """The SDK, then each watcher profile, on projects that send webhooks."""
     count = args.webhook_projects
-    clients: list[Profile | None] = [] if args.no_sdk else [None]
-    clients.extend(fleet_profiles(args))
-    runs = []
-    for client in clients:
-        label = fleet.SDK_LABEL if client is None else client.label
-        progress(f"webhooks {count}: {label}")
-        run = webhooks.run_client(count, client, args.workdir, args.timeout)
-        progress(
-            f"  wall {run.run.measured.wall_seconds:.1f} s, "
-            f"GETs/project {run.run.gets_per_project:.2f}, "
-            f"outputs {run.run.outputs_ok}/{run.run.outputs_expected}"
-        )
-        runs.append(run)
+    runs = each_client(
+        args,
+        f"webhooks {count}",
+        lambda client: webhooks.run_client(count, client, args.workdir, args.timeout),
+        lambda w: (
+            f"wall {w.run.measured.wall_seconds:.1f} s, "
+            f"GETs/project {w.run.gets_per_project:.2f}, "
+            f"outputs {w.run.outputs_ok}/{w.run.outputs_expected}"
+        ),
+    )
     found = webhooks.verdicts(count, runs)
     raw[f"webhooks-{count}"] = [r.to_json() for r in runs]
     out.extend(

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import socket
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,40 +114,31 @@ def _terminal_at(db: Path) -> dict[str, float]:
         return {str(pid): float(at) for pid, at in rows}
 
 
+def _watcher_only(cell: Callable[[WebhookRun], str]) -> Callable[[WebhookRun], str]:
+    """A column that says nothing (``-``) of the SDK, which receives no webhooks."""
+    return lambda w: "-" if w.run.client == fleet.SDK_LABEL else cell(w)
+
+
+# The per-client table's columns: header, and the cell of a run.
+COLUMNS: tuple[tuple[str, Callable[[WebhookRun], str]], ...] = (
+    ("client", lambda w: w.run.client),
+    ("exit", lambda w: "timeout" if w.run.measured.timed_out else str(w.run.measured.exit_code)),
+    ("wall s", lambda w: fmt(w.run.measured.wall_seconds)),
+    ("GETs / project", lambda w: fmt(w.run.gets_per_project)),
+    ("webhooks delivered", _watcher_only(lambda w: f"{w.delivered} ({w.failed} failed)")),
+    ("announced", _watcher_only(lambda w: str(w.announced))),
+    ("lag p50 s", lambda w: fmt(w.run.lag(50), 3)),
+    ("lag p99 s", lambda w: fmt(w.run.lag(99), 3)),
+    ("announced lag p99 s", _watcher_only(lambda w: fmt(percentile(w.announced_lags, 99), 3))),
+    ("CPU s", lambda w: fmt(w.run.measured.cpu_seconds)),
+    ("outputs correct", lambda w: f"{w.run.outputs_ok}/{w.run.outputs_expected}"),
+)
+
+
 def table(runs: list[WebhookRun]) -> str:
     """The per-client table."""
-    headers = (
-        "client",
-        "exit",
-        "wall s",
-        "GETs / project",
-        "webhooks delivered",
-        "announced",
-        "lag p50 s",
-        "lag p99 s",
-        "announced lag p99 s",
-        "CPU s",
-        "outputs correct",
-    )
-    rows = []
-    for w in runs:
-        r, m = w.run, w.run.measured
-        rows.append(
-            (
-                r.client,
-                "timeout" if m.timed_out else str(m.exit_code),
-                fmt(m.wall_seconds),
-                fmt(r.gets_per_project),
-                "-" if r.client == fleet.SDK_LABEL else f"{w.delivered} ({w.failed} failed)",
-                "-" if r.client == fleet.SDK_LABEL else str(w.announced),
-                fmt(r.lag(50), 3),
-                fmt(r.lag(99), 3),
-                "-" if r.client == fleet.SDK_LABEL else fmt(percentile(w.announced_lags, 99), 3),
-                fmt(m.cpu_seconds),
-                f"{r.outputs_ok}/{r.outputs_expected}",
-            )
-        )
-    return markdown_table(headers, rows)
+    headers = [header for header, _ in COLUMNS]
+    return markdown_table(headers, [[cell(w) for _, cell in COLUMNS] for w in runs])
 
 
 def verdicts(count: int, runs: list[WebhookRun]) -> list[Verdict]:
@@ -156,14 +148,7 @@ def verdicts(count: int, runs: list[WebhookRun]) -> list[Verdict]:
         r = w.run
         if r.client == fleet.SDK_LABEL:
             continue
-        complete = r.outputs_ok == r.outputs_expected and not r.measured.timed_out
-        result.append(
-            Verdict(
-                f"webhooks {count}: {r.client} saves every output correctly",
-                f"{r.outputs_ok}/{r.outputs_expected}",
-                complete,
-            )
-        )
+        result.append(fleet.saves_every_output(f"webhooks {count}", r))
         result.append(
             Verdict(
                 f"webhooks {count}: {r.client} GETs/project <= 1.5",

@@ -188,32 +188,30 @@ async def test_without_events_arriving_the_next_poll_is_the_normal_one(rig: Rig)
     assert rig.api.count("GET") == 1
 
 
-async def test_an_event_during_the_get_that_knows_more_is_acted_on(rig: Rig) -> None:
-    """The GET in flight answers ``rendering``; the ``completed`` event that came meanwhile
-    wins, and the outputs are saved with no second GET."""
+@pytest.mark.parametrize(
+    ("answered", "meanwhile"),
+    [
+        (body(PID, "rendering"), complete(PID, "a.png")),
+        (complete(PID, "a.png"), body(PID, "rendering")),
+    ],
+    ids=["the event knows more", "the GET knows more"],
+)
+async def test_an_event_during_the_get_is_acted_on_only_if_it_knows_more(
+    rig: Rig, answered: dict[str, Any], meanwhile: dict[str, Any]
+) -> None:
+    """A ``completed`` event that came while the GET in flight answered ``rendering`` wins
+    (the outputs are saved with no second GET); a ``started`` that came while the GET answered
+    ``complete`` is dropped. Either way the project is saved after one GET."""
     await rig.track()
-    rig.api.answer(PID, body(PID, "rendering"))
+    rig.api.answer(PID, answered)
 
-    async def meanwhile(pid: str) -> None:
-        await announce(rig, complete(PID, "a.png"))
+    async def event_arrives(pid: str) -> None:
+        await announce(rig, meanwhile)
 
-    rig.api.on_get = meanwhile
+    rig.api.on_get = event_arrives
     record = await rig.step()
     assert record.state == State.SAVED
     assert rig.api.count("GET", API) == 1
-
-
-async def test_an_event_during_the_get_that_knows_less_changes_nothing(rig: Rig) -> None:
-    """The GET answers ``complete``; a ``started`` that came meanwhile is dropped."""
-    await rig.track()
-    rig.api.answer(PID, complete(PID, "a.png"))
-
-    async def meanwhile(pid: str) -> None:
-        await announce(rig, body(PID, "rendering"))
-
-    rig.api.on_get = meanwhile
-    record = await rig.step()
-    assert record.state == State.SAVED
     assert not rig.workflow.announcements.waiting(PID)
 
 
