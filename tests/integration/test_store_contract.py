@@ -740,3 +740,31 @@ async def test_a_failed_project_keeps_an_empty_failure_it_is_given(store: Store)
     await store.record_final(b, now=T0 + 2, state=State.FAILED)
     failures = [(p.id, p.failure) for p in (await store.list_projects()).projects]
     assert failures == [("a", ""), ("b", "HTTP 503")]
+
+
+async def test_an_upload_key_lives_until_the_output_is_saved_or_reset(store: Store) -> None:
+    """The temporary object key of an upload is kept through verified, fenced like every output
+    write, and cleared when the output is saved or reset."""
+    await store.track(refs("p"), now=T0, delete_after_download=False)
+    (old,) = await store.claim_due(now=T0, limit=1, owner="r1", lease_seconds=LEASE)
+    await store.record_complete(
+        old, now=T0, due_at=T0, outputs=[new_output(0, "p"), new_output(1, "p")]
+    )
+    (c,) = await store.claim_due(now=T0 + LEASE + 1, limit=1, owner="r2", lease_seconds=LEASE)
+    with pytest.raises(LeaseLost):
+        await store.record_output_uploading(old, index=0, key=".parts/x")
+    await store.record_output_uploading(c, index=0, key=".parts/a")
+    await store.record_output_uploading(c, index=1, key=".parts/b")
+    await store.record_output_verified(c, index=0, size=10, sha256="ab" * 32)
+    rows = await store.outputs("p")
+    assert [(o.state, o.upload_key) for o in rows] == [
+        (OutputState.VERIFIED, ".parts/a"),
+        (OutputState.PENDING, ".parts/b"),
+    ]
+    await store.record_output_saved(c, index=0, now=T0 + 2)
+    await store.reset_output(c, index=1)
+    rows = await store.outputs("p")
+    assert [(o.state, o.upload_key) for o in rows] == [
+        (OutputState.SAVED, None),
+        (OutputState.PENDING, None),
+    ]

@@ -225,6 +225,11 @@ class Store(TransitionWrites):
         """The output's temporary file is complete and fsynced; its size and digest are known."""
 
     @abc.abstractmethod
+    async def record_output_uploading(self, claim: Claim, *, index: int, key: str) -> None:
+        """The output is about to be uploaded under the temporary object key ``key`` (object
+        storage): recorded before the first byte is sent, so a restart finds the upload."""
+
+    @abc.abstractmethod
     async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
         """The output is under its final name, fsynced. That is progress: the project's failures
         in a row, ``stalled_since`` and failure note are cleared with it."""

@@ -212,6 +212,9 @@ class InMemoryStore(Store):
     ) -> None:
         self._output_write(claim, index, lambda o: t.output_verified(o, size=size, sha256=sha256))
 
+    async def record_output_uploading(self, claim: Claim, *, index: int, key: str) -> None:
+        self._output_write(claim, index, lambda o: t.output_uploading(o, key=key))
+
     async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
         self._output_write(claim, index, lambda o: t.output_saved(o, now=now))
         await self._apply(claim, t.progressed)

@@ -112,6 +112,9 @@ class OutputRecord:
     bytes: int | None = None
     sha256: str | None = None
     saved_at: float | None = None
+    # Object storage only: the temporary key the output is being uploaded under (recorded before
+    # the first byte), kept until the output is saved; see :mod:`watcher.objects`.
+    upload_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

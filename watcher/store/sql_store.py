@@ -280,6 +280,9 @@ class SqlStore(Store, Generic[C]):
     ) -> None:
         await self._output_write("output_verified", claim, idx=index, bytes=size, sha256=sha256)
 
+    async def record_output_uploading(self, claim: Claim, *, index: int, key: str) -> None:
+        await self._output_write("output_uploading", claim, idx=index, upload_key=key)
+
     async def record_output_saved(self, claim: Claim, *, index: int, now: float) -> None:
         await self._output_write("output_saved", claim, progress=True, idx=index, now=now)
 

@@ -251,11 +251,18 @@ def output_verified(o: OutputRecord, *, size: int, sha256: str) -> OutputRecord:
     return dataclasses.replace(o, state=OutputState.VERIFIED, bytes=size, sha256=sha256)
 
 
+def output_uploading(o: OutputRecord, *, key: str) -> OutputRecord:
+    """The output is being uploaded under the temporary object key ``key``."""
+    return dataclasses.replace(o, upload_key=key)
+
+
 def output_saved(o: OutputRecord, *, now: float) -> OutputRecord:
-    """The output is under its final name."""
-    return dataclasses.replace(o, state=OutputState.SAVED, saved_at=now)
+    """The output is under its final name (its temporary object, if any, is gone)."""
+    return dataclasses.replace(o, state=OutputState.SAVED, saved_at=now, upload_key=None)
 
 
 def output_reset(o: OutputRecord) -> OutputRecord:
     """The output is to be fetched again."""
-    return dataclasses.replace(o, state=OutputState.PENDING, bytes=None, sha256=None, saved_at=None)
+    return dataclasses.replace(
+        o, state=OutputState.PENDING, bytes=None, sha256=None, saved_at=None, upload_key=None
+    )

@@ -141,12 +141,17 @@ SELECT * FROM outputs WHERE project_id = ANY(%(ids)s) ORDER BY project_id, idx
 UPDATE outputs SET state = 'verified', bytes = %(bytes)s, sha256 = %(sha256)s
 WHERE project_id = %(project_id)s AND idx = %(idx)s
 
+-- name: output_uploading
+UPDATE outputs SET upload_key = %(upload_key)s
+WHERE project_id = %(project_id)s AND idx = %(idx)s
+
 -- name: output_saved
-UPDATE outputs SET state = 'saved', saved_at = %(now)s
+UPDATE outputs SET state = 'saved', saved_at = %(now)s, upload_key = NULL
 WHERE project_id = %(project_id)s AND idx = %(idx)s
 
 -- name: reset_output
-UPDATE outputs SET state = 'pending', bytes = NULL, sha256 = NULL, saved_at = NULL
+UPDATE outputs
+SET state = 'pending', bytes = NULL, sha256 = NULL, saved_at = NULL, upload_key = NULL
 WHERE project_id = %(project_id)s AND idx = %(idx)s
 
 -- name: enqueue_notification

@@ -122,12 +122,17 @@ ORDER BY project_id, idx
 UPDATE outputs SET state = 'verified', bytes = :bytes, sha256 = :sha256
 WHERE project_id = :project_id AND idx = :idx
 
+-- name: output_uploading
+UPDATE outputs SET upload_key = :upload_key
+WHERE project_id = :project_id AND idx = :idx
+
 -- name: output_saved
-UPDATE outputs SET state = 'saved', saved_at = :now
+UPDATE outputs SET state = 'saved', saved_at = :now, upload_key = NULL
 WHERE project_id = :project_id AND idx = :idx
 
 -- name: reset_output
-UPDATE outputs SET state = 'pending', bytes = NULL, sha256 = NULL, saved_at = NULL
+UPDATE outputs
+SET state = 'pending', bytes = NULL, sha256 = NULL, saved_at = NULL, upload_key = NULL
 WHERE project_id = :project_id AND idx = :idx
 
 -- name: enqueue_notification
