@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests import pg
+from tests import pg, s3
 from tests.support import FAST
 from watcher.simulator.config import SimConfig
 from watcher.simulator.server import SimulatorServer
@@ -32,6 +32,22 @@ def serve() -> Iterator[Callable[[SimConfig], SimulatorServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[s3.S3Server]:
+    """moto's S3 server on 127.0.0.1 (a free port), for the session."""
+    server = s3.start()
+    yield server
+    server.server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: s3.S3Server, monkeypatch: pytest.MonkeyPatch) -> s3.S3Server:
+    """The standard AWS variables of this process pointing at moto (for in-process stores)."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,9 @@
         ├── DownloadUrlExpired      the CDN refused the signed URL: fetch fresh URLs, carry on
         ├── DownloadIncomplete      the body ended early, was cut for being too slow, or
         │                           does not match its length: resumed later
-        └── DiskFull                no space left: the project is retried later
+        ├── DiskFull                no space left: the project is retried later
+        └── ObjectStorageError      the object store (S3, GCS, Azure) failed an upload, or an
+                                    uploaded object does not match its record: retried later
 
 Messages never contain secrets: the API token is not part of any request we describe.
 """
@@ -130,3 +132,9 @@ class DownloadIncomplete(DownloadError):
 
 class DiskFull(DownloadError):
     """No space left on the download volume."""
+
+
+class ObjectStorageError(DownloadError):
+    """The object store failed (after its own retries with backoff), or an object it holds does
+    not match the size and sha256 recorded for it. The message names the object, never a
+    credential."""

@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from watcher.errors import ConfigError, InvalidProjectId
 from watcher.models import ProjectRef, parse_project_list
+from watcher.objects.location import StorageLocation, parse_storage_url
 
 ENV_PREFIX = "WATCHER_"
 SECRET_FIELDS = frozenset({"api_token", "control_token", "webhook_secret", "notify_secret"})
@@ -38,7 +39,7 @@ SECRET_FILE_FIELDS = (
 )
 # Settings whose value an error message never repeats: the secrets, and the database URL (a
 # ``postgresql://user:password@host`` given by mistake would otherwise be printed back).
-UNECHOED_FIELDS = SECRET_FIELDS | {"database_url"}
+UNECHOED_FIELDS = SECRET_FIELDS | {"database_url", "storage_url"}
 
 _DNS_NAME = re.compile(r"[A-Za-z0-9_.-]{1,253}")
 
@@ -65,6 +66,9 @@ class Settings(BaseSettings):
     api_base_url: pydantic.HttpUrl = pydantic.HttpUrl("https://api.magichour.ai")
     projects: str = ""
     download_dir: Path = Path("./downloads")
+    # Outputs to object storage (s3://, gs://, az://) instead of download_dir; see watcher.objects.
+    storage_url: str | None = None
+    storage_allow_http: bool = False
     # Not in the repr: a PostgreSQL URL may carry a password.
     database_url: str = Field(default="sqlite:///./watcher.db", repr=False)
     database_url_file: Path | None = None
@@ -121,6 +125,18 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_url_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _valid_storage_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return parse_storage_url(value).url()
+
+    @property
+    def storage(self) -> StorageLocation | None:
+        """Where outputs go in object storage (``WATCHER_STORAGE_URL``); ``None``: on disk."""
+        return None if self.storage_url is None else parse_storage_url(self.storage_url)
 
     @field_validator("replica_id", mode="before")
     @classmethod
@@ -250,7 +266,8 @@ class Settings(BaseSettings):
         return {
             "api_base_url": url_without_credentials(str(self.api_base_url)),
             "store": store_summary(self.database_url),
-            "download_dir": str(self.download_dir.resolve()),
+            "download_dir": None if self.storage_url else str(self.download_dir.resolve()),
+            "storage_url": self.storage_url,
             "delete_after_download": self.delete_after_download,
             "poll_initial": self.poll_initial,
             "poll_max": self.poll_max,
