@@ -383,7 +383,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts, rows = asyncio.run(work())
         doc = {
             "counts": {s.value: n for s, n in sorted(counts.items())},
-            "projects": [project_json(p, o, settings.download_dir) for p, o in rows],
+            "projects": [
+                project_json(p, o, settings.download_dir, settings.storage) for p, o in rows
+            ],
         }
     text = (
         json.dumps(doc, indent=2) if args.json else render_status(doc, args.state, wide=args.wide)

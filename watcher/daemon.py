@@ -35,7 +35,7 @@ from watcher.models import Kind, ProjectRef, ProjectSnapshot, State
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats
 from watcher.settings import Settings
 from watcher.store import ProjectRecord
-from watcher.workflow import Workflow, sweep_parts
+from watcher.workflow import Workflow
 
 log = structlog.get_logger("watcher")
 
@@ -205,6 +205,7 @@ class Daemon:
                 return Outcome(code, {})
 
     async def _start(self) -> None:
+        await self.workflow.check_outputs(self.settings.replica_id)  # before any claim
         now = clock.now()
         released = await self.store.release_leases(
             now=now, owner=None if self.store.is_exclusive else self.settings.replica_id
@@ -219,15 +220,14 @@ class Daemon:
         active = sum(n for state, n in counts.items() if not state.is_final)
         suspect = self.workflow.limits.base_url_suspect_404s
         self.workflow.suspect_after = min(suspect, active) or suspect
-        download_dir = self.settings.download_dir
-        swept = await sweep_parts(self.store, download_dir, await self._active_ids())
+        swept = await self.workflow.sweep(await self._active_ids())
         learned = await self._learn()
         log.info(
             "daemon_started",
             version=__version__,
             replica=self.settings.replica_id,
             config=self.settings.summary(),
-            download_dir=str(download_dir),
+            download_dir=str(self.settings.download_dir),
             projects_from_env=len(refs),
             projects_added=len(added),
             leases_released=released,

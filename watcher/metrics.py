@@ -90,6 +90,12 @@ class Metrics:
         self.download_bytes = Counter(
             "watcher_download_bytes", "Bytes written to outputs.", registry=r
         )
+        self.upload_bytes = Counter(
+            "watcher_upload_bytes",
+            "Bytes sent to object storage (WATCHER_STORAGE_URL): each output's bytes into its "
+            "temporary object, and again into its final object.",
+            registry=r,
+        )
         self.download_seconds = Histogram(
             "watcher_download_seconds", "Time to download one output.", buckets=_SECONDS, registry=r
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher.downloader import bytes_on_disk
+from watcher.objects.location import StorageLocation
 from watcher.store import OutputRecord, OutputState, ProjectRecord
 
 
@@ -26,10 +27,15 @@ def received(o: OutputRecord, download_dir: Path | None) -> int | None:
 
 
 def project_json(
-    p: ProjectRecord, outputs: list[OutputRecord], download_dir: Path | None = None
+    p: ProjectRecord,
+    outputs: list[OutputRecord],
+    download_dir: Path | None = None,
+    storage: StorageLocation | None = None,
 ) -> dict[str, Any]:
     """A project and its outputs as JSON (``status --json`` and the control API); with
-    ``download_dir``, each output says how many of its bytes are on disk so far."""
+    ``download_dir``, each output says how many of its bytes are on disk so far; with
+    ``storage`` (outputs in object storage), each names its object as ``url``
+    (``s3://bucket/key``), and its bytes so far are known only once it is saved."""
     return {
         "id": p.id,
         "kind": p.kind.value,
@@ -48,9 +54,10 @@ def project_json(
             {
                 "index": o.index,
                 "path": o.path,
+                **({"url": storage.url(o.path)} if storage is not None else {}),
                 "state": o.state.value,
                 "bytes": o.bytes,
-                "bytes_received": received(o, download_dir),
+                "bytes_received": received(o, None if storage else download_dir),
                 "sha256": o.sha256,
                 "expires_at": iso(o.expires_at),
                 "saved_at": iso(o.saved_at),
@@ -61,16 +68,23 @@ def project_json(
 
 
 def notification_event(
-    project: ProjectRecord, outputs: list[OutputRecord], download_dir: Path, *, now: float
+    project: ProjectRecord,
+    outputs: list[OutputRecord],
+    download_dir: Path,
+    *,
+    now: float,
+    storage: StorageLocation | None = None,
 ) -> dict[str, Any]:
     """The event POSTed to ``WATCHER_NOTIFY_URL`` when a project reaches its final state.
 
     ``type`` is ``project.<state>``; ``id`` is unique per event, so a receiver can drop the
-    duplicates that retries may deliver.
+    duplicates that retries may deliver. Each output is named by its ``absolute_path`` on disk,
+    or by its object's ``url`` in object storage.
     """
-    body = project_json(project, outputs, download_dir)
-    for out in body["outputs"]:
-        out["absolute_path"] = str((download_dir / out["path"]).resolve())
+    body = project_json(project, outputs, download_dir, storage)
+    if storage is None:
+        for out in body["outputs"]:
+            out["absolute_path"] = str((download_dir / out["path"]).resolve())
     return {
         "id": uuid.uuid4().hex,
         "type": f"project.{project.state.value}",

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import httpx
 import structlog
 
-from watcher import __version__, clock
+from watcher import __version__, clock, logs
 from watcher.announcements import Announcements
 from watcher.api import USER_AGENT, MagicHourClient
 from watcher.backoff import PollPolicy
@@ -32,6 +32,8 @@ from watcher.downloader import Downloader, TransferLimits
 from watcher.health import ApiHealth
 from watcher.liveness import LivenessKeeper
 from watcher.metrics import Metrics
+from watcher.objects import Uploader, open_bucket
+from watcher.objects.bucket import SECRET_VARIABLES
 from watcher.outage import StoreHealth
 from watcher.priority import PriorityGate
 from watcher.schedule import RenderStats
@@ -135,6 +137,7 @@ def build(
         download_gate=PriorityGate(settings.max_concurrent_downloads),
         notify=settings.notify_url is not None,
         announcements=announcements,
+        uploader=uploader(settings, http, user_agent, metrics),
         now=now,
         rng=rng,
     )
@@ -163,6 +166,27 @@ def build(
         if notifier is not None:
             daemon.side_tasks.append(functools.partial(notifier.run, daemon, store, metrics))
     return daemon
+
+
+def uploader(
+    settings: Settings, http: httpx.AsyncClient, user_agent: str, metrics: Metrics
+) -> Uploader | None:
+    """The uploader into ``WATCHER_STORAGE_URL``'s bucket (``None``: outputs go to disk)."""
+    location = settings.storage
+    if location is None:
+        return None
+    for name in SECRET_VARIABLES:  # a last line of defence: never in a log line
+        logs.register_secret(os.environ.get(name))
+    bucket = open_bucket(
+        location, allow_http=settings.storage_allow_http, timeout=settings.request_timeout
+    )
+    return Uploader(
+        http,
+        bucket,
+        user_agent=user_agent,
+        limits=transfer_limits(settings),
+        on_bytes=metrics.upload_bytes.inc,
+    )
 
 
 def keep_alive(daemon: Daemon, settings: Settings, *, rng: random.Random, metrics: Metrics) -> None:

@@ -64,6 +64,7 @@ from watcher.errors import (
     DownloadError,
     DownloadUrlExpired,
     InvalidProjectId,
+    ObjectStorageError,
     ProjectNotFound,
     StoreError,
     StoreUnavailable,
@@ -73,6 +74,14 @@ from watcher.errors import (
 from watcher.health import ApiHealth
 from watcher.metrics import Metrics
 from watcher.models import ProjectRef, ProjectSnapshot, RemoteStatus, State
+from watcher.objects import (
+    StorageLocation,
+    Uploader,
+    check_storage,
+    remove_uploads,
+    sweep_uploads,
+    upload_key,
+)
 from watcher.outage import StoreHealth
 from watcher.paths import is_part_name, output_relpath, part_path, resolve_inside
 from watcher.priority import PriorityGate
@@ -154,6 +163,7 @@ class Workflow:
         download_gate: PriorityGate | None = None,
         notify: bool = False,
         announcements: Announcements | None = None,
+        uploader: Uploader | None = None,
         now: Callable[[], float] = clock.now,
         rng: random.Random | None = None,
     ) -> None:
@@ -174,11 +184,26 @@ class Workflow:
         self.announcements = announcements or Announcements(now=now)
         self.now = now
         self.rng = rng or random.Random()
-        self._announce = announcer(download_dir) if notify else None
+        # Object storage (WATCHER_STORAGE_URL) instead of download_dir: see watcher.objects.
+        self.uploader = uploader
+        storage = uploader.bucket.location if uploader is not None else None
+        self._announce = announcer(download_dir, storage) if notify else None
         self._last_good_get: tuple[float, str] | None = None  # when, and which project
         # Projects whose GET answered 404 before any API call succeeded (None once reported).
         self._not_found_at_start: set[str] | None = set()
         self.suspect_after = limits.base_url_suspect_404s
+
+    async def check_outputs(self, replica_id: str) -> None:
+        """Start-up, before any claim: in object storage, :class:`ConfigError` unless the bucket
+        exists and these credentials may write to it."""
+        if self.uploader is not None:
+            await check_storage(self.uploader.bucket, replica_id)
+
+    async def sweep(self, active: set[str]) -> int:
+        """Start-up: remove the temporary files (or objects) of projects not in ``active``."""
+        if self.uploader is not None:
+            return await sweep_uploads(self.uploader.bucket, active)
+        return await sweep_parts(self.store, self.download_dir, active)
 
     async def run(self, claim: Claim) -> None:
         """Do the work ``claim`` calls for, until the project is released (rescheduled or
@@ -471,13 +496,19 @@ class Workflow:
         await self._all_saved(claim)
 
     async def _part_size(self, row: OutputRecord) -> int:
-        """How many bytes of the output its ``.part`` file holds (0 without one)."""
+        """How many bytes of the output its ``.part`` file holds (0 without one, and always in
+        object storage, where an interrupted upload starts over)."""
+        if self.uploader is not None:
+            return 0
         part = part_path(resolve_inside(self.download_dir, row.path))
         with contextlib.suppress(FileNotFoundError):
             return (await asyncio.to_thread(part.stat)).st_size
         return 0
 
     async def _save_output(self, claim: Claim, row: OutputRecord) -> None:
+        if self.uploader is not None:
+            await self._save_object(claim, row, self.uploader)
+            return
         final = resolve_inside(self.download_dir, row.path)
         if row.state == OutputState.VERIFIED and row.bytes is not None and row.sha256:
             if await asyncio.to_thread(finish_from_disk, final, row.bytes, row.sha256):
@@ -511,6 +542,50 @@ class Workflow:
             bytes=saved.size,
             sha256=saved.sha256,
             resumed_from=saved.resumed_from,
+            elapsed_ms=round(elapsed * 1000, 1),
+            expires_in=round(row.expires_at - now, 1),
+        )
+
+    async def _save_object(self, claim: Claim, row: OutputRecord, uploader: Uploader) -> None:
+        """Save one output into object storage, in the order of writes of
+        :mod:`watcher.objects`: a verified one is finished from the bucket if it can be; any
+        other starts again under a new temporary key, recorded before the first byte."""
+        url = uploader.url(row.path)
+        size, sha256 = row.bytes, row.sha256
+        verified = row.state == OutputState.VERIFIED and size is not None and sha256
+        if verified and await uploader.finish(row.upload_key, row.path, size or 0, sha256 or ""):
+            await self.store.record_output_saved(claim, index=row.index, now=self.now())
+            log.info("download_recovered", project_id=claim.id, index=row.index, url=url)
+            return
+        if row.upload_key is not None:  # an upload of an earlier attempt: gone for good
+            await uploader.bucket.delete(row.upload_key)
+        if row.state != OutputState.PENDING:
+            await self.store.reset_output(claim, index=row.index)
+        key = upload_key(row.path)
+        await self.store.record_output_uploading(claim, index=row.index, key=key)
+
+        async def on_verified(size: int, sha256: str) -> None:
+            await self.store.record_output_verified(
+                claim, index=row.index, size=size, sha256=sha256
+            )
+
+        started = clock.monotonic()
+        async with self.download_gate.slot(row.expires_at):
+            saved = await uploader.upload(row.url, row.path, key, on_verified)
+        now = self.now()
+        await self.store.record_output_saved(claim, index=row.index, now=now)
+        elapsed = clock.monotonic() - started
+        self.metrics.downloads.labels("saved").inc()
+        self.metrics.download_seconds.observe(elapsed)
+        self.metrics.url_lifetime_left.observe(max(0.0, row.expires_at - now))
+        log.info(
+            "download_saved",
+            project_id=claim.id,
+            kind=claim.project.kind.value,
+            index=row.index,
+            url=saved.url,
+            bytes=saved.size,
+            sha256=saved.sha256,
             elapsed_ms=round(elapsed * 1000, 1),
             expires_in=round(row.expires_at - now, 1),
         )
@@ -597,7 +672,12 @@ class Workflow:
             log.info("project_saved", **fields, note=failure)
 
     async def _remove_parts(self, kind: str, project_id: str) -> None:
-        """Remove the temporary files of a project that has reached its final state."""
+        """Remove the temporary files (or objects) of a project that has reached its final
+        state."""
+        if self.uploader is not None:
+            with contextlib.suppress(StoreError, ObjectStorageError):  # if not now, at start-up
+                await remove_uploads(self.store, self.uploader.bucket, kind, project_id)
+            return
         parts = await asyncio.to_thread(find_parts, self.download_dir / kind / project_id, "*")
         if parts:
             with contextlib.suppress(StoreError):  # if not now, the next start-up's sweep
@@ -718,12 +798,14 @@ def new_outputs(ref: ProjectRef, snapshot: ProjectSnapshot) -> list[NewOutput]:
     ]
 
 
-def announcer(download_dir: Path) -> NotificationBuilder:
+def announcer(download_dir: Path, storage: StorageLocation | None = None) -> NotificationBuilder:
     """What builds the event announcing a final state from the row the store writes (in the
-    same transaction)."""
+    same transaction); with ``storage``, outputs are named by their objects' URLs."""
 
     def build(record: ProjectRecord, outputs: list[OutputRecord]) -> str:
-        event = notification_event(record, outputs, download_dir, now=record.updated_at)
+        event = notification_event(
+            record, outputs, download_dir, now=record.updated_at, storage=storage
+        )
         return json.dumps(event)
 
     return build

@@ -161,6 +161,7 @@ class _Handlers:
         self.store = store
         self.settings = control.settings
         self.download_dir = control.settings.download_dir
+        self.storage = control.settings.storage  # outputs named s3://... in object storage
         self.metrics = metrics
         self.openapi = openapi_document()
 
@@ -264,7 +265,9 @@ class _Handlers:
         record = await self.store.get(ref.id)
         if record is None:  # stopped being tracked in between: a race with DELETE
             raise ApiProblem(409, "conflict", f"project {ref.id} was untracked meanwhile")
-        body = project_json(record, await self.store.outputs(ref.id), self.download_dir)
+        body = project_json(
+            record, await self.store.outputs(ref.id), self.download_dir, self.storage
+        )
         headers = {"Location": f"/v1/projects/{ref.id}"}
         return JSONResponse(body, 201 if created else 200, headers=headers)
 
@@ -303,7 +306,7 @@ class _Handlers:
         if record is None:
             raise ApiProblem(404, "not_tracked", f"project {pid} is not tracked")
         outputs = await self.store.outputs(pid)
-        return JSONResponse(project_json(record, outputs, self.download_dir))
+        return JSONResponse(project_json(record, outputs, self.download_dir, self.storage))
 
     async def list_projects(self, request: Request) -> Response:
         """``GET /v1/projects?status=&limit=&cursor=``: a page in id order, and counts."""
@@ -312,7 +315,9 @@ class _Handlers:
         page = await self.store.list_projects(state=state, limit=limit, cursor=cursor)
         counts = await self.store.count_by_state()
         outputs = await self.store.outputs_of([p.id for p in page.projects])
-        projects = [project_json(p, outputs[p.id], self.download_dir) for p in page.projects]
+        projects = [
+            project_json(p, outputs[p.id], self.download_dir, self.storage) for p in page.projects
+        ]
         return JSONResponse(
             {
                 "projects": projects,

@@ -43,6 +43,7 @@ from watcher.objects.location import (
     project_of_upload_key,
     upload_key,
 )
+from watcher.objects.recovery import remove_uploads, sweep_uploads
 from watcher.objects.uploader import SavedObject, Uploader
 
 __all__ = [
@@ -56,6 +57,8 @@ __all__ = [
     "open_bucket",
     "parse_storage_url",
     "project_of_upload_key",
+    "remove_uploads",
+    "sweep_uploads",
     "upload_key",
 ]
 

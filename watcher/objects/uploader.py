@@ -155,6 +155,8 @@ class Uploader:
         async for chunk in self.bucket.read(key):
             digest.update(chunk)
             seen += len(chunk)
+            if self._on_bytes is not None:
+                self._on_bytes(len(chunk))
             yield chunk
         if seen != size or digest.hexdigest() != sha256:
             raise ObjectStorageError(
