@@ -180,13 +180,7 @@ def uploader(
     bucket = open_bucket(
         location, allow_http=settings.storage_allow_http, timeout=settings.request_timeout
     )
-    return Uploader(
-        http,
-        bucket,
-        user_agent=user_agent,
-        limits=transfer_limits(settings),
-        on_bytes=metrics.upload_bytes.inc,
-    )
+    return Uploader(http, bucket, user_agent, transfer_limits(settings), metrics.upload_bytes.inc)
 
 
 def keep_alive(daemon: Daemon, settings: Settings, *, rng: random.Random, metrics: Metrics) -> None:

@@ -56,7 +56,13 @@ from watcher import clock
 from watcher.announcements import RANK, Announcements
 from watcher.api import MagicHourClient
 from watcher.backoff import GiveUpLimits, PollPolicy, next_attempt, stalled_for_good
-from watcher.downloader import Downloader, find_parts, finish_from_disk, remove_files
+from watcher.downloader import (
+    Downloader,
+    OnVerified,
+    find_parts,
+    finish_from_disk,
+    remove_files,
+)
 from watcher.errors import (
     ApiError,
     ApiRejected,
@@ -518,33 +524,13 @@ class Workflow:
                 )
                 return
             await self.store.reset_output(claim, index=row.index)
-
-        async def on_verified(size: int, sha256: str) -> None:
-            await self.store.record_output_verified(
-                claim, index=row.index, size=size, sha256=sha256
-            )
+        on_verified = verified_recorder(self.store, claim, row.index)
 
         started = clock.monotonic()
         async with self.download_gate.slot(row.expires_at):
             saved = await self.downloader.fetch(row.url, final, on_verified)
-        now = self.now()
-        await self.store.record_output_saved(claim, index=row.index, now=now)
-        elapsed = clock.monotonic() - started
-        self.metrics.downloads.labels("saved").inc()
-        self.metrics.download_seconds.observe(elapsed)
-        self.metrics.url_lifetime_left.observe(max(0.0, row.expires_at - now))
-        log.info(
-            "download_saved",
-            project_id=claim.id,
-            kind=claim.project.kind.value,
-            index=row.index,
-            path=str(final),
-            bytes=saved.size,
-            sha256=saved.sha256,
-            resumed_from=saved.resumed_from,
-            elapsed_ms=round(elapsed * 1000, 1),
-            expires_in=round(row.expires_at - now, 1),
-        )
+        where = {"path": str(final), "resumed_from": saved.resumed_from}
+        await self._saved(claim, row, started, size=saved.size, sha256=saved.sha256, **where)
 
     async def _save_object(self, claim: Claim, row: OutputRecord, uploader: Uploader) -> None:
         """Save one output into object storage, in the order of writes of
@@ -563,15 +549,25 @@ class Workflow:
             await self.store.reset_output(claim, index=row.index)
         key = upload_key(row.path)
         await self.store.record_output_uploading(claim, index=row.index, key=key)
-
-        async def on_verified(size: int, sha256: str) -> None:
-            await self.store.record_output_verified(
-                claim, index=row.index, size=size, sha256=sha256
-            )
+        on_verified = verified_recorder(self.store, claim, row.index)
 
         started = clock.monotonic()
         async with self.download_gate.slot(row.expires_at):
             saved = await uploader.upload(row.url, row.path, key, on_verified)
+        await self._saved(claim, row, started, size=saved.size, sha256=saved.sha256, url=saved.url)
+
+    async def _saved(
+        self,
+        claim: Claim,
+        row: OutputRecord,
+        started: float,
+        *,
+        size: int,
+        sha256: str,
+        **where: object,
+    ) -> None:
+        """Record an output saved (the last step of either order of writes); count and log it
+        with ``where`` it is (its ``path`` on disk, or its object's ``url``)."""
         now = self.now()
         await self.store.record_output_saved(claim, index=row.index, now=now)
         elapsed = clock.monotonic() - started
@@ -583,9 +579,9 @@ class Workflow:
             project_id=claim.id,
             kind=claim.project.kind.value,
             index=row.index,
-            url=saved.url,
-            bytes=saved.size,
-            sha256=saved.sha256,
+            **where,
+            bytes=size,
+            sha256=sha256,
             elapsed_ms=round(elapsed * 1000, 1),
             expires_in=round(row.expires_at - now, 1),
         )
@@ -783,6 +779,15 @@ class Workflow:
             return
         self.metrics.retries.labels(type(exc).__name__).inc()
         await self._retry(claim, str(exc), count=True, failures=failures)
+
+
+def verified_recorder(store: Store, claim: Claim, index: int) -> OnVerified:
+    """What records output ``index`` verified once its bytes are complete (size, sha256)."""
+
+    async def on_verified(size: int, sha256: str) -> None:
+        await store.record_output_verified(claim, index=index, size=size, sha256=sha256)
+
+    return on_verified
 
 
 def new_outputs(ref: ProjectRef, snapshot: ProjectSnapshot) -> list[NewOutput]:

@@ -15,10 +15,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.s3 import S3Server, sha256
-from tests.support import watcher_settings
+from tests.support import FAST, watcher_settings
 from watcher.metrics import Metrics
 from watcher.models import Kind, RemoteStatus, State
-from watcher.simulator.config import Faults, SimConfig
+from watcher.settings import Settings
+from watcher.simulator.config import Faults
 from watcher.simulator.server import SimulatorServer
 from watcher.simulator.state import Simulator
 from watcher.store import OutputState, SQLiteStore
@@ -29,20 +30,18 @@ pytestmark = pytest.mark.anyio
 Serve = Callable[..., SimulatorServer]
 _names = itertools.count()
 
-CONFIG = SimConfig(
-    seed=3,
-    queued_seconds=(0.05, 0.3),
-    rendering_seconds=(0.1, 0.6),
-    error_rate=0.1,
-    cancel_rate=0.0,
-    output_bytes=(1_000, 80_000),
-)
+CONFIG = dataclasses.replace(FAST, seed=3, cancel_rate=0.0, output_bytes=(1_000, 80_000))
 
 
 def fresh_bucket(s3: S3Server) -> str:
     name = f"daemon-{next(_names)}"
     s3.create_bucket(name)
     return name
+
+
+def bucket_settings(server: SimulatorServer, root: Path, url: str, **extra: str) -> Settings:
+    """Settings of an in-process daemon watching ``server`` that saves outputs to ``url``."""
+    return watcher_settings(server, root, storage_url=url, storage_allow_http="true", **extra)
 
 
 def assert_bucket_holds_exactly(
@@ -72,13 +71,12 @@ async def test_projects_end_with_every_output_in_the_bucket(
     specs = [f"video:{p}" for p in sim.create_projects(Kind.VIDEO, 10)]
     specs += [f"image:{p}" for p in sim.create_projects(Kind.IMAGE, 20)]
     bucket = fresh_bucket(s3_env)
-    settings = watcher_settings(
+    settings = bucket_settings(
         server,
         tmp_path,
+        f"s3://{bucket}/media",
         projects=" ".join(specs),
         delete_after_download="true",
-        storage_url=f"s3://{bucket}/media",
-        storage_allow_http="true",
     )
     store = SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True)
     with capture_logs() as logs:
@@ -110,12 +108,8 @@ async def test_a_missing_bucket_stops_the_start_before_any_claim(
     server = serve(CONFIG)
     sim = server.simulator
     specs = [f"image:{p}" for p in sim.create_projects(Kind.IMAGE, 2)]
-    settings = watcher_settings(
-        server,
-        tmp_path,
-        projects=" ".join(specs),
-        storage_url="s3://absent-bucket/media",
-        storage_allow_http="true",
+    settings = bucket_settings(
+        server, tmp_path, "s3://absent-bucket/media", projects=" ".join(specs)
     )
     store = SQLiteStore(str(tmp_path / "watcher.db"), exclusive=True)
     with pytest.raises(ConfigError, match="absent-bucket"):
@@ -150,13 +144,7 @@ async def test_a_restart_after_a_crash_at_each_step_saves_every_output_once(
     sim = server.simulator
     (pid,) = sim.create_projects(Kind.IMAGE, 1)
     bucket = fresh_bucket(s3_env)
-    settings = watcher_settings(
-        server,
-        tmp_path,
-        projects=f"image:{pid}",
-        storage_url=f"s3://{bucket}/media",
-        storage_allow_http="true",
-    )
+    settings = bucket_settings(server, tmp_path, f"s3://{bucket}/media", projects=f"image:{pid}")
     db = str(tmp_path / "watcher.db")
     first = await asyncio.wait_for(build(settings, SQLiteStore(db), until_done=True).run(), 60)
     assert first.exit_code == 0
@@ -202,13 +190,7 @@ async def test_a_saved_output_is_never_uploaded_again(
     sim = server.simulator
     specs = [f"image:{p}" for p in sim.create_projects(Kind.IMAGE, 3)]
     bucket = fresh_bucket(s3_env)
-    settings = watcher_settings(
-        server,
-        tmp_path,
-        projects=" ".join(specs),
-        storage_url=f"s3://{bucket}/media",
-        storage_allow_http="true",
-    )
+    settings = bucket_settings(server, tmp_path, f"s3://{bucket}/media", projects=" ".join(specs))
     db = str(tmp_path / "watcher.db")
     await asyncio.wait_for(build(settings, SQLiteStore(db), until_done=True).run(), 60)
     before = s3_env.client().list_objects_v2(Bucket=bucket)["Contents"]

@@ -23,7 +23,7 @@ import contextlib
 import os
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -114,24 +114,15 @@ def open_store(location: StorageLocation, *, allow_http: bool, timeout: float) -
     )
 
 
+@dataclass(slots=True)
 class Bucket:
-    """The objects under one :class:`StorageLocation`; keys are relative to its prefix."""
+    """The objects under one :class:`StorageLocation`; keys are relative to its prefix. A
+    multipart upload sends parts of ``part_size`` bytes, ``concurrency`` at a time."""
 
-    def __init__(
-        self,
-        location: StorageLocation,
-        store: ObjectStore,
-        *,
-        part_size: int = PART_SIZE,
-        concurrency: int = PART_CONCURRENCY,
-    ) -> None:
-        self.location = location
-        self._store = store
-        self.part_size = part_size
-        self.concurrency = concurrency
-
-    def __repr__(self) -> str:
-        return f"Bucket({self.location.url()!r})"
+    location: StorageLocation
+    store: ObjectStore = field(repr=False)
+    part_size: int = PART_SIZE
+    concurrency: int = PART_CONCURRENCY
 
     def url(self, key: str) -> str:
         """How people and other programs name the object of ``key``."""
@@ -142,14 +133,14 @@ class Bucket:
         list one key, write the small object ``probe`` under ``.parts/`` and delete it.
         :class:`ObjectStorageError` saying what failed."""
         with self._errors("list", ""):
-            stream = obstore.list(self._store, prefix=PARTS_PREFIX, chunk_size=1)
+            stream = obstore.list(self.store, prefix=PARTS_PREFIX, chunk_size=1)
             with contextlib.suppress(StopAsyncIteration):
                 await anext(aiter(stream))
         key = f"{PARTS_PREFIX}/{probe}"
         with self._errors("write", key):
-            await obstore.put_async(self._store, key, b"watcher start-up check\n")
+            await obstore.put_async(self.store, key, b"watcher start-up check\n")
         with self._errors("delete", key):
-            await obstore.delete_async(self._store, key)
+            await obstore.delete_async(self.store, key)
 
     async def upload(
         self, key: str, source: AsyncIterator[bytes], *, attributes: Attributes
@@ -170,7 +161,7 @@ class Bucket:
 
         put = asyncio.ensure_future(
             obstore.put_async(
-                self._store,
+                self.store,
                 key,
                 feed(),
                 attributes=attributes,
@@ -200,7 +191,7 @@ class Bucket:
         """The size and recorded sha256 of the object ``key``; ``None`` if there is none."""
         with self._errors("head", key):
             try:
-                result = await obstore.get_async(self._store, key, options={"head": True})
+                result = await obstore.get_async(self.store, key, options={"head": True})
             except FileNotFoundError:
                 return None
         return ObjectInfo(int(result.meta["size"]), result.attributes.get(SHA256_ATTRIBUTE))
@@ -208,7 +199,7 @@ class Bucket:
     async def read(self, key: str) -> AsyncIterator[bytes]:
         """The bytes of the object ``key``, streamed."""
         with self._errors("read", key):
-            result = await obstore.get_async(self._store, key)
+            result = await obstore.get_async(self.store, key)
         stream = result.stream(min_chunk_size=1024 * 1024)
         while True:
             with self._errors("read", key):
@@ -221,14 +212,14 @@ class Bucket:
     async def delete(self, key: str) -> None:
         """Delete the object ``key`` (one already gone counts as deleted)."""
         with self._errors("delete", key), contextlib.suppress(FileNotFoundError):
-            await obstore.delete_async(self._store, key)
+            await obstore.delete_async(self.store, key)
 
     async def keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` (relative to the location's prefix)."""
         found: list[str] = []
         strip = f"{self.location.prefix}/" if self.location.prefix else ""
         with self._errors("list", prefix):
-            async for page in obstore.list(self._store, prefix=prefix, chunk_size=1000):
+            async for page in obstore.list(self.store, prefix=prefix, chunk_size=1000):
                 found += [m["path"].removeprefix(strip) for m in page]
         return found
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import structlog
@@ -57,23 +57,16 @@ class _Tally:
     written: int = 0  # decoded: the output's bytes
 
 
+@dataclass(slots=True)
 class Uploader:
-    """Saves outputs into a :class:`Bucket`; shares the daemon's ``httpx.AsyncClient``."""
+    """Saves outputs into a :class:`Bucket`; shares the daemon's ``httpx.AsyncClient`` (which
+    sends no credential to the CDN). ``on_bytes`` counts the bytes sent to the service."""
 
-    def __init__(
-        self,
-        http: httpx.AsyncClient,
-        bucket: Bucket,
-        *,
-        user_agent: str = USER_AGENT,
-        limits: TransferLimits | None = None,
-        on_bytes: OnBytes | None = None,
-    ) -> None:
-        self._http = http
-        self.bucket = bucket
-        self._user_agent = user_agent
-        self._limits = limits or TransferLimits()
-        self._on_bytes = on_bytes
+    http: httpx.AsyncClient = field(repr=False)
+    bucket: Bucket
+    user_agent: str = USER_AGENT
+    limits: TransferLimits = field(default_factory=TransferLimits)
+    on_bytes: OnBytes | None = None
 
     def url(self, relpath: str) -> str:
         """The name of the output ``relpath``'s final object (``s3://bucket/key``)."""
@@ -84,11 +77,11 @@ class Uploader:
     ) -> SavedObject:
         """Upload ``url`` under the temporary ``key`` (already in the store), have the caller
         record it verified, publish it as ``relpath`` and confirm it (steps 2 to 6)."""
-        headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
+        headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
         digest = hashlib.sha256()
         tally = _Tally()
         try:
-            async with self._http.stream("GET", url, headers=headers) as response:
+            async with self.http.stream("GET", url, headers=headers) as response:
                 expected = _check_response(response)
                 content_type = response.headers.get("content-type", "application/octet-stream")
                 body = self._body(response, key, expected, digest, tally)
@@ -155,8 +148,8 @@ class Uploader:
         async for chunk in self.bucket.read(key):
             digest.update(chunk)
             seen += len(chunk)
-            if self._on_bytes is not None:
-                self._on_bytes(len(chunk))
+            if self.on_bytes is not None:
+                self.on_bytes(len(chunk))
             yield chunk
         if seen != size or digest.hexdigest() != sha256:
             raise ObjectStorageError(
@@ -177,7 +170,7 @@ class Uploader:
         decoder = _decoder_for(response)
         loop = asyncio.get_running_loop()
         started = last_report = loop.time()
-        pace = Pace(self._limits, started)
+        pace = Pace(self.limits, started)
         raw = aiter(_raw_body(response))
         while True:
             try:
@@ -196,10 +189,10 @@ class Uploader:
             for piece in decoder.decode(chunk):
                 digest.update(piece)
                 tally.written += len(piece)
-                if self._on_bytes is not None:
-                    self._on_bytes(len(piece))
+                if self.on_bytes is not None:
+                    self.on_bytes(len(piece))
                 yield piece
-            if now - last_report >= self._limits.progress_seconds:
+            if now - last_report >= self.limits.progress_seconds:
                 last_report = now
                 log.info(
                     "upload_progress",
