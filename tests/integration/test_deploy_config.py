@@ -101,3 +101,44 @@ def test_the_image_env_and_the_kubernetes_env_make_valid_settings(tmp_path: Path
             env[item["name"]] = url if "DATABASE" in item["name"] else "watcher-0"
     settings = load_settings(env)
     assert settings.database_url.startswith("postgresql://")
+
+
+def test_compose_on_object_storage_shares_no_volume(tmp_path: Path) -> None:
+    """compose.objects.yaml: three replicas on PostgreSQL writing to MinIO through the standard
+    AWS variables, with no volume of their own, and settings that load."""
+    compose = load(CONFIG / "compose.objects.yaml")
+    watcher = compose["services"]["watcher"]
+    assert watcher["deploy"]["replicas"] == 3
+    assert "volumes" not in watcher
+    assert watcher["depends_on"]["minio-setup"]["condition"] == "service_completed_successfully"
+    env = {k: str(v) for k, v in watcher["environment"].items()}
+    assert {k for k in env if k.startswith(ENV_PREFIX)} <= SETTINGS
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    bucket = env["WATCHER_STORAGE_URL"].removeprefix("s3://").split("/")[0]
+    assert f"media/{bucket}" in " ".join(compose["services"]["minio-setup"]["entrypoint"])
+    for name in [k for k in env if k.endswith("_FILE")]:
+        secret = tmp_path / name
+        secret.write_text("postgresql://w:pw@postgres/w" if "DATABASE" in name else "a-secret\n")
+        env[name] = str(secret)
+    settings = load_settings({**dockerfile_env(), **env})
+    assert settings.storage is not None
+    assert settings.storage.url() == env["WATCHER_STORAGE_URL"]
+
+
+def test_kubernetes_on_object_storage_uses_irsa_and_no_claim() -> None:
+    """The object storage Deployment runs as the IRSA service account, mounts no claim, and
+    names a bucket; the rest is the RWX Deployment's (probes, secrets, grace)."""
+    folder = CONFIG / "kubernetes" / "object-storage"
+    deployment = load(folder / "deployment.yaml")
+    account = load(folder / "serviceaccount.yaml")
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == account["metadata"]["name"]
+    assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"]
+    assert not any("persistentVolumeClaim" in v for v in spec["volumes"])
+    (container,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert {k for k in env if k.startswith(ENV_PREFIX)} <= SETTINGS
+    assert str(env["WATCHER_STORAGE_URL"]).startswith("s3://")
+    assert "WATCHER_DOWNLOAD_DIR" not in env
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert spec["terminationGracePeriodSeconds"] > float(env["WATCHER_SHUTDOWN_GRACE"] or 0)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
+import http.server
 import itertools
+import threading
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -191,3 +195,92 @@ async def test_an_error_names_the_object_not_the_credentials(bucket: Bucket) -> 
             pass
     assert f"s3://{bucket.location.bucket}/media/.parts/nothing" in str(caught.value)
     assert SECRET_KEY not in str(caught.value)
+
+
+class SlowDownProxy(http.server.ThreadingHTTPServer):
+    """A proxy in front of moto on 127.0.0.1 that answers the first ``faults`` writes with S3's
+    ``503 SlowDown`` and passes everything else through."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, faults: int) -> None:
+        self.upstream = urlsplit(upstream)
+        self.faults = faults
+        self.refused = 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: SlowDownProxy
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+    def _relay(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        with self.server.lock:
+            refuse = self.command in {"PUT", "POST"} and self.server.refused < self.server.faults
+            self.server.refused += refuse
+        if refuse:
+            page = b"<Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>"
+            self.send_response(503)
+            self.send_header("content-length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+            return
+        up = self.server.upstream
+        conn = http.client.HTTPConnection(up.hostname or "", up.port, timeout=30)
+        conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+        answer = conn.getresponse()
+        data = answer.read()
+        self.send_response(answer.status)
+        head = self.command == "HEAD"  # a HEAD's Content-Length is the object's, kept as is
+        for name, value in answer.getheaders():
+            if name.lower() not in {"transfer-encoding", "connection"} | (
+                set() if head else {"content-length"}
+            ):
+                self.send_header(name, value)
+        if not head:
+            self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+        conn.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay  # noqa: N815
+
+
+async def test_slow_down_answers_are_retried_with_backoff(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3's 503 SlowDown on writes is retried (obstore's backoff) until the upload succeeds:
+    the output ends in the bucket whole and verified."""
+    name = f"bucket-{next(_names)}"
+    s3_env.create_bucket(name)
+    proxy = SlowDownProxy(s3_env.endpoint, faults=4)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    try:
+        b = open_bucket(parse_storage_url(f"s3://{name}/media"), allow_http=True, timeout=10)
+        data = body_of(7 * 1024 * 1024)
+
+        async def on_verified(size: int, digest: str) -> None:
+            pass
+
+        async with cdn(data) as http_client:
+            saved = await Uploader(http_client, b).upload(
+                "https://cdn/x", REL, upload_key(REL), on_verified
+            )
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert proxy.refused == 4
+    assert saved.sha256 == sha256(data)
+    assert s3_env.objects(name) == {f"media/{REL}": data}
+    assert s3_env.unfinished_uploads(name) == []
