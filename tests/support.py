@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from pydantic import SecretStr
@@ -84,3 +87,25 @@ def api_client(http: httpx.AsyncClient, base_url: str, token: str) -> MagicHourC
         throttle=Throttle(rate=1000, concurrency=4),
         max_attempts=1,
     )
+
+
+def run_watcher(
+    args: list[str], env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run ``watcher ARGS`` to its end, its output captured as text (any exit code)."""
+    return subprocess.run(
+        [sys.executable, "-m", "watcher", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def watcher_status(env: dict[str, str], limit: int = 1000) -> dict[str, Any]:
+    """What ``watcher status --json`` says of the store of ``env``."""
+    done = run_watcher(["status", "--json", "--limit", str(limit)], env, timeout=30)
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer

@@ -7,9 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_chaos import assert_no_delete_before_download
+from tests.e2e.test_chaos import env_for as chaos_env
 from tests.s3 import SECRET_KEY, S3Server
-from tests.support import spawn, watcher_env
+from tests.support import run_watcher, spawn, watcher_status
 from watcher.models import Kind
 from watcher.simulator.config import Faults, SimConfig
 from watcher.simulator.server import SimulatorServer
@@ -43,21 +42,14 @@ BIG = SimConfig(
 def env_for(
     server: SimulatorServer, root: Path, s3: S3Server, url: str, projects: str
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WATCHER_", "AWS_"))}
-    env.update(s3.env())
-    env.update(
-        watcher_env(
-            server,
-            root,
-            projects=projects,
-            delete_after_download="true",
-            log_format="json",
-            lease_seconds="5",
-            storage_url=url,
-            storage_allow_http="true",
-        )
-    )
-    return env
+    """The chaos test's environment, with outputs to ``url`` on moto."""
+    env = {k: v for k, v in chaos_env(server, root, projects).items() if not k.startswith("AWS_")}
+    return {
+        **env,
+        **s3.env(),
+        "WATCHER_STORAGE_URL": url,
+        "WATCHER_STORAGE_ALLOW_HTTP": "true",
+    }
 
 
 def wait_for_an_upload_in_flight(s3: S3Server, bucket: str, within: float) -> None:
@@ -96,26 +88,10 @@ def test_sigkill_mid_upload_loses_nothing_and_leaves_nothing_partial(
         # output, byte for byte.
         assert_final_objects_are_whole(s3_server, bucket, sim)
 
-    final = subprocess.run(
-        [*WATCHER, "run", "--until-done"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
+    final = run_watcher(["run", "--until-done"], env, timeout=90)
     transcripts += [final.stdout, final.stderr]
     assert final.returncode == 0, final.stderr[-2000:]
-    status = json.loads(
-        subprocess.run(
-            [*WATCHER, "status", "--json", "--limit", "100"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    )
+    status = watcher_status(env, limit=100)
     objects = s3_server.objects(bucket)
     expected: dict[str, str] = {}
     for project in status["projects"]:
