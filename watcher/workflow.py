@@ -470,7 +470,7 @@ class Workflow:
         try:
             while pending:
                 row = pending[0]
-                before = await self._part_size(row)
+                before = await part_size(None if self.uploader else self.download_dir, row)
                 try:
                     await self._save_output(claim, row)
                 except DownloadUrlExpired as exc:
@@ -491,7 +491,9 @@ class Workflow:
                     pending = _unsaved(fresh)
                     continue
                 except DownloadError as exc:
-                    gained = await self._part_size(row) > before
+                    gained = (
+                        await part_size(None if self.uploader else self.download_dir, row) > before
+                    )
                     await self._download_trouble(claim, exc, gained=gained)
                     return
                 pending.pop(0)
@@ -500,16 +502,6 @@ class Workflow:
             await self._finish(claim, State.FAILED, failure=str(exc))
             return
         await self._all_saved(claim)
-
-    async def _part_size(self, row: OutputRecord) -> int:
-        """How many bytes of the output its ``.part`` file holds (0 without one, and always in
-        object storage, where an interrupted upload starts over)."""
-        if self.uploader is not None:
-            return 0
-        part = part_path(resolve_inside(self.download_dir, row.path))
-        with contextlib.suppress(FileNotFoundError):
-            return (await asyncio.to_thread(part.stat)).st_size
-        return 0
 
     async def _save_output(self, claim: Claim, row: OutputRecord) -> None:
         if self.uploader is not None:
@@ -843,6 +835,17 @@ async def removable_parts(
         if part.relative_to(download_dir).as_posix() not in recorded
         and (known or is_part_name(part.name))
     ]
+
+
+async def part_size(download_dir: Path | None, row: OutputRecord) -> int:
+    """How many bytes of the output its ``.part`` file under ``download_dir`` holds (0 without
+    one, and always in object storage, ``None``, where an interrupted upload starts over)."""
+    if download_dir is None:
+        return 0
+    part = part_path(resolve_inside(download_dir, row.path))
+    with contextlib.suppress(FileNotFoundError):
+        return (await asyncio.to_thread(part.stat)).st_size
+    return 0
 
 
 def _unsaved(rows: list[OutputRecord]) -> list[OutputRecord]:
