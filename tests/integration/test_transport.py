@@ -206,12 +206,14 @@ async def test_a_fault_of_the_server_reads_the_same_on_either_stack(
 async def test_a_refused_port_and_tls_to_plain_http_read_the_same(
     stack: Callable[[Settings], httpx.AsyncClient],
 ) -> None:
-    """Nothing listening, and https spoken to a plain-http server: the host, port and cause."""
+    """Nothing listening, a name no resolver knows (``.invalid`` is reserved), and https spoken
+    to a plain-http server: the host, port and cause."""
     refused = free_port()
     async with stack(settings()) as http, serving() as (base, _):
         port = base.rsplit(":", 1)[1]
         for url, message in [
             (f"http://127.0.0.1:{refused}", f"connection refused by 127.0.0.1:{refused}"),
+            ("http://nonexistent.invalid", "cannot resolve the host 'nonexistent.invalid'"),
             (
                 f"https://127.0.0.1:{port}",
                 f"TLS handshake failed with 127.0.0.1:{port} (is it plain http?)",
