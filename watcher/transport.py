@@ -176,15 +176,20 @@ class _Body(httpx.AsyncByteStream):
         raise new
 
 
+_NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
 class Transport(AiohttpTransport):
     """``httpx_aiohttp.AiohttpTransport`` whose faults are httpcore's (module docstring)."""
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``; the response's body is read as the caller iterates it."""
-        # A request httpx rebuilt to follow a redirect holds its (empty) body as a stream,
-        # which httpx_aiohttp would send as a chunked body with a content type: a GET with a
-        # body, which a CDN may refuse. Read, it is the bytes it is: none.
-        await request.aread()
+        if request.method in _NO_BODY:
+            # A request httpx rebuilt to follow a redirect holds its (empty) body as a stream,
+            # which httpx_aiohttp would send as a chunked body with a content type: a GET with
+            # a body, which a CDN may refuse. Read, it is the bytes it is: none. (A body of
+            # another method is left a stream, so an upload would not be held in memory.)
+            await request.aread()
         try:
             response = await super().handle_async_request(request)
         except Exception as exc:
