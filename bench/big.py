@@ -1,9 +1,10 @@
 """Scenario "big": one large output (1 GiB by default), fetched by ``curl`` and by the watcher.
 
-All fetch from the same simulator: ``curl -o`` a fresh signed URL of one project; the same followed
-by ``sha256sum`` and ``sync FILE`` (what the watcher guarantees on top of a plain fetch: a checksum
-and a file on disk, not only in the page cache), for context; and the watcher (default settings) a
-project of its own with an output of the same size. A transfer's time runs
+All fetch from the same simulator: ``curl -o`` a fresh signed URL of one project, for context;
+the same as ``curl -o FILE && sync FILE`` (the bytes on disk, not only in the page cache, as the
+watcher guarantees before it says "saved": the target's yardstick); and the watcher (default
+settings) a project of its own with an output of the same size (it also computes the sha256 the
+store records, on the way). A transfer's time runs
 from the moment the simulator received the download request (its log) to the moment the file is
 complete: curl's exit (after its checks, for the second), or the watcher's final file appearing
 under its name (after the watcher has hashed it, fsynced it and renamed it). Repetitions cycle
@@ -43,8 +44,8 @@ SIM_CONFIG: dict[str, Any] = {
 }
 POLL_SECONDS = 0.005
 RSS_LIMIT_MB = 80.0
-THROUGHPUT_FLOOR = 0.8
-CURL_VERIFY = "curl + sha256sum + sync"
+THROUGHPUT_FLOOR = 0.9  # x the speed of curl + sync
+CURL_SYNC = "curl + sync"
 
 
 class CurlMissing(RuntimeError):
@@ -94,7 +95,7 @@ def find_curl() -> str:
 
 
 def run(size: int, reps: int, workdir: Path, timeout: float) -> list[Transfer]:
-    """``reps`` rounds of curl, curl + checks, and watcher transfers of a ``size``-byte output."""
+    """``reps`` rounds of curl, curl + sync, and watcher transfers of a ``size``-byte output."""
     curl = find_curl()
     folder = fresh_folder(workdir / "big")
     overrides = {
@@ -108,7 +109,7 @@ def run(size: int, reps: int, workdir: Path, timeout: float) -> list[Transfer]:
     with SimProcess(SIM_CONFIG) as sim:
         for rep in range(1, reps + 1):
             job = _Job(folder=folder, rep=rep, size=size, overrides=overrides, timeout=timeout)
-            transfers.extend(_curl(sim, curl, job, verify=verify) for verify in (False, True))
+            transfers.extend(_curl(sim, curl, job, sync=sync) for sync in (False, True))
             transfers.append(_watcher(sim, job))
     return transfers
 
@@ -132,23 +133,21 @@ def _request_time(sim: SimProcess, folder: Path, project_id: str) -> tuple[float
     return float(events[0]["at"]), report["truth"][project_id]
 
 
-def _curl(sim: SimProcess, curl: str, job: _Job, *, verify: bool) -> Transfer:
+def _curl(sim: SimProcess, curl: str, job: _Job, *, sync: bool) -> Transfer:
     folder, rep, size, timeout = job.folder, job.rep, job.size, job.timeout
     project_id = sim.create(1, job.overrides)[0]
     url = sim.download_url(project_id)
     target = folder / "curl.out"
     argv = [curl, "-s", "-S", "-f", "-o", str(target), url]
-    if verify:
-        fetch = shlex.join(argv)
-        check = f"sha256sum {shlex.quote(str(target))} && sync {shlex.quote(str(target))}"
-        argv = ["sh", "-c", f"{fetch} && {check} >/dev/null"]
+    if sync:
+        argv = ["sh", "-c", f"{shlex.join(argv)} && sync {shlex.quote(str(target))}"]
     measured = Child(argv, env=base_env()).wait(timeout)
     requested, _ = _request_time(sim, folder, project_id)
     ok = measured.exit_code == 0 and target.is_file() and target.stat().st_size == size
     target.unlink(missing_ok=True)
     os.sync()
     finished = measured.started_at + measured.wall_seconds
-    tool = CURL_VERIFY if verify else "curl"
+    tool = CURL_SYNC if sync else "curl"
     return Transfer(tool, rep, size, finished - requested, measured, ok)
 
 
@@ -225,10 +224,10 @@ def table(transfers: list[Transfer]) -> str:
 
 
 def verdicts(transfers: list[Transfer]) -> list[Verdict]:
-    """Peak RSS under 80 MB; median throughput at least 0.8 x curl's median."""
+    """Peak RSS at most 80 MB; median throughput at least 0.9 x that of curl + sync."""
     watcher = [t for t in transfers if t.tool == "watcher"]
     peak = max((t.measured.max_rss_bytes for t in watcher), default=0) / MB
-    share = ratio(_median(transfers, "watcher"), _median(transfers, "curl"))
+    share = ratio(_median(transfers, "watcher"), _median(transfers, CURL_SYNC))
     size = fmt(transfers[0].size / MB, 0) if transfers else "-"
     return [
         Verdict(
@@ -237,21 +236,21 @@ def verdicts(transfers: list[Transfer]) -> list[Verdict]:
             bool(watcher) and all(t.ok for t in watcher),
         ),
         Verdict(
-            f"{size} MB: watcher peak RSS < {RSS_LIMIT_MB:g} MB",
+            f"{size} MB: watcher peak RSS <= {RSS_LIMIT_MB:g} MB",
             f"{fmt(peak, 1)} MB",
-            None if not watcher else peak < RSS_LIMIT_MB,
+            None if not watcher else peak <= RSS_LIMIT_MB,
         ),
         Verdict(
-            f"{size} MB: watcher throughput >= {THROUGHPUT_FLOOR} x curl (medians)",
+            f"{size} MB: watcher throughput >= {THROUGHPUT_FLOOR} x {CURL_SYNC} (medians)",
             f"{fmt(share, 3)} x ({fmt(_median(transfers, 'watcher'), 1)} vs "
-            f"{fmt(_median(transfers, 'curl'), 1)} MB/s)",
+            f"{fmt(_median(transfers, CURL_SYNC), 1)} MB/s)",
             at_least(share, THROUGHPUT_FLOOR),
         ),
         Verdict(
-            f"{size} MB: watcher vs {CURL_VERIFY} (medians; context, not a target)",
-            f"{fmt(ratio(_median(transfers, 'watcher'), _median(transfers, CURL_VERIFY)), 3)} x "
+            f"{size} MB: watcher vs curl alone, into the page cache (medians; context)",
+            f"{fmt(ratio(_median(transfers, 'watcher'), _median(transfers, 'curl')), 3)} x "
             f"({fmt(_median(transfers, 'watcher'), 1)} vs "
-            f"{fmt(_median(transfers, CURL_VERIFY), 1)} MB/s)",
+            f"{fmt(_median(transfers, 'curl'), 1)} MB/s)",
             None,
             info=True,
         ),
