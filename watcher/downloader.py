@@ -34,11 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import os
 import re
+import sys
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -54,6 +57,9 @@ log = structlog.get_logger("watcher")
 CHUNK_SIZE = 1024 * 1024
 BATCH_BYTES = 1024 * 1024
 WRITEBACK_BYTES = 8 * 1024 * 1024
+# A batch this large is hashed on a thread of its own while it is written (a smaller one costs
+# less to hash than to hand over).
+PARALLEL_HASH_BYTES = 256 * 1024
 # A batch is handed to the writer after this long even if it is small: on a slow link the bytes
 # received reach the disk (and the progress that ``watcher status`` shows) within about a second.
 HANDOVER_SECONDS = 1.0
@@ -62,6 +68,7 @@ USER_AGENT = "magic-hour-watcher"
 
 OnVerified = Callable[[int, str], Awaitable[None]]
 OnBytes = Callable[[int], None]
+_SyncFileRange = Callable[[int, int, int, int], None]  # (fd, start, length, flags)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,13 +219,16 @@ class Downloader:
                 f.seek(offset)
                 f.truncate()
                 sink = _Sink(f, digest, offset, decoder, self._on_bytes)
-                # A 416 (the .part is already whole) carries an error page, not bytes of the file.
-                if response.status_code != 416:
-                    transfer = _Transfer(self._limits, final, offset, expected, decoder)
-                    received = await transfer.stream(response, sink)
-                    size = sink.written
-                    transfer.check_complete(received)
-                await asyncio.to_thread(sink.sync)
+                try:
+                    # A 416 (the .part is already whole) carries an error page, not file bytes.
+                    if response.status_code != 416:
+                        transfer = _Transfer(self._limits, final, offset, expected, decoder)
+                        received = await transfer.stream(response, sink)
+                        size = sink.written
+                        transfer.check_complete(received)
+                    await asyncio.to_thread(sink.sync)
+                finally:
+                    sink.close()
         except OSError as exc:
             if exc.errno in {errno.ENOSPC, errno.EDQUOT}:
                 part.unlink(missing_ok=True)  # frees space at once
@@ -318,10 +328,14 @@ def _decoder_for(response: httpx.Response) -> _Decoder:
 class _Sink:
     """The open ``.part`` file and the running digest of its bytes.
 
-    Written from one thread at a time. Every ``WRITEBACK_BYTES`` it asks the kernel to start
-    writing the pages already written back to disk and to drop them from the page cache
-    (``POSIX_FADV_DONTNEED``): the final ``fsync`` then waits for little, and a large output does
-    not push everything else out of memory.
+    Fed one batch at a time, from a worker thread (the caller hands over a batch only once the
+    one before it is absorbed). A large batch is hashed by the sink's own thread while this one
+    writes it: both release the GIL, so a batch costs the longer of the two, not their sum.
+
+    Writeback starts early (:class:`_Writeback`): each batch is handed to the disk as soon as it
+    is written, and the file's pages that are on disk are dropped from the page cache, so the
+    disk works from the first batch on, the final ``fsync`` waits only for the last few, and a
+    large output does not push everything else out of memory.
     """
 
     def __init__(
@@ -337,32 +351,145 @@ class _Sink:
         self._decoder = decoder
         self._on_bytes = on_bytes
         self.written = offset
-        self._advised = offset
+        self._writeback = _Writeback(f.fileno(), offset)
+        self._hasher: ThreadPoolExecutor | None = None
 
     def absorb(self, chunks: list[bytes]) -> None:
-        """Decode ``chunks`` as received, write them and add them to the digest."""
-        before = self.written
-        for chunk in chunks:
-            for piece in self._decoder.decode(chunk):
+        """Decode ``chunks`` as received, write them and add them to the digest (a compressed
+        batch in groups of about ``BATCH_BYTES`` of decoded bytes: memory stays bounded)."""
+        for pieces in _groups(self._decoder, chunks):
+            self._absorb(pieces)
+
+    def _absorb(self, pieces: list[bytes]) -> None:
+        size = sum(map(len, pieces))
+        hashed = None
+        if size >= PARALLEL_HASH_BYTES:
+            if self._hasher is None:
+                self._hasher = ThreadPoolExecutor(1, thread_name_prefix="watcher-sha256")
+            hashed = self._hasher.submit(_update, self._digest, pieces)
+        try:
+            for piece in pieces:
                 self._f.write(piece)
-                self._digest.update(piece)
-                self.written += len(piece)
-        if self.written - self._advised >= WRITEBACK_BYTES:
-            self._f.flush()
-            _start_writeback(self._f.fileno(), self._advised, self.written - self._advised)
-            self._advised = self.written
-        if self._on_bytes is not None and self.written > before:
-            self._on_bytes(self.written - before)
+        finally:
+            if hashed is None:
+                _update(self._digest, pieces)
+            else:
+                hashed.result()
+        self.written += size
+        self._f.flush()
+        self._writeback.advance(self.written)
+        if self._on_bytes is not None:
+            self._on_bytes(size)
 
     def sync(self) -> None:
         """Flush and ``fsync`` the file."""
         self._f.flush()
         os.fsync(self._f.fileno())
 
+    def close(self) -> None:
+        """Stop the hashing thread (the file is the caller's to close)."""
+        if self._hasher is not None:
+            self._hasher.shutdown()
 
-def _start_writeback(fd: int, start: int, length: int) -> None:
-    if hasattr(os, "posix_fadvise"):  # not on macOS; the final fsync does it all there
+
+def _groups(decoder: _Decoder, chunks: list[bytes]) -> Iterator[list[bytes]]:
+    """The decoded bytes of ``chunks``, in lists of about ``BATCH_BYTES`` (never empty)."""
+    group: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        for piece in decoder.decode(chunk):
+            group.append(piece)
+            size += len(piece)
+            if size >= BATCH_BYTES:
+                yield group
+                group, size = [], 0
+    if group:
+        yield group
+
+
+def _update(digest: hashlib._Hash, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        digest.update(piece)
+
+
+class _Writeback:
+    """Early writeback of a file written front to back, from ``offset`` on.
+
+    On Linux, each range written is handed to the disk at once (``sync_file_range`` with
+    ``SYNC_FILE_RANGE_WRITE``, which does not wait); once more than ``2 * WRITEBACK_BYTES`` are
+    in flight, the oldest are waited for (so the dirty pages of one download stay bounded and
+    the writer keeps the disk's pace) and then dropped from the page cache
+    (``POSIX_FADV_DONTNEED``: clean pages, so nothing is written twice). Elsewhere, every
+    ``WRITEBACK_BYTES`` the range written is advised ``POSIX_FADV_DONTNEED``, which starts its
+    writeback where the kernel does that (macOS has neither call: the final fsync does it all).
+    None of this is what makes the file durable: the final ``fsync`` is.
+    """
+
+    def __init__(self, fd: int, offset: int) -> None:
+        self._fd = fd
+        self._kicked = offset  # writeback started up to here
+        self._settled = offset  # on disk and out of the page cache up to here
+        self._sync_file_range = _sync_file_range()
+
+    def advance(self, written: int) -> None:
+        """The file now holds ``written`` bytes."""
+        if self._sync_file_range is not None:
+            try:
+                self._hand_over(self._sync_file_range, written)
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise  # a write error (EIO, ENOSPC) the final fsync would report too
+                self._sync_file_range = None  # a sandbox that refuses the call: fall back
+            else:
+                return
+        if written - self._kicked >= WRITEBACK_BYTES:
+            _drop_cache(self._fd, self._kicked, written - self._kicked)
+            self._kicked = written
+
+    def _hand_over(
+        self, sync_file_range: Callable[[int, int, int, int], None], written: int
+    ) -> None:
+        sync_file_range(self._fd, self._kicked, written - self._kicked, _SFR_WRITE)
+        self._kicked = written
+        if written - self._settled > 2 * WRITEBACK_BYTES:
+            upto = written - WRITEBACK_BYTES
+            sync_file_range(self._fd, self._settled, upto - self._settled, _SFR_WAIT_WRITE)
+            _drop_cache(self._fd, self._settled, upto - self._settled)
+            self._settled = upto
+
+
+def _drop_cache(fd: int, start: int, length: int) -> None:
+    if hasattr(os, "posix_fadvise"):  # not on macOS
         os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+
+
+@functools.cache
+def _sync_file_range() -> _SyncFileRange | None:
+    """Linux's ``sync_file_range(2)`` (the os module lacks it), or None where there is none;
+    looked up at the first download, so start-up does not load ctypes."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # noqa: PLC0415 - only where the call exists
+
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    call.restype = ctypes.c_int
+
+    def sync_file_range(fd: int, start: int, length: int, flags: int) -> None:
+        if length > 0 and call(fd, start, length, flags) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return sync_file_range
+
+
+_SFR_WRITE = 2  # SYNC_FILE_RANGE_WRITE
+_SFR_WAIT_WRITE = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER: the range is on disk
+# What a kernel or sandbox answers when it will not do sync_file_range on this file at all.
+_UNSUPPORTED = frozenset({errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP})
 
 
 def _raw_body(response: httpx.Response) -> AsyncIterator[bytes]:

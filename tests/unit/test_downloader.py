@@ -17,7 +17,9 @@ from typing import IO, Any
 import httpx
 import pytest
 
+import watcher.downloader
 from watcher.downloader import (
+    WRITEBACK_BYTES,
     Downloader,
     Pace,
     SavedFile,
@@ -292,6 +294,75 @@ async def test_a_cut_after_several_batches_keeps_every_byte_received(final: Path
     assert cdn.requests[1].headers["range"] == f"bytes={len(received)}-"
     assert saved.resumed_from == len(received)
     assert final.read_bytes() == LARGE
+
+
+# Beyond two writeback windows: the oldest ranges are waited for and dropped from the cache.
+HUGE = hashlib.sha256(b"huge").digest() * ((2 * WRITEBACK_BYTES + 3 * 1024 * 1024) // 32 + 5)
+
+
+@pytest.mark.parametrize("early_writeback", ["sync_file_range", "fadvise"])
+async def test_a_body_past_the_writeback_windows_is_saved_whole(
+    final: Path, early_writeback: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body of several writeback windows reaches the disk whole and in order, with its
+    digest, whether writeback is started by ``sync_file_range`` (Linux) or by the fallback."""
+    if early_writeback == "fadvise":
+        monkeypatch.setattr(watcher.downloader, "_sync_file_range", lambda: None)
+    elif watcher.downloader._sync_file_range() is None:
+        pytest.skip("no sync_file_range(2) here")
+    cdn = FakeCdn(
+        lambda _request: httpx.Response(
+            200, headers={"Content-Length": str(len(HUGE))}, content=in_chunks(HUGE, 300_000)
+        )
+    )
+    async with downloader(cdn) as d:
+        saved = await d.fetch(URL, final, Verified(final))
+    assert final.read_bytes() == HUGE
+    assert saved.sha256 == hashlib.sha256(HUGE).hexdigest()
+
+
+async def test_a_sandbox_that_refuses_sync_file_range_still_saves_the_file(
+    final: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``sync_file_range`` the kernel or a seccomp sandbox refuses (ENOSYS) only turns early
+    writeback off: the download completes, whole."""
+
+    def refused(fd: int, start: int, length: int, flags: int) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(watcher.downloader, "_sync_file_range", lambda: refused)
+    cdn = FakeCdn(lambda _request: httpx.Response(200, content=in_chunks(HUGE, 300_000)))
+    async with downloader(cdn) as d:
+        saved = await d.fetch(URL, final, Verified(final))
+    assert final.read_bytes() == HUGE
+    assert saved.size == len(HUGE)
+
+
+async def test_a_write_error_from_sync_file_range_fails_the_download(
+    final: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error that writeback reports (EIO) fails the download as a disk error, and leaves
+    no file under the final name."""
+
+    def broken_disk(fd: int, start: int, length: int, flags: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(watcher.downloader, "_sync_file_range", lambda: broken_disk)
+    async with downloader(FakeCdn(lambda _request: serve(_request, HUGE))) as d:
+        with pytest.raises(DownloadError, match="Input/output error"):
+            await d.fetch(URL, final, Verified(final))
+    assert not final.exists()
+
+
+def test_a_failing_sync_file_range_raises_the_os_error() -> None:
+    """``sync_file_range(2)`` failing (here on a closed descriptor) is an ``OSError`` with its
+    errno, which the downloader turns into a download error, not a silent skip."""
+    sync_file_range = watcher.downloader._sync_file_range()
+    if sync_file_range is None:
+        pytest.skip("no sync_file_range(2) here")
+    with pytest.raises(OSError, match="Bad file descriptor") as caught:
+        sync_file_range(-1, 0, 4096, 2)
+    assert caught.value.errno == errno.EBADF
 
 
 # --- resuming ----------------------------------------------------------------------------------
