@@ -354,13 +354,16 @@ class _Sink:
         self._writeback = _Writeback(f.fileno(), offset)
         self._hasher: ThreadPoolExecutor | None = None
 
-    def absorb(self, chunks: list[bytes]) -> None:
+    def absorb(self, chunks: list[bytes], *, may_wait: bool = True) -> None:
         """Decode ``chunks`` as received, write them and add them to the digest (a compressed
-        batch in groups of about ``BATCH_BYTES`` of decoded bytes: memory stays bounded)."""
-        for pieces in _groups(self._decoder, chunks):
-            self._absorb(pieces)
+        batch in groups of about ``BATCH_BYTES`` of decoded bytes: memory stays bounded).
 
-    def _absorb(self, pieces: list[bytes]) -> None:
+        ``may_wait=False`` on the event loop: writeback is started but never waited for, so
+        a slow disk cannot stall every other project's work (the final ``fsync`` waits)."""
+        for pieces in _groups(self._decoder, chunks):
+            self._absorb(pieces, may_wait=may_wait)
+
+    def _absorb(self, pieces: list[bytes], *, may_wait: bool) -> None:
         size = sum(map(len, pieces))
         hashed = None
         if size >= PARALLEL_HASH_BYTES:
@@ -377,7 +380,7 @@ class _Sink:
                 hashed.result()
         self.written += size
         self._f.flush()
-        self._writeback.advance(self.written)
+        self._writeback.advance(self.written, may_wait=may_wait)
         if self._on_bytes is not None:
             self._on_bytes(size)
 
@@ -431,11 +434,12 @@ class _Writeback:
         self._settled = offset  # on disk and out of the page cache up to here
         self._sync_file_range = _sync_file_range()
 
-    def advance(self, written: int) -> None:
-        """The file now holds ``written`` bytes."""
+    def advance(self, written: int, *, may_wait: bool = True) -> None:
+        """The file now holds ``written`` bytes; ``may_wait``: the oldest ranges in flight may
+        be waited for (never on the event loop)."""
         if self._sync_file_range is not None:
             try:
-                self._hand_over(self._sync_file_range, written)
+                self._hand_over(self._sync_file_range, written, may_wait=may_wait)
             except OSError as exc:
                 if exc.errno not in _UNSUPPORTED:
                     raise  # a write error (EIO, ENOSPC) the final fsync would report too
@@ -446,12 +450,10 @@ class _Writeback:
             _drop_cache(self._fd, self._kicked, written - self._kicked)
             self._kicked = written
 
-    def _hand_over(
-        self, sync_file_range: Callable[[int, int, int, int], None], written: int
-    ) -> None:
+    def _hand_over(self, sync_file_range: _SyncFileRange, written: int, *, may_wait: bool) -> None:
         sync_file_range(self._fd, self._kicked, written - self._kicked, _SFR_WRITE)
         self._kicked = written
-        if written - self._settled > 2 * WRITEBACK_BYTES:
+        if may_wait and written - self._settled > 2 * WRITEBACK_BYTES:
             upto = written - WRITEBACK_BYTES
             sync_file_range(self._fd, self._settled, upto - self._settled, _SFR_WAIT_WRITE)
             _drop_cache(self._fd, self._settled, upto - self._settled)
@@ -594,7 +596,7 @@ class _Transfer:
                 # before the file is touched again.
                 if in_flight is not None:
                     await asyncio.shield(in_flight)
-                sink.absorb(batch)
+                sink.absorb(batch, may_wait=False)
         except TimeoutError:
             now = loop.time()
             raise DownloadIncomplete(

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import re
+import threading
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -352,6 +353,32 @@ async def test_a_write_error_from_sync_file_range_fails_the_download(
         with pytest.raises(DownloadError, match="Input/output error"):
             await d.fetch(URL, final, Verified(final))
     assert not final.exists()
+
+
+async def test_the_event_loop_never_waits_for_the_disk(
+    final: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tail of a body, written on the event loop, starts its writeback but never waits
+    for older ranges to reach the disk: a slow disk stalls the download, not the daemon."""
+    real = watcher.downloader._sync_file_range()
+    if real is None:
+        pytest.skip("no sync_file_range(2) here")
+    loop_thread = threading.get_ident()
+
+    def on_loop_no_wait(fd: int, start: int, length: int, flags: int) -> None:
+        if flags != 2 and threading.get_ident() == loop_thread:  # 2: SYNC_FILE_RANGE_WRITE
+            raise AssertionError("waited for the disk on the event loop")
+        real(fd, start, length, flags)
+
+    monkeypatch.setattr(watcher.downloader, "_sync_file_range", lambda: on_loop_no_wait)
+    # Batches of 1 MiB leave the oldest write 16 MiB behind after 25 of them; the 512 KiB tail
+    # then crosses the two windows.
+    body = (HUGE * 2)[: 25 * 1024 * 1024 + 512 * 1024]
+    cdn = FakeCdn(lambda _request: httpx.Response(200, content=in_chunks(body, 512 * 1024)))
+    async with downloader(cdn) as d:
+        saved = await d.fetch(URL, final, Verified(final))
+    assert final.read_bytes() == body
+    assert saved.size == len(body)
 
 
 def test_a_failing_sync_file_range_raises_the_os_error() -> None:
