@@ -664,7 +664,7 @@ class Workflow:
         state."""
         if self.uploader is not None:
             with contextlib.suppress(StoreError, ObjectStorageError):  # if not now, at start-up
-                await remove_uploads(self.store, self.uploader.bucket, kind, project_id)
+                await remove_uploads(self.store, self.uploader.bucket, project_id)
             return
         parts = await asyncio.to_thread(find_parts, self.download_dir / kind / project_id, "*")
         if parts:

@@ -14,11 +14,14 @@ from watcher.objects.location import PARTS_PREFIX, project_of_upload_key
 from watcher.store import Store
 
 
-async def remove_uploads(store: Store, bucket: Bucket, kind: str, project_id: str) -> int:
-    """Delete the temporary objects of a project that has reached its final state; how many."""
-    keys = set(await bucket.keys(f"{PARTS_PREFIX}/{kind}/{project_id}/"))
-    keys |= {o.upload_key for o in await store.outputs(project_id) if o.upload_key}
-    for key in sorted(keys):
+async def remove_uploads(store: Store, bucket: Bucket, project_id: str) -> int:
+    """Delete the temporary objects of a project that has reached its final state; how many.
+
+    The store names them all (a key is recorded before its upload's first byte and forgotten
+    only once its object is deleted), so this costs no listing, and nothing for a project that
+    never uploaded."""
+    keys = sorted({o.upload_key for o in await store.outputs(project_id) if o.upload_key})
+    for key in keys:
         await bucket.delete(key)
     return len(keys)
 
