@@ -160,20 +160,16 @@ class _Body(httpx.AsyncByteStream):
             inner.CHUNK_SIZE = READ_BYTES
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        chunks = aiter(self._inner)
-        while True:
-            try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                return
-            except Exception as exc:
-                new = _translation(exc, sending=False)
-                if new is None:
-                    raise
-            else:
+        try:
+            async for chunk in self._inner:
                 yield chunk
-                continue
-            raise new
+        except Exception as exc:
+            new = _translation(exc, sending=False)
+            if new is None:
+                raise
+        else:
+            return
+        raise new
 
     async def aclose(self) -> None:
         try:
