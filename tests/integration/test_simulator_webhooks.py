@@ -15,7 +15,7 @@ import pytest
 
 from watcher.errors import ConfigError
 from watcher.models import Kind, ProjectSnapshot, RemoteStatus
-from watcher.simulator import SimConfig, Simulator, SimulatorServer
+from watcher.simulator import Event, SimConfig, Simulator, SimulatorServer
 from watcher.simulator.timeline import ProjectOverrides
 from watcher.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 
@@ -93,6 +93,11 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def deliveries(sim: Simulator) -> list[Event]:
+    """The webhook deliveries the simulator logged (each once its answer came)."""
+    return [e for e in sim.events() if e.what == "webhook"]
+
+
 def overrides(status: RemoteStatus) -> ProjectOverrides:
     """Queued 0.1 s, rendering 0.2 s, ending with ``status``."""
     return ProjectOverrides(status=status, queued_seconds=0.1, rendering_seconds=0.2, outputs=2)
@@ -106,7 +111,7 @@ def test_a_render_sends_a_signed_started_then_completed_with_the_project_object(
     server = hooked(webhook_delay=0.2)
     sim = server.simulator
     (pid,) = sim.create_projects(Kind.VIDEO, 1, overrides(RemoteStatus.COMPLETE))
-    wait_for(lambda: len(receiver.received) == 2)
+    wait_for(lambda: len(deliveries(sim)) == 2)  # logged once answered: received before
     started, completed = receiver.events()
     assert started["type"] == "video.started"
     assert completed["type"] == "video.completed"
@@ -116,7 +121,7 @@ def test_a_render_sends_a_signed_started_then_completed_with_the_project_object(
     assert (last.id, last.status, len(last.downloads)) == (pid, RemoteStatus.COMPLETE, 2)
     truth = sim.truth(pid)
     assert truth.finishes_at is not None
-    hooks = [e for e in sim.events() if e.what == "webhook"]
+    hooks = deliveries(sim)
     assert [e.status_code for e in hooks] == [200, 200]
     assert hooks[1].at - truth.finishes_at >= 0.2
     assert hooks[0].at < hooks[1].at
@@ -135,7 +140,7 @@ def test_an_error_sends_errored_with_the_error_and_a_cancel_sends_nothing_at_its
     (canceled,) = sim.create_projects(Kind.AUDIO, 1, overrides(RemoteStatus.CANCELED))
     instant = ProjectOverrides(status=RemoteStatus.COMPLETE, queued_seconds=0, rendering_seconds=0)
     (quick,) = sim.create_projects(Kind.IMAGE, 1, instant)
-    wait_for(lambda: len(receiver.received) == 4)
+    wait_for(lambda: len(deliveries(sim)) == 4)
     time.sleep(0.5)  # the canceled one's end has passed: nothing more comes
     by_project: dict[str, list[str]] = {}
     for event in receiver.events():
@@ -161,11 +166,11 @@ def test_a_failed_delivery_is_retried_and_nothing_is_sent_without_a_url(
     sim = server.simulator
     instant = ProjectOverrides(status=RemoteStatus.COMPLETE, queued_seconds=0, rendering_seconds=0)
     (pid,) = sim.create_projects(Kind.IMAGE, 1, instant)
-    wait_for(lambda: len(receiver.received) == 1)
+    wait_for(lambda: len(deliveries(sim)) == 1)
     receiver.status = 200
-    wait_for(lambda: len(receiver.received) == 2)
-    codes = [e.status_code for e in sim.events() if e.what == "webhook" and e.project_id == pid]
-    assert codes == [500, 200]
+    wait_for(lambda: len(deliveries(sim)) == 2)
+    assert [e.status_code for e in deliveries(sim)] == [500, 200]
+    assert {e.project_id for e in deliveries(sim)} == {pid}
     quiet = serve(SimConfig(seed=5)).simulator
     quiet.create_projects(Kind.IMAGE, 1, instant)
     time.sleep(0.2)

@@ -320,6 +320,8 @@ async def test_a_signed_payload_is_acted_on_without_another_get(
             await eventually(lambda: is_state(daemon, image, State.SAVED), within=10)
             await eventually(lambda: is_state(daemon, video, State.SAVED), within=10)
             await eventually(lambda: is_state(daemon, failed, State.ERROR), within=10)
+            # Logged by the simulator once answered, which may be just after the work it led to.
+            await eventually(lambda: all(delivered(sim, p) == 2 for p in (image, video, failed)))
             error = await daemon.store.get(failed)
     for pid in (image, video, failed):
         assert gets(sim, pid) == 1, pid

@@ -7,6 +7,8 @@ import argparse
 import pytest
 
 from watcher.cli import build_parser
+from watcher.errors import ConfigError
+from watcher.simulator.cli import config_from_args
 
 
 def subparser(name: str) -> argparse.ArgumentParser:
@@ -37,3 +39,18 @@ def test_status_limit_must_be_a_whole_number_of_at_least_one(
         build_parser().parse_args(["status", "--limit", bad])
     assert exited.value.code == 2
     assert "--limit" in capsys.readouterr().err
+
+
+def test_simulate_webhook_options_configure_the_simulator() -> None:
+    """``--webhook-url``, ``--webhook-secret`` and ``--webhook-delay`` reach its config; a
+    URL without a secret is refused (events are always signed)."""
+    url = "http://127.0.0.1:8080/webhooks/magic-hour"
+    args = build_parser().parse_args(
+        ["simulate", "--webhook-url", url, "--webhook-secret", "s3", "--webhook-delay", "0.5"]
+    )
+    config = config_from_args(args)
+    assert (config.webhook_url, config.webhook_secret, config.webhook_delay) == (url, "s3", 0.5)
+    assert "s3" not in repr(config)
+    assert config_from_args(build_parser().parse_args(["simulate"])).webhook_url is None
+    with pytest.raises(ConfigError, match="webhook_secret"):
+        config_from_args(build_parser().parse_args(["simulate", "--webhook-url", url]))

@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_server_arguments(parser)
     _add_project_arguments(parser)
     _add_fault_arguments(parser)
+    _add_webhook_arguments(parser)
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,6 +146,30 @@ def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("webhooks (signed events, as Magic Hour sends them)")
+    group.add_argument(
+        "--webhook-url",
+        default=None,
+        metavar="URL",
+        help="POST image/video/audio .started, .completed, .errored events here, e.g. "
+        f"http://127.0.0.1:8080/webhooks/magic-hour; off without one {_DEFAULT}",
+    )
+    group.add_argument(
+        "--webhook-secret",
+        default=None,
+        metavar="SECRET",
+        help=f"the key that signs them (WATCHER_WEBHOOK_SECRET) {_DEFAULT}",
+    )
+    _add_number(
+        group,
+        "--webhook-delay",
+        _CONFIG.webhook_delay,
+        "SECONDS",
+        "how long after each transition its event is sent",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """Build the simulator's configuration from parsed options; raises :class:`ConfigError`."""
     faults = Faults(
@@ -171,6 +196,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         timeline_start=args.timeline_start,
         after_delete=args.after_delete,
         faults=faults,
+        webhook_url=args.webhook_url,
+        webhook_secret=args.webhook_secret,
+        webhook_delay=args.webhook_delay,
     )
 
 
