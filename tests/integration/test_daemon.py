@@ -211,7 +211,9 @@ async def test_a_restart_keeps_what_the_schedule_learned(serve: Serve, tmp_path:
     server = serve(
         SimConfig(
             seed=8,
-            queued_seconds=(0.2, 0.4),
+            # Long enough that the first poll finds every project in progress even on a loaded
+            # machine: only a render seen in progress is learned from.
+            queued_seconds=(1.0, 1.5),
             rendering_seconds=(0.3, 0.8),
             error_rate=0.0,
             cancel_rate=0.0,

@@ -190,8 +190,9 @@ async def test_the_async_sdk_waits_and_downloads_the_exact_bytes(
     sim = server.simulator
     overrides = ProjectOverrides(
         status=RemoteStatus.COMPLETE,
-        queued_seconds=0.05,
-        rendering_seconds=0.1,
+        # Long beside the 0.02 s interval, so even a loaded machine sees each phase.
+        queued_seconds=0.5,
+        rendering_seconds=0.5,
         outputs=2 if kind is Kind.IMAGE else None,
     )
     (pid,) = sim.create_projects(kind, overrides=overrides)
