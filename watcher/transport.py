@@ -49,8 +49,8 @@ finds the refused port, the reset connection or the TLS error inside.
 from __future__ import annotations
 
 import errno
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import aiohttp
 import httpx
@@ -58,6 +58,8 @@ from httpx_aiohttp import AiohttpTransport
 from httpx_aiohttp.transport import AiohttpResponseStream
 
 from watcher.settings import Settings
+
+_T = TypeVar("_T")
 
 # Most specific first: the first class that matches decides.
 _MAPPING: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
@@ -151,6 +153,17 @@ def _translation(exc: Exception, *, sending: bool) -> httpx.TransportError | Non
 READ_BYTES = 1024 * 1024
 
 
+async def _translated(call: Awaitable[_T], *, sending: bool) -> _T:
+    """The result of ``call``, or what :func:`_translation` makes of its error."""
+    try:
+        return await call
+    except Exception as exc:
+        new = _translation(exc, sending=sending)
+        if new is None:
+            raise
+    raise new  # outside the except clause: see _translation
+
+
 class _Body(httpx.AsyncByteStream):
     """The response body of ``httpx_aiohttp``, its errors mapped, read in large pieces."""
 
@@ -172,15 +185,7 @@ class _Body(httpx.AsyncByteStream):
         raise new
 
     async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()
-        except Exception as exc:
-            new = _translation(exc, sending=False)
-            if new is None:
-                raise
-        else:
-            return
-        raise new
+        await _translated(self._inner.aclose(), sending=False)
 
 
 _NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
@@ -197,17 +202,10 @@ class Transport(AiohttpTransport):
             # a body, which a CDN may refuse. Read, it is the bytes it is: none. (A body of
             # another method is left a stream, so an upload would not be held in memory.)
             await request.aread()
-        try:
-            response = await super().handle_async_request(request)
-        except Exception as exc:
-            new = _translation(exc, sending=True)
-            if new is None:
-                raise
-        else:
-            assert isinstance(response.stream, httpx.AsyncByteStream)  # noqa: S101
-            response.stream = _Body(response.stream)
-            return response
-        raise new
+        response = await _translated(super().handle_async_request(request), sending=True)
+        assert isinstance(response.stream, httpx.AsyncByteStream)  # noqa: S101 - its contract
+        response.stream = _Body(response.stream)
+        return response
 
 
 class Client(httpx.AsyncClient):
