@@ -207,6 +207,7 @@ class SlowDownProxy(http.server.ThreadingHTTPServer):
         self.upstream = urlsplit(upstream)
         self.faults = faults
         self.refused = 0
+        self.seen: list[str] = []  # "METHOD /path?query" of every request
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
 
@@ -225,6 +226,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     def _relay(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
         with self.server.lock:
+            self.server.seen.append(f"{self.command} {self.path}")
             refuse = self.command in {"PUT", "POST"} and self.server.refused < self.server.faults
             self.server.refused += refuse
         if refuse:
@@ -282,5 +284,35 @@ async def test_slow_down_answers_are_retried_with_backoff(
         proxy.server_close()
     assert proxy.refused == 4
     assert saved.sha256 == sha256(data)
+    assert s3_env.objects(name) == {f"media/{REL}": data}
+    assert s3_env.unfinished_uploads(name) == []
+
+
+@pytest.mark.parametrize(("mib", "multipart"), [(1, False), (9, True)])
+async def test_an_output_that_fits_in_a_part_goes_up_in_one_put(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch, mib: int, multipart: bool
+) -> None:
+    """An output no larger than a part (8 MiB) is written with single PUTs, so no multipart
+    upload exists that a kill could leave open; a larger one streams in parts."""
+    name = f"bucket-{next(_names)}"
+    s3_env.create_bucket(name)
+    proxy = SlowDownProxy(s3_env.endpoint, faults=0)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    data = body_of(mib * 1024 * 1024)
+
+    async def on_verified(size: int, digest: str) -> None:
+        pass
+
+    try:
+        b = open_bucket(parse_storage_url(f"s3://{name}/media"), allow_http=True, timeout=10)
+        async with cdn(data) as http_client:
+            await Uploader(http_client, b).upload(
+                "https://cdn/x", REL, upload_key(REL), on_verified
+            )
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert any("?uploads" in r for r in proxy.seen) == multipart
     assert s3_env.objects(name) == {f"media/{REL}": data}
     assert s3_env.unfinished_uploads(name) == []

@@ -7,9 +7,9 @@ disk's in :mod:`watcher.downloader`:
 1. The store records the output's temporary key, ``<prefix>/.parts/<kind>/<id>/<index>-<name>.
    <random>.part`` (:func:`~watcher.objects.location.upload_key`), *before* the first byte is
    sent. A fresh key per attempt: two attempts never share an upload.
-2. The CDN's body streams into a multipart upload to the temporary key, hashed on the way; the
-   upload is completed (the object appears, whole) only once the body verifiably ended, and
-   aborted otherwise.
+2. The CDN's body streams into a multipart upload (one PUT if it fits in a part) to the
+   temporary key, hashed on the way; the upload is completed (the object appears, whole) only
+   once the body verifiably ended, and aborted otherwise.
 3. The store records the output ``verified`` (size, sha256).
 4. The temporary object is written under the final key ``<prefix>/<kind>/<id>/<index>-<name>``
    with its sha256 as metadata, re-hashed on the way (a mismatch aborts): the final object
@@ -24,7 +24,8 @@ its upload had completed) and starts again under a new key; one ``verified`` is 
 the bucket (:meth:`Uploader.finish`): a confirmed final object is accepted as is, a temporary
 object of the recorded size is published (steps 4 to 7), anything else is fetched again. At
 start-up, temporary objects of projects no longer downloading are removed, and on a project's
-final state its own. A multipart upload cut by ``kill -9`` in step 2 or 4 leaves parts the
+final state its own. A multipart upload (an output larger than one part; a smaller one goes up
+in one PUT) cut by ``kill -9`` in step 2 or 4 leaves parts the
 service keeps out of sight (no object appears); obstore cannot list them, so a bucket lifecycle
 rule (``AbortIncompleteMultipartUpload``, see the README) removes them.
 

@@ -143,11 +143,21 @@ class Bucket:
             await obstore.delete_async(self.store, key)
 
     async def upload(
-        self, key: str, source: AsyncIterator[bytes], *, attributes: Attributes
+        self,
+        key: str,
+        source: AsyncIterator[bytes],
+        *,
+        attributes: Attributes,
+        size: int | None = None,
     ) -> None:
         """Stream ``source`` into a multipart upload to ``key``; the object appears only if
         ``source`` ends without an exception, and every other outcome aborts the upload (the
-        exception, cancellation included, goes on)."""
+        exception, cancellation included, goes on). A ``size`` known to fit in one part goes up
+        in one PUT instead, once ``source`` has ended: no multipart upload at all, so nothing
+        that a ``kill -9`` could leave open."""
+        if size is not None and size <= self.part_size:
+            await self._put_whole(key, source, attributes=attributes, size=size)
+            return
         queue: asyncio.Queue[bytes | _End | _Abort] = asyncio.Queue(QUEUED_CHUNKS)
 
         async def feed() -> AsyncIterator[bytes]:
@@ -186,6 +196,24 @@ class Bucket:
             raise
         with self._errors("upload", key):
             await put
+
+    async def _put_whole(
+        self, key: str, source: AsyncIterator[bytes], *, attributes: Attributes, size: int
+    ) -> None:
+        """Gather ``source`` (at most ``size`` bytes, or it is refused) and PUT it at once."""
+        pieces: list[bytes] = []
+        gathered = 0
+        async for chunk in source:
+            gathered += len(chunk)
+            if gathered > size:
+                raise ObjectStorageError(
+                    f"cannot upload {self.url(key)}: more than the {size} bytes announced"
+                )
+            pieces.append(chunk)
+        with self._errors("upload", key):
+            await obstore.put_async(
+                self.store, key, b"".join(pieces), attributes=attributes, use_multipart=False
+            )
 
     async def info(self, key: str) -> ObjectInfo | None:
         """The size and recorded sha256 of the object ``key``; ``None`` if there is none."""

@@ -87,7 +87,13 @@ class Uploader:
                 expected = _check_response(response)
                 content_type = response.headers.get("content-type", "application/octet-stream")
                 body = self._body(response, key, expected, digest, tally)
-                await self.bucket.upload(key, body, attributes={"Content-Type": content_type})
+                coding = response.headers.get("content-encoding", "").strip().lower()
+                await self.bucket.upload(
+                    key,
+                    body,
+                    attributes={"Content-Type": content_type},
+                    size=expected if coding in {"", "identity"} else None,  # as sent = the file
+                )
         except httpx.TimeoutException:
             raise DownloadIncomplete("the download timed out; the upload starts over") from None
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
@@ -136,7 +142,7 @@ class Uploader:
         if content_type:
             attributes["Content-Type"] = content_type
         source = self._reread(key, size, sha256)
-        await self.bucket.upload(relpath, source, attributes=attributes)
+        await self.bucket.upload(relpath, source, attributes=attributes, size=size)
         if not await self.confirmed(relpath, size, sha256):
             raise ObjectStorageError(
                 f"{self.url(relpath)} does not match its record ({size} bytes, sha256 {sha256}) "
