@@ -17,6 +17,8 @@ import pytest
 
 from tests.e2e.test_chaos import assert_no_delete_before_download
 from tests.e2e.test_chaos import env_for as chaos_env
+from tests.e2e.test_shutdown import BIG as BIG_OUTPUT
+from tests.e2e.test_shutdown import big_project, events, start
 from tests.s3 import SECRET_KEY, S3Server
 from tests.support import run_watcher, spawn, watcher_status
 from watcher.models import Kind
@@ -126,3 +128,35 @@ def assert_final_objects_are_whole(s3: S3Server, bucket: str, sim: Simulator) ->
         index = int(name.split("-", 1)[0])
         truth = sim.truth(pid).outputs[index]
         assert hashlib.sha256(data).hexdigest() == truth.sha256, key
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sigterm_mid_upload_aborts_it_and_the_restart_saves_the_output(
+    serve: Serve, tmp_path: Path, s3_server: S3Server
+) -> None:
+    """A graceful stop with no grace left cancels the upload in flight and aborts it: exit 0,
+    no multipart upload left open, nothing under the final key; the next run saves the output
+    whole."""
+    bucket = f"e2e-{next(_names)}"
+    s3_server.create_bucket(bucket)
+    url = f"s3://{bucket}/media"
+    server, pid, env = big_project(
+        serve, tmp_path, shutdown_grace="0", storage_url=url, storage_allow_http="true"
+    )
+    env = {k: v for k, v in env.items() if not k.startswith("AWS_")} | s3_server.env()
+    daemon = start(env)
+    wait_for_an_upload_in_flight(s3_server, bucket, within=30)
+    daemon.send_signal(signal.SIGTERM)
+    out, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, err
+    assert "shutdown_cancelled_work" in events(out)
+    assert s3_server.unfinished_uploads(bucket) == []
+    assert not [k for k in s3_server.objects(bucket) if k.startswith(f"media/video/{pid}/")]
+
+    finish = run_watcher(["run", "--until-done"], env, timeout=90)
+    assert finish.returncode == 0, finish.stderr[-2000:]
+    (data,) = s3_server.objects(bucket).values()
+    assert len(data) == BIG_OUTPUT
+    assert hashlib.sha256(data).hexdigest() == server.simulator.expected_sha256(pid, 0)
+    assert s3_server.unfinished_uploads(bucket) == []
