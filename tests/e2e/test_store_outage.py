@@ -274,13 +274,14 @@ def small_volume(tmp_path: Path) -> Iterator[Path]:
 def fill(volume: Path) -> Path:
     """Fill ``volume`` to the last byte; the file that does it."""
     filler = volume / "filler"
-    with filler.open("wb") as out:
-        try:
-            while True:
-                out.write(b"\0" * 65536)
-                out.flush()
-        except OSError:
-            pass
+    # Unbuffered: a write the full volume refuses is not kept to fail again at close.
+    with filler.open("wb", buffering=0) as out:
+        for block in (65536, 4096, 1):
+            try:
+                while out.write(b"\0" * block):
+                    pass
+            except OSError:
+                pass
     return filler
 
 
