@@ -152,7 +152,7 @@ def test_sigterm_mid_upload_aborts_it_and_the_restart_saves_the_output(
     assert daemon.returncode == 0, err
     assert "shutdown_cancelled_work" in events(out)
     assert s3_server.unfinished_uploads(bucket) == []
-    assert not [k for k in s3_server.objects(bucket) if k.startswith(f"media/video/{pid}/")]
+    assert not [k for k in s3_server.objects(bucket) if k.startswith(f"media/video/{pid}/")], out
 
     finish = run_watcher(["run", "--until-done"], env, timeout=90)
     assert finish.returncode == 0, finish.stderr[-2000:]

@@ -184,7 +184,10 @@ class Uploader:
         batched = 0
         while True:
             try:
-                chunk = await asyncio.wait_for(anext(raw), max(0.0, pace.due - loop.time()))
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation
+                # that arrives as the read completes (a shutdown would not stop the upload).
+                async with asyncio.timeout_at(pace.due):
+                    chunk = await anext(raw)
             except StopAsyncIteration:
                 break
             except TimeoutError:
