@@ -25,6 +25,7 @@ PROBE_ARGV = [sys.executable, "-c", PROBE]
 POSTGRES = ("psycopg", "psycopg_pool", "watcher.store.postgres")
 HTTP_SERVER = ("uvicorn", "starlette", "watcher.http.app", "watcher.http.server")
 NOTIFIER = ("watcher.notify", "watcher.webhooks")
+OBJECT_STORAGE = ("obstore",)
 NEVER_IN_RUN = ("watcher.simulator", "watcher.demo")
 
 
@@ -56,10 +57,11 @@ def under(modules: set[str], roots: tuple[str, ...]) -> list[str]:
 def test_a_sqlite_run_without_http_loads_no_driver_server_notifier_or_simulator(
     tmp_path: Path,
 ) -> None:
-    """With SQLite, the HTTP server off and no notification URL, ``run`` imports neither the
-    PostgreSQL driver, nor the HTTP server, nor the notifier and webhooks, nor the simulator."""
+    """With SQLite, the HTTP server off, no notification URL and no storage URL, ``run`` imports
+    neither the PostgreSQL driver, nor the HTTP server, nor the notifier and webhooks, nor the
+    object storage client (obstore), nor the simulator."""
     modules = loaded_by_run(tmp_path, WATCHER_HTTP_ENABLED="false")
-    assert under(modules, POSTGRES + HTTP_SERVER + NOTIFIER + NEVER_IN_RUN) == []
+    assert under(modules, POSTGRES + HTTP_SERVER + NOTIFIER + OBJECT_STORAGE + NEVER_IN_RUN) == []
     assert "watcher.daemon" in modules  # the probe did go through the run path
 
 

@@ -27,9 +27,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import obstore
-from obstore.store import AzureStore, GCSStore, S3Store
-
 from watcher.errors import ObjectStorageError
 from watcher.objects.location import PARTS_PREFIX, StorageLocation
 
@@ -90,6 +87,8 @@ def retry_config() -> RetryConfig:
 def open_store(location: StorageLocation, *, allow_http: bool, timeout: float) -> ObjectStore:
     """The obstore store of ``location``; credentials and endpoints come from the environment
     (each service's standard variables, read by obstore)."""
+    from obstore.store import AzureStore, GCSStore, S3Store  # noqa: PLC0415 - only if configured
+
     client: ClientConfig = {
         "allow_http": allow_http,
         "connect_timeout": timedelta(seconds=min(10.0, timeout)),
@@ -132,6 +131,8 @@ class Bucket:
         """Prove the bucket exists and these credentials may list, write and delete in it:
         list one key, write the small object ``probe`` under ``.parts/`` and delete it.
         :class:`ObjectStorageError` saying what failed."""
+        import obstore  # noqa: PLC0415 - loaded only when object storage is configured
+
         with self._errors("list", ""):
             stream = obstore.list(self.store, prefix=PARTS_PREFIX, chunk_size=1)
             with contextlib.suppress(StopAsyncIteration):
@@ -155,6 +156,8 @@ class Bucket:
         exception, cancellation included, goes on). A ``size`` known to fit in one part goes up
         in one PUT instead, once ``source`` has ended: no multipart upload at all, so nothing
         that a ``kill -9`` could leave open."""
+        import obstore  # noqa: PLC0415 - loaded only when object storage is configured
+
         if size is not None and size <= self.part_size:
             await self._put_whole(key, source, attributes=attributes, size=size)
             return
@@ -201,6 +204,8 @@ class Bucket:
         self, key: str, source: AsyncIterator[bytes], *, attributes: Attributes, size: int
     ) -> None:
         """Gather ``source`` (at most ``size`` bytes, or it is refused) and PUT it at once."""
+        import obstore  # noqa: PLC0415 - loaded only when object storage is configured
+
         pieces: list[bytes] = []
         gathered = 0
         async for chunk in source:
@@ -217,6 +222,8 @@ class Bucket:
 
     async def info(self, key: str) -> ObjectInfo | None:
         """The size and recorded sha256 of the object ``key``; ``None`` if there is none."""
+        import obstore  # noqa: PLC0415 - loaded only when object storage is configured
+
         with self._errors("head", key):
             try:
                 result = await obstore.get_async(self.store, key, options={"head": True})
@@ -226,6 +233,8 @@ class Bucket:
 
     async def read(self, key: str) -> AsyncIterator[bytes]:
         """The bytes of the object ``key``, streamed."""
+        import obstore  # noqa: PLC0415 - loaded only when object storage is configured
+
         with self._errors("read", key):
             result = await obstore.get_async(self.store, key)
         stream = result.stream(min_chunk_size=1024 * 1024)
@@ -239,11 +248,15 @@ class Bucket:
 
     async def delete(self, key: str) -> None:
         """Delete the object ``key`` (one already gone counts as deleted)."""
+        import obstore  # noqa: PLC0415 - loaded only when object storage is configured
+
         with self._errors("delete", key), contextlib.suppress(FileNotFoundError):
             await obstore.delete_async(self.store, key)
 
     async def keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` (relative to the location's prefix)."""
+        import obstore  # noqa: PLC0415 - loaded only when object storage is configured
+
         found: list[str] = []
         strip = f"{self.location.prefix}/" if self.location.prefix else ""
         with self._errors("list", prefix):
@@ -255,6 +268,8 @@ class Bucket:
     def _errors(self, what: str, key: str) -> Any:  # noqa: ANN401 - a context manager
         """Turn obstore's exceptions into :class:`ObjectStorageError` (but a FileNotFoundError
         of a head or a delete, whose callers decide what a missing object means)."""
+        import obstore  # noqa: PLC0415 - loaded only when object storage is configured
+
         try:
             yield
         except FileNotFoundError as exc:
