@@ -12,7 +12,8 @@ CPU per request (``bench/floor.py``). What stays httpx's, so nothing of it chang
   and deflate for the API's JSON, ``aiter_raw`` gives the downloader the raw bytes it decodes
   and checks itself;
 - proxies from the environment (``HTTPS_PROXY``, ``NO_PROXY``, ...) and TLS trust
-  (``SSL_CERT_FILE``) are read as httpx reads them;
+  (``SSL_CERT_FILE``, else ``SSL_CERT_DIR``, else certifi's bundle) are read as httpx reads them,
+  when the client is built; verification is always on;
 - timeouts: connect, read (per socket read) and pool from the client's ``httpx.Timeout``;
   aiohttp has no write timeout (the watcher's requests have no body);
 - pooling: ``max_connections`` of the client's ``httpx.Limits``, idle connections closed after
@@ -41,6 +42,14 @@ other ``ClientConnectionError``, ``OSError``  ``ReadError``
 a header or URL that cannot be written        ``LocalProtocolError``
 ============================================  =============================================
 
+TLS: one context per trust store for the whole process (:func:`trust_of`), handed to aiohttp's
+connector, so httpx builds none of its own. It is made empty (nothing trusted: a handshake
+against it fails closed) and its CA certificates are loaded just before the first https request,
+in the event loop (about 25 ms of CPU, once): a plain-http run, such as one against the
+simulator, never loads them. aiohttp itself still builds its two default contexts when it is
+imported (``aiohttp.connector``, about 50 ms of CPU with OpenSSL 3.0); the watcher never uses
+them, and no import of a part of aiohttp avoids them (``aiohttp/__init__`` imports the connector).
+
 No message of a mapped exception holds the request's URL (a signed link's query is a secret);
 the original is kept as ``__cause__``, so :func:`watcher.api.describe_transport_error` still
 finds the refused port, the reset connection or the TLS error inside.
@@ -49,6 +58,10 @@ finds the refused port, the reset connection or the TLS error inside.
 from __future__ import annotations
 
 import errno
+import functools
+import os
+import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -188,14 +201,76 @@ class _Body(httpx.AsyncByteStream):
         await _translated(self._inner.aclose(), sending=False)
 
 
+class Trust:
+    """A TLS context that verifies servers against one trust store, loaded on first use.
+
+    ``cafile`` and ``capath`` name the store (both ``None``: certifi's bundle). Until
+    :meth:`load` the context trusts nothing, so a handshake made too early fails; it does not
+    go unverified."""
+
+    def __init__(self, cafile: str | None, capath: str | None) -> None:
+        self.cafile, self.capath = cafile, capath
+        # What ssl.create_default_context() makes, which httpx uses: a client context that
+        # requires a certificate and checks the host name; SSLKEYLOGFILE is honoured too.
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        keylog = os.environ.get("SSLKEYLOGFILE")
+        if keylog and not sys.flags.ignore_environment:
+            self.context.keylog_filename = keylog
+        self.loaded = False
+
+    def load(self) -> None:
+        """Load the store's CA certificates into the context (the first call only)."""
+        if self.loaded:
+            return
+        if self.cafile is None and self.capath is None:
+            import certifi  # noqa: PLC0415 - only where certifi's bundle is the trust store
+
+            self.context.load_verify_locations(cafile=certifi.where())
+        else:
+            self.context.load_verify_locations(cafile=self.cafile, capath=self.capath)
+        self.loaded = True
+
+
+@functools.cache
+def _trust(cafile: str | None, capath: str | None) -> Trust:
+    return Trust(cafile, capath)
+
+
+def trust_of(*, trust_env: bool = True) -> Trust:
+    """The process's one :class:`Trust` of the store httpx would choose now: ``SSL_CERT_FILE``,
+    else ``SSL_CERT_DIR`` (with ``trust_env``), else certifi's bundle."""
+    env = os.environ if trust_env else {}
+    if env.get("SSL_CERT_FILE"):
+        return _trust(env["SSL_CERT_FILE"], None)
+    if env.get("SSL_CERT_DIR"):
+        return _trust(None, env["SSL_CERT_DIR"])
+    return _trust(None, None)
+
+
 _NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 
 
 class Transport(AiohttpTransport):
-    """``httpx_aiohttp.AiohttpTransport`` whose faults are httpcore's (module docstring)."""
+    """``httpx_aiohttp.AiohttpTransport`` whose faults are httpcore's and whose TLS context is
+    the process's shared one, loaded at the first https request (module docstring)."""
+
+    def __init__(
+        self,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: Any = None,  # noqa: ANN401 - httpx's CertTypes, passed on as they are
+        trust_env: bool = True,
+        **options: Any,  # noqa: ANN401 - httpx's transport options, passed on as they are
+    ) -> None:
+        # httpx's defaults (verify=True, no client certificate) verify against the trust store
+        # of the environment: that store's shared context. Anything else is httpx's to build.
+        self.trust = trust_of(trust_env=trust_env) if verify is True and cert is None else None
+        verify = self.trust.context if self.trust is not None else verify
+        super().__init__(verify=verify, cert=cert, trust_env=trust_env, **options)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``; the response's body is read as the caller iterates it."""
+        if self.trust is not None and "https" in {request.url.scheme, self._proxy_scheme}:
+            self.trust.load()
         if request.method in _NO_BODY:
             # A request httpx rebuilt to follow a redirect holds its (empty) body as a stream,
             # which httpx_aiohttp would send as a chunked body with a content type: a GET with
@@ -206,6 +281,10 @@ class Transport(AiohttpTransport):
         assert isinstance(response.stream, httpx.AsyncByteStream)  # noqa: S101 - its contract
         response.stream = _Body(response.stream)
         return response
+
+    @property
+    def _proxy_scheme(self) -> str | None:
+        return self.proxy.url.scheme if self.proxy is not None else None
 
 
 class Client(httpx.AsyncClient):

@@ -27,7 +27,7 @@ from watcher.errors import DownloadIncomplete, TransientApiError
 from watcher.models import Kind, ProjectRef
 from watcher.paths import part_path
 from watcher.settings import Settings, load_settings
-from watcher.transport import Transport, http_client
+from watcher.transport import Transport, http_client, trust_of
 
 pytestmark = pytest.mark.anyio
 
@@ -260,6 +260,32 @@ async def test_tls_is_verified_against_the_trust_store_of_the_environment(
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
         async with http_client(settings()) as http:
             assert (await api(http, base).get_project(ref)).id == "p1"
+
+
+async def test_ca_certificates_are_loaded_at_the_first_https_request_into_one_context(
+    certificate: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain-http requests load no CA certificate (a run against the simulator pays nothing for
+    TLS); the first https request loads the store into the one context that every client of
+    that store shares, and its server is trusted."""
+    cert, key = certificate
+    store = tmp_path / "trusted.pem"  # a store of its own: no other test has loaded it
+    store.write_bytes(cert.read_bytes())
+    monkeypatch.setenv("SSL_CERT_FILE", str(store))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    ref = ProjectRef(Kind.IMAGE, "p1")
+    context = trust_of().context
+    async with serving() as (plain, _), serving(tls=tls) as (secure, _):
+        async with http_client(settings()) as http:
+            assert (await api(http, plain).get_project(ref)).id == "p1"
+            assert context.cert_store_stats()["x509_ca"] == 0
+            assert (await api(http, secure).get_project(ref)).id == "p1"
+            assert context.cert_store_stats()["x509_ca"] == 1
+        async with http_client(settings()) as again:
+            transport = again._transport_for_url(httpx.URL(secure))
+            assert isinstance(transport, Transport)
+            assert transport.ssl_context is context
 
 
 async def test_the_token_never_follows_a_redirect_to_another_origin() -> None:
