@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -46,47 +47,32 @@ RELEASE_CHECK_SECONDS = 0.2  # how often a webhook's follow-up looks whether the
 ANNOUNCED_DUE_AT = 0.0
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class Dispatcher:
     """Claims due work and runs it; see the module docstring."""
 
-    def __init__(
-        self,
-        *,
-        store: Store,
-        health: ApiHealth,
-        store_health: StoreHealth,
-        owner: str,
-        lease_seconds: float,
-        max_in_flight: int,
-        claim_interval: float = IDLE_CHECK_SECONDS,
-        stopping: asyncio.Event,
-        until_done: bool = False,
-        on_done: Callable[[], None] = lambda: None,
-        metrics: Metrics | None = None,
-        announcements: Announcements | None = None,
-        now: Callable[[], float] = clock.now,
-    ) -> None:
-        self.store = store
-        self.health = health
-        self.store_health = store_health
-        self.owner = owner
-        self.lease_seconds = lease_seconds
-        self.max_in_flight = max_in_flight
-        self.claim_interval = claim_interval
-        # Whether this replica can prove it is alive (always, on a store one process works on).
-        self.proven: Callable[[], bool] = lambda: True
-        self.stopping = stopping
-        self.until_done = until_done
-        self.on_done = on_done  # until_done: nothing is left
-        self.metrics = metrics or Metrics()
-        self.announcements = announcements or Announcements(now=now)
-        self.now = now
-        self.workflow: Workflow | None = None  # set before the loops start
-        self.claimed: set[str] = set()  # every project this dispatcher claimed
-        self._wake = asyncio.Event()
-        self._running: dict[str, tuple[asyncio.Task[None], Claim]] = {}
-        self._renewals_refused: set[tuple[str, int]] = set()  # (project id, lease version)
-        self._background: set[asyncio.Task[None]] = set()
+    store: Store
+    health: ApiHealth
+    store_health: StoreHealth
+    owner: str
+    lease_seconds: float
+    max_in_flight: int
+    claim_interval: float = IDLE_CHECK_SECONDS
+    stopping: asyncio.Event
+    until_done: bool = False
+    on_done: Callable[[], None] = lambda: None  # until_done: nothing is left
+    metrics: Metrics = field(default_factory=Metrics)
+    announcements: Announcements
+    now: Callable[[], float] = clock.now
+    # Whether this replica can prove it is alive (always, on a store one process works on).
+    proven: Callable[[], bool] = lambda: True
+    workflow: Workflow | None = field(init=False, default=None)  # set before the loops start
+    claimed: set[str] = field(init=False, default_factory=set)  # every project claimed here
+    _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _running: dict[str, tuple[asyncio.Task[None], Claim]] = field(init=False, default_factory=dict)
+    # (project id, lease version)
+    _renewals_refused: set[tuple[str, int]] = field(init=False, default_factory=set)
+    _background: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def wake(self) -> None:
         """Look for due work now (a project was tracked or expedited, or work ended)."""

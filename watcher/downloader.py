@@ -42,7 +42,7 @@ import sys
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -325,6 +325,7 @@ def _decoder_for(response: httpx.Response) -> _Decoder:
     )
 
 
+@dataclass(eq=False)
 class _Sink:
     """The open ``.part`` file and the running digest of its bytes.
 
@@ -338,21 +339,16 @@ class _Sink:
     large output does not push everything else out of memory.
     """
 
-    def __init__(
-        self,
-        f: BinaryIO,
-        digest: hashlib._Hash,
-        offset: int,
-        decoder: _Decoder,
-        on_bytes: OnBytes | None,
-    ) -> None:
-        self._f = f
-        self._digest = digest
-        self._decoder = decoder
-        self._on_bytes = on_bytes
-        self.written = offset
-        self._writeback = _Writeback(f.fileno(), offset)
-        self._hasher: ThreadPoolExecutor | None = None
+    f: BinaryIO
+    digest: hashlib._Hash
+    written: int  # bytes in the file (at first, the offset a resumed download starts at)
+    decoder: _Decoder
+    on_bytes: OnBytes | None
+    _writeback: _Writeback = field(init=False)
+    _hasher: ThreadPoolExecutor | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self._writeback = _Writeback(self.f.fileno(), self.written)
 
     def absorb(self, chunks: list[bytes], *, may_wait: bool = True) -> None:
         """Decode ``chunks`` as received, write them and add them to the digest (a compressed
@@ -360,7 +356,7 @@ class _Sink:
 
         ``may_wait=False`` on the event loop: writeback is started but never waited for, so
         a slow disk cannot stall every other project's work (the final ``fsync`` waits)."""
-        for pieces in _groups(self._decoder, chunks):
+        for pieces in _groups(self.decoder, chunks):
             self._absorb(pieces, may_wait=may_wait)
 
     def _absorb(self, pieces: list[bytes], *, may_wait: bool) -> None:
@@ -369,25 +365,25 @@ class _Sink:
         if size >= PARALLEL_HASH_BYTES:
             if self._hasher is None:
                 self._hasher = ThreadPoolExecutor(1, thread_name_prefix="watcher-sha256")
-            hashed = self._hasher.submit(_update, self._digest, pieces)
+            hashed = self._hasher.submit(_update, self.digest, pieces)
         try:
             for piece in pieces:
-                self._f.write(piece)
+                self.f.write(piece)
         finally:
             if hashed is None:
-                _update(self._digest, pieces)
+                _update(self.digest, pieces)
             else:
                 hashed.result()
         self.written += size
-        self._f.flush()
+        self.f.flush()
         self._writeback.advance(self.written, may_wait=may_wait)
-        if self._on_bytes is not None:
-            self._on_bytes(size)
+        if self.on_bytes is not None:
+            self.on_bytes(size)
 
     def sync(self) -> None:
         """Flush and ``fsync`` the file."""
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self.f.flush()
+        os.fsync(self.f.fileno())
 
     def close(self) -> None:
         """Stop the hashing thread (the file is the caller's to close)."""
@@ -537,22 +533,15 @@ class Pace:
         )
 
 
+@dataclass(frozen=True, slots=True)
 class _Transfer:
     """One response body on its way into the ``.part``: bounded, reported, checked."""
 
-    def __init__(
-        self,
-        limits: TransferLimits,
-        final: Path,
-        offset: int,
-        expected: int | None,
-        decoder: _Decoder,
-    ) -> None:
-        self._limits = limits
-        self._final = final
-        self._offset = offset
-        self._expected = expected
-        self._decoder = decoder
+    limits: TransferLimits
+    final: Path
+    offset: int  # bytes already in the .part
+    expected: int | None  # the body's length as announced
+    decoder: _Decoder
 
     async def stream(self, response: httpx.Response, sink: _Sink) -> int:
         """Receive the body on the event loop while a worker thread writes and hashes it; return
@@ -567,7 +556,7 @@ class _Transfer:
         """
         loop = asyncio.get_running_loop()  # the clock asyncio's timeouts run on
         started = last_report = last_handover = loop.time()
-        pace = Pace(self._limits, started)
+        pace = Pace(self.limits, started)
         received = 0
         batch: list[bytes] = []
         batched = 0
@@ -582,7 +571,7 @@ class _Transfer:
                         now = loop.time()
                         if pace.advance(len(chunk), now):
                             timer.reschedule(pace.due)
-                        if now - last_report >= self._limits.progress_seconds:
+                        if now - last_report >= self.limits.progress_seconds:
                             last_report = now
                             self._report(received, sink.written, now - started)
                         if batched >= BATCH_BYTES or now - last_handover >= HANDOVER_SECONDS:
@@ -606,30 +595,28 @@ class _Transfer:
         return received
 
     def _report(self, received: int, written: int, elapsed: float) -> None:
-        identity = isinstance(self._decoder, _Identity)
+        identity = isinstance(self.decoder, _Identity)
         # Bytes of the file so far: those received (a compressed body: those decoded, written).
-        so_far = self._offset + received if identity else written
+        so_far = self.offset + received if identity else written
         log.info(
             "download_progress",
-            path=str(self._final),
+            path=str(self.final),
             bytes=so_far,
-            total=self._offset + self._expected
-            if self._expected is not None and identity
-            else None,
-            resumed_from=self._offset,
+            total=self.offset + self.expected if self.expected is not None and identity else None,
+            resumed_from=self.offset,
             elapsed_s=round(elapsed, 1),
-            bytes_per_second=round((so_far - self._offset) / elapsed) if elapsed > 0 else None,
+            bytes_per_second=round((so_far - self.offset) / elapsed) if elapsed > 0 else None,
         )
 
     def check_complete(self, received: int) -> None:
         """Refuse a body that did not verifiably end: short of its length, or a compressed
         stream that stopped before its end."""
-        if self._expected is not None and received != self._expected:
+        if self.expected is not None and received != self.expected:
             raise DownloadIncomplete(
-                f"got {self._offset + received} bytes of {self._offset + self._expected}; "
+                f"got {self.offset + received} bytes of {self.offset + self.expected}; "
                 "resuming later"
             )
-        if not self._decoder.complete:
+        if not self.decoder.complete:
             raise DownloadIncomplete(
                 "the compressed body (Content-Encoding) ended before its end of stream; "
                 "resuming later"

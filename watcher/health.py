@@ -22,7 +22,7 @@ What a refusal does to the project that met it (the note, the retry) is
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 import structlog
 from pydantic import SecretStr
@@ -61,32 +61,25 @@ class Refusal:
     first: bool
 
 
+@dataclass(eq=False, repr=False)  # no repr: the settings hold the secrets in force
 class ApiHealth:
     """The API-wide conditions and the secrets in force; see the module docstring."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        until_done: bool = False,
-        metrics: Metrics | None = None,
-        now: Callable[[], float] = clock.now,
-        throttle: Throttle | None = None,
-    ) -> None:
-        self.settings = settings
-        self.until_done = until_done
-        self.metrics = metrics or Metrics()
-        self.now = now
-        self.unauthorized = False
-        self.payment_required = False
-        self.answered = False  # a call of this run succeeded
-        self.paused_until = 0.0
-        self.probing = False
-        self.throttle = throttle  # the API client's, to hold calls under way
-        self.set_token: Callable[[SecretStr], None] | None = None  # the API client's
-        # Makes the projects a refused token put off due now (the dispatcher's).
-        self.on_release: Callable[[set[str]], None] = lambda _ids: None
-        self._held_by_401: set[str] = set()
+    settings: Settings
+    _: KW_ONLY
+    until_done: bool = False
+    metrics: Metrics = field(default_factory=Metrics)
+    now: Callable[[], float] = clock.now
+    throttle: Throttle | None = None  # the API client's, to hold calls under way
+    unauthorized: bool = field(init=False, default=False)
+    payment_required: bool = field(init=False, default=False)
+    answered: bool = field(init=False, default=False)  # a call of this run succeeded
+    paused_until: float = field(init=False, default=0.0)
+    probing: bool = field(init=False, default=False)
+    set_token: Callable[[SecretStr], None] | None = field(init=False, default=None)  # the API's
+    # Makes the projects a refused token put off due now (the dispatcher's).
+    on_release: Callable[[set[str]], None] = lambda _ids: None
+    _held_by_401: set[str] = field(init=False, default_factory=set)
 
     def paused(self, now: float) -> bool:
         """Whether claiming waits (a refusal's pause has not run out)."""
