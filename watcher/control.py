@@ -2,16 +2,17 @@
 
 :class:`Control` is narrow on purpose. The control plane tracks and untracks projects, hands a
 verified webhook's payload over (or makes the project due now when the payload lacks what a GET
-gives), and reads the facts readiness reports; the notifier reads the secret in force and says
-when the store failed. Neither sees the dispatcher, the workflow or
-the API client, and neither decides anything about scheduling: "poll once more when the GET in
-flight ends" is :meth:`Control.expedite`'s, not the webhook handler's. :class:`watcher.daemon.
-Daemon` implements it; a test may hand either side a fake.
+gives), and reads the facts readiness reports, one :class:`Readiness` at a time; the notifier
+reads the secret in force and whether the store is down, and says when it failed. Neither sees
+the dispatcher, the workflow or the API client, and neither decides anything about scheduling:
+"poll once more when the GET in flight ends" is :meth:`Control.expedite`'s, not the webhook
+handler's. :class:`watcher.daemon.Daemon` implements it; a test may hand either side a fake.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -19,6 +20,17 @@ if TYPE_CHECKING:
     from watcher.models import Kind, ProjectRef, ProjectSnapshot
     from watcher.settings import Settings
     from watcher.store import ProjectRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """What ``/readyz`` and the gauges report of the running daemon, read at one moment."""
+
+    unauthorized: bool  # the API refused the token (polling is stopped)
+    payment_required: bool  # the API answered 402 (polling is paused)
+    store_problem: str | None  # what readiness says while the store does not answer
+    store_down: bool  # a store outage is under way (the daemon says when it is over)
+    rate_limit_paused: float  # seconds every API call still waits after a 429 (0 when none)
 
 
 class Control(Protocol):
@@ -34,29 +46,8 @@ class Control(Protocol):
         """Whether shutdown has begun."""
         ...
 
-    @property
-    def unauthorized(self) -> bool:
-        """Whether the API refused the token (polling is stopped)."""
-        ...
-
-    @property
-    def payment_required(self) -> bool:
-        """Whether the API answered 402 (polling is paused)."""
-        ...
-
-    @property
-    def store_problem(self) -> str | None:
-        """What readiness says while the store does not answer, or ``None``."""
-        ...
-
-    @property
-    def store_down(self) -> bool:
-        """Whether a store outage is under way (the daemon says when it is over)."""
-        ...
-
-    @property
-    def rate_limit_paused(self) -> float:
-        """Seconds every API call still waits after a 429 (0 when none)."""
+    def readiness(self) -> Readiness:
+        """The facts readiness reports, as they are now."""
         ...
 
     async def track(

@@ -28,11 +28,13 @@ import httpx
 import structlog
 
 from watcher import __version__, clock
+from watcher.control import Readiness
 from watcher.dispatcher import Dispatcher
 from watcher.errors import StoreError
+from watcher.learning import RenderLearning
 from watcher.liveness import LivenessKeeper
 from watcher.models import Kind, ProjectRef, ProjectSnapshot, State
-from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats
+from watcher.schedule import RenderStats
 from watcher.settings import Settings
 from watcher.store import ProjectRecord
 from watcher.workflow import Workflow
@@ -83,6 +85,7 @@ class Daemon:
         self.workflow = workflow
         self.http = http
         self.render_stats = render_stats
+        self.learning = RenderLearning(self.store, render_stats, self._stopping)
         self._rate_paused = rate_paused
         self._run_ids: set[str] = set()  # the projects of this run (see Outcome)
         self.started = asyncio.Event()
@@ -91,8 +94,6 @@ class Daemon:
         self.side_tasks: list[Callable[[], Coroutine[object, object, None]]] = []
         self.closers: list[Callable[[], None]] = []
         self.liveness: LivenessKeeper | None = None  # a shared store's proof of life
-        # A verified event arrived (Control.heard): polling relaxes while they do.
-        self.heard: Callable[[Kind], None] = dispatcher.announcements.heard
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -121,30 +122,19 @@ class Daemon:
         """The settings in force (SIGHUP re-reads the ``*_FILE`` secrets)."""
         return self.health.settings
 
-    @property
-    def unauthorized(self) -> bool:
-        """Whether polling is stopped by a refused token (or a request refused as invalid)."""
-        return self.health.unauthorized
+    def readiness(self) -> Readiness:
+        """The facts readiness reports: the API's refusals, the store's outage, the 429 pause."""
+        return Readiness(
+            unauthorized=self.health.unauthorized,
+            payment_required=self.health.payment_required,
+            store_problem=self.store_health.problem,
+            store_down=self.store_health.down,
+            rate_limit_paused=self._rate_paused(),
+        )
 
-    @property
-    def payment_required(self) -> bool:
-        """Whether polling is paused by a 402."""
-        return self.health.payment_required
-
-    @property
-    def store_problem(self) -> str | None:
-        """What readiness says while the store does not answer, or ``None``."""
-        return self.store_health.problem
-
-    @property
-    def store_down(self) -> bool:
-        """Whether a store outage is under way."""
-        return self.store_health.down
-
-    @property
-    def rate_limit_paused(self) -> float:
-        """Seconds every API call still waits after a 429."""
-        return self._rate_paused()
+    def heard(self, kind: Kind) -> None:
+        """A verified event arrived: polling of ``kind`` relaxes while they do."""
+        self.dispatcher.announcements.heard(kind)
 
     async def untrack(self, project_id: str) -> bool:
         """Forget the project here; nothing is deleted remotely."""
@@ -183,7 +173,7 @@ class Daemon:
                     loops = [
                         group.create_task(self.dispatcher.claim_loop()),
                         group.create_task(self.dispatcher.renew_loop()),
-                        *self._fleet_loops(group),
+                        group.create_task(self.learning.run()),
                         *(group.create_task(starter()) for starter in self.side_tasks),
                     ]
                     self.started.set()
@@ -221,7 +211,7 @@ class Daemon:
         suspect = self.workflow.limits.base_url_suspect_404s
         self.workflow.suspect_after = min(suspect, active) or suspect
         swept = await self.workflow.sweep(await self._active_ids())
-        learned = await self._learn()
+        learned = await self.learning.load()
         log.info(
             "daemon_started",
             version=__version__,
@@ -235,25 +225,6 @@ class Daemon:
             render_samples=learned,
             until_done=self.until_done,
         )
-
-    async def _learn(self) -> dict[str, int]:
-        """Load the latest render durations of every kind from the store; how many per kind."""
-        for kind in Kind:
-            durations = await self.store.render_durations(kind, limit=SAMPLE_SIZE)
-            self.render_stats.load(kind, durations)
-        return {kind.value: self.render_stats.count(kind) for kind in Kind}
-
-    def _fleet_loops(self, group: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
-        return [] if self.store.is_exclusive else [group.create_task(self._learn_loop())]
-
-    async def _learn_loop(self) -> None:
-        """On a shared store, learn from every replica's renders, not only this one's."""
-        while not self.stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), RELOAD_SECONDS)
-            if not self.stopping:
-                with contextlib.suppress(StoreError):
-                    await self._learn()
 
     async def track(
         self, refs: Iterable[ProjectRef], *, delete_after_download: bool, revive: bool = False
@@ -299,7 +270,7 @@ class Daemon:
         counts, as_configured = await self._run_counts()
         if not self.until_done:
             code = EXIT_OK
-        elif self.unauthorized:
+        elif self.health.unauthorized:
             code = EXIT_UNAUTHORIZED
         else:
             code = EXIT_OK if as_configured else EXIT_NOT_AS_CONFIGURED

@@ -119,7 +119,7 @@ class Notifier:
                 while True:
                     # SIGHUP may have re-read WATCHER_NOTIFY_SECRET_FILE.
                     self._secret = configured(control.settings.notify_secret) or self._secret
-                    if control.store_down:  # the daemon says when the store is back
+                    if control.readiness().store_down:  # the daemon says when the store is back
                         await asyncio.sleep(self.poll_seconds)
                         continue
                     batch = asyncio.ensure_future(self.deliver_due(store, metrics, client))

@@ -247,7 +247,7 @@ async def test_payment_required_pauses_polling_with_one_clear_line(tmp_path: Pat
         daemon.request_stop()
         await asyncio.wait_for(task, 10)
     assert [e["event"] for e in logs].count("api_payment_required") == 1
-    assert daemon.payment_required
+    assert daemon.health.payment_required
     # The calls already claimed wait out the pause in the client instead of being sent.
     assert len(requests) == 1
 

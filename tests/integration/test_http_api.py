@@ -519,7 +519,7 @@ async def test_a_refused_token_keeps_readiness_and_shows_in_the_body_and_metrics
     async with running(make_daemon(server, tmp_path)) as run:
         server.simulator.set_token("mhk_live_rotated")
         await run.client.post("/v1/projects", json={"id": "cmrefused", "kind": "image"})
-        await eventually(lambda: run.daemon.unauthorized)
+        await eventually(lambda: run.daemon.health.unauthorized)
         ready = await run.client.get("/readyz")
         tracked = await run.client.post("/v1/projects", json={"id": "cmstill", "kind": "image"})
         metrics = await run.client.get("/metrics")
@@ -557,7 +557,7 @@ async def test_payment_required_keeps_readiness_and_shows_in_the_body(
     daemon = make_daemon(server, tmp_path, Intercepted(payment_required))
     async with running(daemon) as run:
         await run.client.post("/v1/projects", json={"id": "cmpay", "kind": "image"})
-        await eventually(lambda: run.daemon.payment_required)
+        await eventually(lambda: run.daemon.health.payment_required)
         ready = await run.client.get("/readyz")
         metrics = await run.client.get("/metrics")
     assert ready.status_code == 200

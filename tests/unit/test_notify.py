@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from watcher import clock
+from watcher.control import Readiness
 from watcher.errors import ConfigError
 from watcher.metrics import Metrics
 from watcher.models import Kind, ProjectRef, State
@@ -132,7 +133,15 @@ class _Host:
 
     def __init__(self) -> None:
         self.settings = load_settings({"WATCHER_NOTIFY_URL": URL, "WATCHER_NOTIFY_SECRET": SECRET})
-        self.store_down = False
+
+    def readiness(self) -> Readiness:
+        return Readiness(
+            unauthorized=False,
+            payment_required=False,
+            store_problem=None,
+            store_down=False,
+            rate_limit_paused=0.0,
+        )
 
     def store_failed(self, exc: Exception, *, during: str) -> None:
         raise AssertionError(f"unexpected store failure during {during}: {exc}")

@@ -212,13 +212,14 @@ class _Handlers:
         except (StoreError, TimeoutError) as exc:
             store = "unreachable"
             problems.append(f"the store does not answer: {str(exc) or 'timed out'}")
-        outage = self.control.store_problem  # e.g. SQLite readable but locked for writes
+        now = self.control.readiness()
+        outage = now.store_problem  # e.g. SQLite readable but locked for writes
         if outage is not None and store == "ok":
             store = "unavailable"
             problems.append(outage)
-        if self.control.unauthorized:
+        if now.unauthorized:
             warnings.append("the Magic Hour API refused the token (check WATCHER_API_TOKEN)")
-        if self.control.payment_required:
+        if now.payment_required:
             warnings.append("the Magic Hour API answered 402 payment required")
         if self.control.stopping:
             problems.append("the watcher is shutting down")
@@ -226,8 +227,8 @@ class _Handlers:
             "ready": not problems,
             "checks": {
                 "store": store,
-                "api_credentials": "refused" if self.control.unauthorized else "ok",
-                "api_payment": "required" if self.control.payment_required else "ok",
+                "api_credentials": "refused" if now.unauthorized else "ok",
+                "api_payment": "required" if now.payment_required else "ok",
                 "shutting_down": self.control.stopping,
             },
             "problems": problems,
@@ -450,9 +451,10 @@ async def refresh_gauges(control: Control, store: Store, metrics: Metrics) -> No
             metrics.projects.clear()
     except StoreUnavailable:
         pass  # an outage: the last counts stand, and every other metric is still served
-    metrics.api_refused.labels("unauthorized").set(int(control.unauthorized))
-    metrics.api_refused.labels("payment_required").set(int(control.payment_required))
-    metrics.rate_limit_paused.set(control.rate_limit_paused)
+    now = control.readiness()
+    metrics.api_refused.labels("unauthorized").set(int(now.unauthorized))
+    metrics.api_refused.labels("payment_required").set(int(now.payment_required))
+    metrics.rate_limit_paused.set(now.rate_limit_paused)
 
 
 async def _http_exception(_request: Request, exc: Exception) -> Response:
