@@ -102,41 +102,35 @@ class ApiHealth:
     def refused(self, exc: ApiError) -> Refusal | None:
         """An API-wide refusal (invalid request, 401, 402) begins or goes on; ``None`` for any
         other error, which is the project's alone."""
-        if isinstance(exc, InvalidRequest):  # stops polling like a refused token
+        if isinstance(exc, InvalidRequest | Unauthorized):  # an invalid request stops polling too
             first, self.unauthorized = not self.unauthorized, True
-            self._pause(AUTH_RECHECK_SECONDS)
-            if first:
-                log.error(
-                    "api_request_invalid",
-                    error=str(exc),
-                    action=f"polling stopped; one retry every {AUTH_RECHECK_SECONDS:g} s",
-                )
+            retry_in = AUTH_RECHECK_SECONDS
+        elif isinstance(exc, PaymentRequired):
+            first, self.payment_required = not self.payment_required, True
+            retry_in = PAYMENT_PAUSE_SECONDS
+        else:
+            return None
+        if first:
+            self._log_refusal(exc)
+        self._pause(retry_in)
+        if isinstance(exc, InvalidRequest):
             note = f"{exc}; polling is stopped until this is fixed"
-            return Refusal(note, AUTH_RECHECK_SECONDS, first)
-        if isinstance(exc, Unauthorized):
-            first = not self.unauthorized
-            if first:
-                log.error(
-                    "api_unauthorized",
-                    error=str(exc),
-                    action="polling stopped; check WATCHER_API_TOKEN"
-                    + ("" if self.until_done else f"; one retry every {AUTH_RECHECK_SECONDS:g} s"),
-                )
-            self.unauthorized = True
-            self._pause(AUTH_RECHECK_SECONDS)
-            return Refusal(UNAUTHORIZED_NOTE, AUTH_RECHECK_SECONDS, first)
-        if isinstance(exc, PaymentRequired):
-            first = not self.payment_required
-            if first:
-                log.error(
-                    "api_payment_required",
-                    error=str(exc),
-                    action=f"polling paused; one retry every {PAYMENT_PAUSE_SECONDS:g} s",
-                )
-            self.payment_required = True
-            self._pause(PAYMENT_PAUSE_SECONDS)
-            return Refusal(PAYMENT_NOTE, PAYMENT_PAUSE_SECONDS, first)
-        return None
+        else:
+            note = UNAUTHORIZED_NOTE if isinstance(exc, Unauthorized) else PAYMENT_NOTE
+        return Refusal(note, retry_in, first)
+
+    def _log_refusal(self, exc: ApiError) -> None:
+        """Say once, when it begins, that a refusal stops (or pauses) polling, and what to do."""
+        retry = f"one retry every {AUTH_RECHECK_SECONDS:g} s"
+        if isinstance(exc, InvalidRequest):
+            log.error("api_request_invalid", error=str(exc), action=f"polling stopped; {retry}")
+        elif isinstance(exc, Unauthorized):
+            check = "polling stopped; check WATCHER_API_TOKEN"
+            action = check if self.until_done else f"{check}; {retry}"
+            log.error("api_unauthorized", error=str(exc), action=action)
+        else:
+            retry = f"one retry every {PAYMENT_PAUSE_SECONDS:g} s"
+            log.error("api_payment_required", error=str(exc), action=f"polling paused; {retry}")
 
     def hold(self, project_id: str) -> None:
         """``project_id`` was put off to the next recheck by a refused token: make it due again
