@@ -29,8 +29,8 @@ OBJECT_STORAGE = ("obstore",)
 NEVER_IN_RUN = ("watcher.simulator", "watcher.demo")
 
 
-def loaded_by_run(tmp_path: Path, **settings: str) -> set[str]:
-    """The modules a ``watcher run --until-done`` of ``settings`` has loaded when it returns."""
+def probe_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """The environment of a probe: a fresh SQLite file, nothing tracked, and ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
     env.update(
         {
@@ -42,6 +42,12 @@ def loaded_by_run(tmp_path: Path, **settings: str) -> set[str]:
             **settings,
         }
     )
+    return env
+
+
+def loaded_by_run(tmp_path: Path, **settings: str) -> set[str]:
+    """The modules a ``watcher run --until-done`` of ``settings`` has loaded when it returns."""
+    env = probe_env(tmp_path, **settings)
     done = subprocess.run(PROBE_ARGV, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
@@ -73,3 +79,28 @@ def test_an_enabled_http_server_loads_the_server_but_not_the_simulator(tmp_path:
     assert "uvicorn" in modules
     assert "watcher.http.server" in modules
     assert under(modules, POSTGRES + NEVER_IN_RUN) == []
+
+
+ENTRY_PROBE = """
+import gc, json, sys
+from watcher.__main__ import main
+sys.argv = ["watcher", "run", "--until-done"]
+code = main()
+print(json.dumps({"code": code, "enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}))
+"""
+
+
+def test_the_entry_point_freezes_what_it_imported_and_runs_with_the_collector_on(
+    tmp_path: Path,
+) -> None:
+    """The ``watcher`` entry point imports the command line with the garbage collector off,
+    then freezes those objects and turns the collector back on: the daemon never runs without
+    it."""
+    env = probe_env(tmp_path, WATCHER_HTTP_ENABLED="false")
+    argv = [sys.executable, "-c", ENTRY_PROBE]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["code"] == 0
+    assert report["enabled"] is True
+    assert report["frozen"] > 10_000  # the modules, classes and functions of the import
