@@ -13,6 +13,8 @@ The rest are counted here as things happen.
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -58,121 +60,102 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        counter = functools.partial(Counter, registry=r)
+        gauge = functools.partial(Gauge, registry=r)
+        histogram = functools.partial(Histogram, registry=r)
         _standard_collectors(r)
-        self.build_info = Gauge(
-            "watcher_build_info", "Always 1; the watcher's version.", ["version"], registry=r
+        self.build_info = gauge(
+            "watcher_build_info", "Always 1; the watcher's version.", ["version"]
         )
         self.build_info.labels(__version__).set(1)
-        self.polls = Counter(
-            "watcher_polls", "GETs of a project's status, by kind.", ["kind"], registry=r
-        )
-        self.api_responses = Counter(
+        self.polls = counter("watcher_polls", "GETs of a project's status, by kind.", ["kind"])
+        self.api_responses = counter(
             "watcher_api_responses",
             "Answers of the Magic Hour API by method and HTTP status (or 'network').",
             ["method", "code"],
-            registry=r,
         )
-        self.retries = Counter(
+        self.retries = counter(
             "watcher_retries",
             "Retries of API calls and downloads, by cause.",
             ["cause"],
-            registry=r,
         )
-        self.rate_limit_pauses = Counter(
-            "watcher_rate_limit_pauses", "Client-wide pauses after a 429.", registry=r
+        self.rate_limit_pauses = counter(
+            "watcher_rate_limit_pauses", "Client-wide pauses after a 429."
         )
-        self.rate_limit_paused = Gauge(
-            "watcher_rate_limit_paused_seconds", "Seconds left in the current pause.", registry=r
+        self.rate_limit_paused = gauge(
+            "watcher_rate_limit_paused_seconds", "Seconds left in the current pause."
         )
-        self.downloads = Counter(
-            "watcher_downloads", "Output downloads by result.", ["result"], registry=r
-        )
-        self.download_bytes = Counter(
-            "watcher_download_bytes", "Bytes written to outputs.", registry=r
-        )
-        self.upload_bytes = Counter(
+        self.downloads = counter("watcher_downloads", "Output downloads by result.", ["result"])
+        self.download_bytes = counter("watcher_download_bytes", "Bytes written to outputs.")
+        self.upload_bytes = counter(
             "watcher_upload_bytes",
             "Bytes sent to object storage (WATCHER_STORAGE_URL): each output's bytes into its "
             "temporary object, and again into its final object.",
-            registry=r,
         )
-        self.download_seconds = Histogram(
-            "watcher_download_seconds", "Time to download one output.", buckets=_SECONDS, registry=r
+        self.download_seconds = histogram(
+            "watcher_download_seconds", "Time to download one output.", buckets=_SECONDS
         )
-        self.time_to_terminal = Histogram(
+        self.time_to_terminal = histogram(
             "watcher_time_to_terminal_seconds",
             "From tracking a project to seeing it terminal.",
             buckets=_SECONDS,
-            registry=r,
         )
-        self.url_lifetime_left = Histogram(
+        self.url_lifetime_left = histogram(
             "watcher_url_lifetime_left_seconds",
             "Seconds the signed URL still had to live when its download finished.",
             buckets=LIFETIME_BUCKETS,
-            registry=r,
         )
-        self.deletes = Counter(
-            "watcher_deletes", "DELETEs of projects by result.", ["result"], registry=r
-        )
-        self.finished = Counter(
+        self.deletes = counter("watcher_deletes", "DELETEs of projects by result.", ["result"])
+        self.finished = counter(
             "watcher_projects_finished",
             "Projects that reached a final state.",
             ["state"],
-            registry=r,
         )
-        self.projects = Gauge(
+        self.projects = gauge(
             "watcher_projects",
             "Tracked projects by state in the whole fleet's store, reported by one replica "
             "at a time.",
             ["state", "scope"],
-            registry=r,
         )
-        self.api_refused = Gauge(
+        self.api_refused = gauge(
             "watcher_api_refused",
             "1 while the Magic Hour API refuses this replica's requests, by reason: "
             "unauthorized (401), payment_required (402).",
             ["reason"],
-            registry=r,
         )
-        self.in_flight = Gauge(
-            "watcher_work_in_flight", "Projects being polled, downloaded or deleted.", registry=r
+        self.in_flight = gauge(
+            "watcher_work_in_flight", "Projects being polled, downloaded or deleted."
         )
-        self.liveness_held = Gauge(
+        self.liveness_held = gauge(
             "watcher_liveness_held",
             "1 while this replica holds its liveness session on the shared store (it claims "
             "work only then); always 1 on SQLite, which one process works on.",
-            registry=r,
         )
-        self.leases_taken_over = Counter(
+        self.leases_taken_over = counter(
             "watcher_leases_taken_over",
             "Leases of replicas found dead (their liveness session ended) that this replica "
             "made due at once, for the fleet to take over.",
-            registry=r,
         )
-        self.webhooks = Counter(
+        self.webhooks = counter(
             "watcher_webhooks",
             "Magic Hour webhook deliveries by result: announced, expedited, tracked, ignored, "
             "invalid, rejected.",
             ["result"],
-            registry=r,
         )
-        self.webhook_payloads = Counter(
+        self.webhook_payloads = counter(
             "watcher_webhook_payloads",
             "Webhook payloads a project was acted on with instead of a GET, by kind.",
             ["kind"],
-            registry=r,
         )
-        self.notifications = Counter(
+        self.notifications = counter(
             "watcher_notifications",
             "Deliveries to WATCHER_NOTIFY_URL by result: sent, failed.",
             ["result"],
-            registry=r,
         )
-        self.http_requests = Counter(
+        self.http_requests = counter(
             "watcher_http_requests",
             "Requests to the watcher's own HTTP server by route and status code.",
             ["route", "code"],
-            registry=r,
         )
 
 
