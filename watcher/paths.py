@@ -16,6 +16,8 @@ not an output.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
@@ -49,15 +51,23 @@ def output_relpath(kind: Kind, project_id: str, index: int, url: str) -> str:
 
 
 def resolve_inside(root: Path, relpath: str) -> Path:
-    """``root / relpath``, refusing anything that would land outside ``root``."""
+    """``root / relpath``, refusing anything that would land outside ``root`` (a symlink out
+    included). ``root`` is resolved once per process (:func:`_resolved_root`): it is the
+    download directory, resolved again for every output otherwise (a ``realpath`` per call)."""
     rel = PurePosixPath(relpath)
     if rel.is_absolute() or ".." in rel.parts or "\x00" in relpath:
         raise InvalidProjectId(f"refusing output path outside the download directory: {relpath!r}")
-    base = root.resolve()
-    target = (base / rel).resolve()
-    if not target.is_relative_to(base):
+    base = _resolved_root(root)
+    target = os.path.realpath(base + os.sep + relpath)
+    if not (target + os.sep).startswith(base.rstrip(os.sep) + os.sep):
         raise InvalidProjectId(f"refusing output path outside the download directory: {relpath!r}")
-    return target
+    return Path(target)
+
+
+@functools.lru_cache(maxsize=16)
+def _resolved_root(root: Path) -> str:
+    """``root`` with every symlink resolved, as a string."""
+    return str(root.resolve())
 
 
 def part_path(final: Path) -> Path:
