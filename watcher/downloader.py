@@ -60,6 +60,10 @@ WRITEBACK_BYTES = 8 * 1024 * 1024
 # A batch this large is hashed on a thread of its own while it is written (a smaller one costs
 # less to hash than to hand over).
 PARALLEL_HASH_BYTES = 256 * 1024
+# An output of at most this many bytes (known from its Content-Length) is written and hashed on
+# the event loop as it arrives, with no early writeback: its one ``fsync`` costs less than handing
+# its few batches to threads and the disk (1,000 outputs of 200 KB: see bench/RESULTS.md).
+SMALL_OUTPUT_BYTES = 4 * 1024 * 1024
 # A batch is handed to the writer after this long even if it is small: on a slow link the bytes
 # received reach the disk (and the progress that ``watcher status`` shows) within about a second.
 HANDOVER_SECONDS = 1.0
@@ -140,9 +144,7 @@ class Downloader:
 
     async def fetch(self, url: str, final: Path, on_verified: OnVerified) -> SavedFile:
         """Download ``url`` to ``final`` following the order of writes in the module docstring."""
-        final.parent.mkdir(parents=True, exist_ok=True)
-        part = await asyncio.to_thread(_adopt_legacy_part, final)
-        offset = part.stat().st_size if part.exists() else 0
+        part, offset = _prepare(final)
         headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -218,11 +220,14 @@ class Downloader:
             with part.open("r+b" if offset else "wb") as f:
                 f.seek(offset)
                 f.truncate()
-                sink = _Sink(f, digest, offset, decoder, self._on_bytes)
+                small = expected is not None and offset + expected <= SMALL_OUTPUT_BYTES
+                sink = _Sink(f, digest, offset, decoder, self._on_bytes, writeback=not small)
                 try:
                     # A 416 (the .part is already whole) carries an error page, not file bytes.
                     if response.status_code != 416:
-                        transfer = _Transfer(self._limits, final, offset, expected, decoder)
+                        transfer = _Transfer(
+                            self._limits, final, offset, expected, decoder, inline=small
+                        )
                         received = await transfer.stream(response, sink)
                         size = sink.written
                         transfer.check_complete(received)
@@ -236,14 +241,22 @@ class Downloader:
         return size, digest
 
 
-def _adopt_legacy_part(final: Path) -> Path:
-    """The temporary file of ``final``, taking over an earlier version's ``<final>.part``."""
+def _prepare(final: Path) -> tuple[Path, int]:
+    """Make ``final``'s folder; return its temporary file (taking over an earlier version's
+    ``<final>.part``) and how many bytes that already holds. On the event loop: a few calls on
+    metadata, which cost less than the trip to a worker thread (about 50 µs of CPU)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
     part, legacy = part_path(final), legacy_part_path(final)
-    if not part.exists() and legacy.is_file():
+    try:
+        return part, part.stat().st_size
+    except FileNotFoundError:
+        pass
+    if legacy.is_file():
         # The legacy name of output N starts with "N-" and is not output N's own name, and the
         # store records one path per index: it cannot be another output's file.
         legacy.replace(part)
-    return part
+        return part, part.stat().st_size
+    return part, 0
 
 
 class _Decoder(Protocol):
@@ -336,7 +349,8 @@ class _Sink:
     Writeback starts early (:class:`_Writeback`): each batch is handed to the disk as soon as it
     is written, and the file's pages that are on disk are dropped from the page cache, so the
     disk works from the first batch on, the final ``fsync`` waits only for the last few, and a
-    large output does not push everything else out of memory.
+    large output does not push everything else out of memory. ``writeback=False`` (a small
+    output) leaves all of it to the final ``fsync``.
     """
 
     f: BinaryIO
@@ -344,11 +358,12 @@ class _Sink:
     written: int  # bytes in the file (at first, the offset a resumed download starts at)
     decoder: _Decoder
     on_bytes: OnBytes | None
-    _writeback: _Writeback = field(init=False)
+    writeback: bool = True
+    _writeback: _Writeback | None = field(init=False)
     _hasher: ThreadPoolExecutor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self._writeback = _Writeback(self.f.fileno(), self.written)
+        self._writeback = _Writeback(self.f.fileno(), self.written) if self.writeback else None
 
     def absorb(self, chunks: list[bytes], *, may_wait: bool = True) -> None:
         """Decode ``chunks`` as received, write them and add them to the digest (a compressed
@@ -375,8 +390,9 @@ class _Sink:
             else:
                 hashed.result()
         self.written += size
-        self.f.flush()
-        self._writeback.advance(self.written, may_wait=may_wait)
+        if self._writeback is not None:
+            self.f.flush()
+            self._writeback.advance(self.written, may_wait=may_wait)
         if self.on_bytes is not None:
             self.on_bytes(size)
 
@@ -542,6 +558,7 @@ class _Transfer:
     offset: int  # bytes already in the .part
     expected: int | None  # the body's length as announced
     decoder: _Decoder
+    inline: bool = False  # a small output: every batch written on the event loop
 
     async def stream(self, response: httpx.Response, sink: _Sink) -> int:
         """Receive the body on the event loop while a worker thread writes and hashes it; return
@@ -552,7 +569,8 @@ class _Transfer:
         receiving overlaps writing and hashing (both release the GIL) and memory stays at about
         two batches whatever the file's size. A batch already received is written even when the
         body is cut short, too slow, or the task is cancelled: those bytes stay in the ``.part``
-        for resuming.
+        for resuming. ``inline`` (a small output): each batch is written on the event loop, with
+        no thread and no early writeback (the final ``fsync`` does it all).
         """
         loop = asyncio.get_running_loop()  # the clock asyncio's timeouts run on
         started = last_report = last_handover = loop.time()
@@ -576,9 +594,14 @@ class _Transfer:
                             self._report(received, sink.written, now - started)
                         if batched >= BATCH_BYTES or now - last_handover >= HANDOVER_SECONDS:
                             last_handover = now
-                            if in_flight is not None:
-                                await asyncio.shield(in_flight)
-                            in_flight = asyncio.ensure_future(asyncio.to_thread(sink.absorb, batch))
+                            if self.inline:
+                                sink.absorb(batch, may_wait=False)
+                            else:
+                                if in_flight is not None:
+                                    await asyncio.shield(in_flight)
+                                in_flight = asyncio.ensure_future(
+                                    asyncio.to_thread(sink.absorb, batch)
+                                )
                             batch, batched = [], 0
             finally:
                 # Outside the time limit: a thread cannot be interrupted, so let it finish
