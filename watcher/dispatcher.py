@@ -131,8 +131,7 @@ class Dispatcher:
         ours (nor another replica's) takes over the work in flight; with no work running, it
         releases whatever lease is still in this replica's name (none, or a crashed task's).
         Raises :class:`StoreError` while the store still does not answer."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), self.store_health.next_delay())
+        await clock.wait(self.stopping, self.store_health.next_delay())
         if self._stopping:
             return
         now = self.now()
@@ -180,15 +179,13 @@ class Dispatcher:
         if timeout == 0.0:
             await asyncio.sleep(0)  # claimed a full batch: yield, then claim more
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        await clock.wait(self._wake, timeout)
 
     async def renew_loop(self) -> None:
         """Renew the leases of the work running, every third of a lease."""
         interval = self.lease_seconds / 3
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), interval)
+            await clock.wait(self.stopping, interval)
             if self._stopping or self.store_health.down:
                 continue  # the dispatch loop's probe renews every lease once the store is back
             try:

@@ -14,6 +14,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from watcher import clock
 from watcher.errors import StoreError
 from watcher.models import Kind
 from watcher.schedule import RELOAD_SECONDS, SAMPLE_SIZE, RenderStats
@@ -44,8 +45,7 @@ class RenderLearning:
         if self.store.is_exclusive:
             return
         while not self.stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), RELOAD_SECONDS)
+            await clock.wait(self.stopping, RELOAD_SECONDS)
             if not self.stopping.is_set():
                 with contextlib.suppress(StoreError):
                     await self.load()

@@ -32,7 +32,6 @@ store have no session to keep (one process works on them): the daemon makes no k
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass, field
@@ -115,8 +114,7 @@ class LivenessKeeper:
                 delay = retry_delay(
                     failures, self.rng, initial=self.retry_initial, maximum=self.retry_max
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), delay)
+                await clock.wait(self.stopping, delay)
                 if self.stopping.is_set():
                     return
             try:
@@ -141,8 +139,7 @@ class LivenessKeeper:
         """Every ``takeover_every`` seconds, while this replica is alive and the store answers:
         make the leases of replicas found dead due now, waking the fleet to take them over."""
         while not self.stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.takeover_every)
+            await clock.wait(self.stopping, self.takeover_every)
             if self.stopping.is_set() or not self._held or self.store_down():
                 continue
             try:
