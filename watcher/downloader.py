@@ -11,7 +11,9 @@ The order of writes for one output (what makes ``kill -9`` at any instant safe):
    ``Content-Length``/``Content-Range`` and, for a body the server compressed although it was
    asked for ``identity``, that the decompressor reached the end of the stream.
 3. The caller records size and sha256 in the store (``verified``).
-4. ``rename`` the temporary file to the final name (atomic), then ``fsync`` the directory.
+4. ``rename`` the temporary file to the final name (atomic), then ``fsync`` the directory, and
+   for each folder this download made (the project's, a kind's) the folder that holds it: the
+   new entries are durable too.
 5. The caller records the output ``saved``. Only then may a DELETE be sent.
 
 A reader therefore never sees a partial file under a final name. After a crash, an output in the
@@ -144,7 +146,7 @@ class Downloader:
 
     async def fetch(self, url: str, final: Path, on_verified: OnVerified) -> SavedFile:
         """Download ``url`` to ``final`` following the order of writes in the module docstring."""
-        part, offset = _prepare(final)
+        part, offset, made = _prepare(final)
         headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -165,7 +167,7 @@ class Downloader:
             raise DownloadError(f"the download failed ({type(exc).__name__})") from None
         sha256 = digest.hexdigest()
         await on_verified(size, sha256)
-        await asyncio.to_thread(_commit, part, final)
+        await asyncio.to_thread(_commit, part, final, made)
         return SavedFile(final, size, sha256, resumed_from=offset)
 
     def _check_response(
@@ -241,22 +243,34 @@ class Downloader:
         return size, digest
 
 
-def _prepare(final: Path) -> tuple[Path, int]:
+def _prepare(final: Path) -> tuple[Path, int, tuple[Path, ...]]:
     """Make ``final``'s folder; return its temporary file (taking over an earlier version's
-    ``<final>.part``) and how many bytes that already holds. On the event loop: a few calls on
-    metadata, which cost less than the trip to a worker thread (about 50 µs of CPU)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    ``<final>.part``), how many bytes that already holds, and the folders made (deepest first).
+    On the event loop: a few calls on metadata, which cost less than the trip to a worker thread
+    (about 50 µs of CPU)."""
+    made = _make_folders(final.parent)
     part, legacy = part_path(final), legacy_part_path(final)
     try:
-        return part, part.stat().st_size
+        return part, part.stat().st_size, made
     except FileNotFoundError:
         pass
     if legacy.is_file():
         # The legacy name of output N starts with "N-" and is not output N's own name, and the
         # store records one path per index: it cannot be another output's file.
         legacy.replace(part)
-        return part, part.stat().st_size
-    return part, 0
+        return part, part.stat().st_size, made
+    return part, 0, made
+
+
+def _make_folders(folder: Path) -> tuple[Path, ...]:
+    """Make ``folder`` and its missing parents; the folders made, deepest first."""
+    missing: list[Path] = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+    return tuple(missing)
 
 
 class _Decoder(Protocol):
@@ -646,11 +660,14 @@ class _Transfer:
             )
 
 
-def _commit(part: Path, final: Path) -> None:
-    """Rename the verified ``.part`` to its final name and make the rename durable."""
+def _commit(part: Path, final: Path, made: tuple[Path, ...] = ()) -> None:
+    """Rename the verified ``.part`` to its final name and make the rename durable, with the
+    entries of the folders ``made`` for it."""
     try:
         part.replace(final)
         _fsync_dir(final.parent)
+        for folder in made:
+            _fsync_dir(folder.parent)
     except OSError as exc:
         raise _disk_error(exc, final) from None
 

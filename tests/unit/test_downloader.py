@@ -127,6 +127,32 @@ async def test_full_download(final: Path) -> None:
     assert len(cdn.requests) == 1
 
 
+async def test_new_folders_are_made_durable_in_the_folders_that_hold_them(
+    final: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename is fsynced in its folder and each folder the download made in its parent,
+    before the output may be recorded saved; a second output in the same folder makes none."""
+    synced: list[Path] = []
+    real = watcher.downloader._fsync_dir
+
+    def spy(path: Path) -> None:
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(watcher.downloader, "_fsync_dir", spy)
+    root = final.parents[2]
+    root.mkdir()
+    sibling = final.with_name("1-output.mp4")
+    async with downloader(FakeCdn()) as d:
+        await d.fetch(URL, final, Verified(final))
+        made = list(synced)
+        synced.clear()
+        await d.fetch(URL, sibling, Verified(sibling))
+    project, kind = final.parent, final.parent.parent
+    assert made == [project, kind, root]  # the rename; the project's entry; the kind's entry
+    assert synced == [project]
+
+
 async def test_no_authorization_header_is_sent(final: Path) -> None:
     """Signed CDN links get a plain GET: no Authorization, no Range, no compression."""
     cdn = FakeCdn()
