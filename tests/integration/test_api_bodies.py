@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -170,7 +171,7 @@ async def test_hostile_bodies_end_as_clear_notes_and_final_states(tmp_path: Path
     env = {**os.environ, "WATCHER_DATABASE_URL": f"sqlite:///{tmp_path / 'watcher.db'}"}
     status = await asyncio.to_thread(
         subprocess.run,
-        ["watcher", "status", "--json"],
+        [sys.executable, "-m", "watcher", "status", "--json"],
         env=env,
         capture_output=True,
         check=True,
