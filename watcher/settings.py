@@ -205,13 +205,6 @@ class Settings(BaseSettings):
                 f"WATCHER_POLL_MAX ({self.poll_max:g}) must not be below "
                 f"WATCHER_POLL_INITIAL ({self.poll_initial:g})"
             )
-        if self.store_timeout > self.lease_seconds / 2:
-            # A lease is renewed every third of it: a renewal allowed more than half a lease
-            # could land after the lease ran out, and the work would be taken over meanwhile.
-            raise ValueError(
-                f"WATCHER_STORE_TIMEOUT ({self.store_timeout:g}) must be at most half of "
-                f"WATCHER_LEASE_SECONDS ({self.lease_seconds:g})"
-            )
         return self
 
     @field_validator(*SECRET_FIELDS)
