@@ -41,7 +41,7 @@ def watcher_env(server: SimulatorServer, root: Path, **extra: str) -> dict[str, 
         "WATCHER_MAX_CONCURRENT_REQUESTS": "16",
         "WATCHER_HTTP_ENABLED": "false",
         "WATCHER_LOG_LEVEL": "debug",
-        "WATCHER_LEASE_SECONDS": "10",
+        "WATCHER_LEASE_SECONDS": "10",  # the store timeout follows it: 5 s, half of it
         "WATCHER_SHUTDOWN_GRACE": "5",
     }
     env.update({f"WATCHER_{k.upper()}": v for k, v in extra.items()})

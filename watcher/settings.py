@@ -44,6 +44,8 @@ UNECHOED_FIELDS = SECRET_FIELDS | {"database_url", "storage_url"}
 _DNS_NAME = re.compile(r"[A-Za-z0-9_.-]{1,253}")
 
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
+# WATCHER_STORE_TIMEOUT when unset, unless half of WATCHER_LEASE_SECONDS is shorter.
+STORE_TIMEOUT = 10.0
 
 
 def _default_replica_id() -> str:
@@ -112,7 +114,7 @@ class Settings(BaseSettings):
     )
     lease_seconds: Annotated[float, Field(ge=5, le=3600)] = 60.0
     claim_interval: Annotated[float, Field(gt=0, le=3600)] = 1.0
-    store_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    store_timeout: Annotated[float, Field(gt=0, le=300)] = STORE_TIMEOUT
     store_retry_initial: PositiveSeconds = 0.5
     store_retry_max: PositiveSeconds = 5.0
 
@@ -205,7 +207,21 @@ class Settings(BaseSettings):
                 f"WATCHER_POLL_MAX ({self.poll_max:g}) must not be below "
                 f"WATCHER_POLL_INITIAL ({self.poll_initial:g})"
             )
+        self._store_timeout_within_half_a_lease()
         return self
+
+    def _store_timeout_within_half_a_lease(self) -> None:
+        """A lease is renewed every third of it: a renewal allowed more than half a lease could
+        land after the lease ran out, and another replica would take the work over meanwhile.
+        Unset, the store timeout follows a short lease (a lease alone is never refused); set,
+        a value over half the lease is refused."""
+        if "store_timeout" not in self.model_fields_set:
+            self.store_timeout = min(STORE_TIMEOUT, self.lease_seconds / 2)
+        elif self.store_timeout > self.lease_seconds / 2:
+            raise ValueError(
+                f"WATCHER_STORE_TIMEOUT ({self.store_timeout:g}) must be at most half of "
+                f"WATCHER_LEASE_SECONDS ({self.lease_seconds:g})"
+            )
 
     @field_validator(*SECRET_FIELDS)
     @classmethod

@@ -66,6 +66,19 @@ def test_bad_settings_exit_2_with_one_line_each(tmp_path: Path) -> None:
     assert "mhk_live_secret_value" not in result.stderr + result.stdout
 
 
+def test_a_store_timeout_over_half_the_lease_exits_2(tmp_path: Path) -> None:
+    """``watcher run`` with a store timeout longer than half the lease refuses to start, in one
+    line naming both settings and their values, and touches no database."""
+    db = tmp_path / "w.db"
+    lease = {"WATCHER_LEASE_SECONDS": "10", "WATCHER_STORE_TIMEOUT": "10"}
+    result = run(["run"], clean_env(WATCHER_DATABASE_URL=f"sqlite:///{db}", **lease))
+    assert (result.returncode, result.stderr) == (
+        2,
+        "watcher: WATCHER_STORE_TIMEOUT (10) must be at most half of WATCHER_LEASE_SECONDS (10)\n",
+    )
+    assert not db.exists()
+
+
 def test_missing_token_exits_2(tmp_path: Path) -> None:
     """``watcher run`` without a token refuses to start and says which variable to set."""
     result = run(["run"], clean_env(WATCHER_DATABASE_URL=f"sqlite:///{tmp_path / 'w.db'}"))

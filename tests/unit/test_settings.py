@@ -172,6 +172,44 @@ def test_poll_max_below_poll_initial() -> None:
     assert message == "WATCHER_POLL_MAX (5) must not be below WATCHER_POLL_INITIAL (10)"
 
 
+@pytest.mark.parametrize(
+    ("environ", "shown"),
+    [
+        (
+            {"WATCHER_LEASE_SECONDS": "10", "WATCHER_STORE_TIMEOUT": "6"},
+            "(6) must be at most half of WATCHER_LEASE_SECONDS (10)",
+        ),
+        (
+            {"WATCHER_STORE_TIMEOUT": "30.5"},
+            "(30.5) must be at most half of WATCHER_LEASE_SECONDS (60)",
+        ),
+    ],
+)
+def test_a_store_timeout_over_half_a_lease_is_refused(environ: dict[str, str], shown: str) -> None:
+    """A database call allowed longer than half a lease could renew it after it ran out: a
+    store timeout set over half the lease (the default lease's too) is refused, naming both."""
+    assert _config_error(environ) == f"WATCHER_STORE_TIMEOUT {shown}"
+
+
+@pytest.mark.parametrize(
+    ("environ", "store_timeout"),
+    [
+        ({}, 10.0),
+        ({"WATCHER_LEASE_SECONDS": "30"}, 10.0),
+        ({"WATCHER_LEASE_SECONDS": "10"}, 5.0),
+        ({"WATCHER_LEASE_SECONDS": "5"}, 2.5),
+        ({"WATCHER_LEASE_SECONDS": "10", "WATCHER_STORE_TIMEOUT": "5"}, 5.0),
+        ({"WATCHER_LEASE_SECONDS": "10", "WATCHER_STORE_TIMEOUT": "0.5"}, 0.5),
+    ],
+)
+def test_an_unset_store_timeout_follows_a_short_lease(
+    environ: dict[str, str], store_timeout: float
+) -> None:
+    """Unset, the store timeout is 10 s or half the lease if that is shorter: a lease alone is
+    never refused; half a lease set explicitly is fine."""
+    assert load_settings(environ).store_timeout == store_timeout
+
+
 def test_poll_max_equal_to_poll_initial_is_fine() -> None:
     """Equal bounds (a fixed poll interval) are allowed."""
     assert load_settings({"WATCHER_POLL_INITIAL": "3", "WATCHER_POLL_MAX": "3"}).poll_max == 3
