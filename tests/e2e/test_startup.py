@@ -1,5 +1,5 @@
 """Starting the ``watcher`` command in awkward conditions: stdout closed, a database that cannot
-be written (even by root), a second daemon reaching a locked database through a symlink."""
+be written (even by root), a second daemon reaching a locked database through a link."""
 
 from __future__ import annotations
 
@@ -101,9 +101,10 @@ def test_a_read_only_database_is_one_clear_line(tmp_path: Path, read_only: str) 
     assert "read-only" in line.lower() or "readonly" in line.lower(), line
 
 
-def test_a_symlink_to_a_served_database_cannot_start_a_second_daemon(tmp_path: Path) -> None:
-    """The one-daemon lock is the real file's: a second daemon reaching the same database
-    through a symlink (to the file, or to its folder) is refused."""
+def test_a_link_to_a_served_database_cannot_start_a_second_daemon(tmp_path: Path) -> None:
+    """The one-daemon lock is the file's own: a second daemon reaching the same database
+    through a symlink (to the file, or to its folder) or a hard link (in its folder or in
+    another) is refused."""
     real = tmp_path / "real"
     real.mkdir()
     env = clean_env(
@@ -124,7 +125,11 @@ def test_a_symlink_to_a_served_database_cannot_start_a_second_daemon(tmp_path: P
             time.sleep(0.02)
         (tmp_path / "link.db").symlink_to(real / "w.db")
         (tmp_path / "linked").symlink_to(real)
-        for path in (tmp_path / "link.db", tmp_path / "linked" / "w.db"):
+        (tmp_path / "other").mkdir()
+        os.link(real / "w.db", real / "hard.db")
+        os.link(real / "w.db", tmp_path / "other" / "w.db")
+        links = ("link.db", "linked/w.db", "real/hard.db", "other/w.db")
+        for path in (tmp_path / name for name in links):
             second = subprocess.run(
                 [*WATCHER, "run"],
                 env={**env, "WATCHER_DATABASE_URL": f"sqlite:///{path}"},

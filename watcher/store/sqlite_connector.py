@@ -10,10 +10,10 @@ The database is in WAL mode with ``synchronous=NORMAL``: a commit survives the p
 killed (``kill -9``) at any instant; :meth:`SQLiteConnector.flush` checkpoints the WAL, which
 fsyncs it, so what was committed also survives power loss.
 
-With ``exclusive=True`` (a daemon) it takes an ``flock`` on ``<db>.lock`` next to the real file
-(symlinks resolved, so a link to the same database cannot start a second daemon); other
-processes (``watcher track``, ``watcher status``) open the file without the lock, and WAL lets
-them read and insert while the daemon runs.
+With ``exclusive=True`` (a daemon) it takes an ``flock`` on the database file itself, so a
+second daemon reaching the same file by any name (a symlink, a hard link, a bind mount) is
+refused; other processes (``watcher track``, ``watcher status``) open the file without the lock,
+and WAL lets them read and insert while the daemon runs.
 
 Errors: a database that does not answer for now (busy past ``timeout`` because another process
 holds the write lock, a full or read-only volume, an I/O error) raises :class:`StoreUnavailable`;
@@ -140,9 +140,12 @@ class SQLiteConnector(Connector):
         )
 
     def _take_lock(self) -> None:
-        # The real file's lock: a symlink (or a path through a symlinked folder) to a database a
-        # daemon already serves must meet the same lock.
-        fd = os.open(os.path.realpath(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # On the file's inode, which every name of it reaches (a lock file beside the path does
+        # not: a hard link elsewhere names another). flock is apart from SQLite's POSIX locks,
+        # but closing any descriptor of the file drops this process's POSIX locks on it
+        # (sqlite.org/howtocorrupt.html, 2.2): it is opened before the connection and closed
+        # after it, and a refused daemon closes it before it has one.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
