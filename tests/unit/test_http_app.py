@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 
+import watcher.http.app
 from watcher import clock
 from watcher.errors import ConfigError, StoreError
 from watcher.http.app import create_app
@@ -89,6 +90,36 @@ async def test_readiness_fails_when_the_store_does_not_answer() -> None:
     assert ready.json()["checks"]["store"] == "unreachable"
     assert ready.json()["problems"] == ["the store does not answer: database is locked"]
     assert health.status_code == 200
+
+
+class HungStore(InMemoryStore):
+    """A store whose ping never answers (a frozen database), noting that it was cancelled."""
+
+    cancelled = False
+
+    async def ping(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+
+async def test_readiness_answers_in_bounded_time_when_the_store_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ping that never returns is given up after STORE_PING_SECONDS: /readyz answers 503
+    (the probe gets an answer, not a timeout of its own) and the ping is cancelled."""
+    monkeypatch.setattr(watcher.http.app, "STORE_PING_SECONDS", 0.05)
+    store = HungStore()
+    daemon = build(load_settings({"WATCHER_API_TOKEN": "t"}), store)
+    transport = httpx.ASGITransport(app=create_app(daemon, daemon.store, daemon.metrics))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["store"] == "unreachable"
+    assert ready.json()["problems"] == ["the store does not answer: timed out"]
+    assert store.cancelled
 
 
 @pytest.mark.parametrize(

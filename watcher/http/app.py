@@ -207,7 +207,8 @@ class _Handlers:
         problems: list[str] = []
         warnings: list[str] = []
         try:
-            await asyncio.wait_for(self.store.ping(), STORE_PING_SECONDS)
+            async with asyncio.timeout(STORE_PING_SECONDS):  # not wait_for: see watcher.clock
+                await self.store.ping()
             store = "ok"
         except (StoreError, TimeoutError) as exc:
             store = "unreachable"
