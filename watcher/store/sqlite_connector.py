@@ -1,6 +1,7 @@
 """The SQLite connector: one file (or ``:memory:``), one connection, one dedicated thread.
 
-Every statement runs on that thread, so the event loop never waits on the disk, and a
+Every statement runs on that thread (a :class:`~watcher.store.serial_thread.SerialThread`), so
+the event loop never waits on the disk, and a
 transaction runs there whole, in one hop: the work of :meth:`SQLiteConnector.transaction` is
 driven to its end on the thread (its session's methods never suspend), so nothing else can run
 on the connection in the middle of it. Writes run in ``BEGIN IMMEDIATE`` transactions: the
@@ -24,20 +25,19 @@ all says so in one line. Migrations (``sql/sqlite/migrations``) are counted in
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import json
 import os
 import sqlite3
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from watcher.errors import StoreError, StoreLocked, StoreUnavailable
 from watcher.store.connector import Connector, Params, Work
 from watcher.store.rows import Row
+from watcher.store.serial_thread import SerialThread
 from watcher.store.sql import load_migrations
 
 T = TypeVar("T")
@@ -90,20 +90,20 @@ class SQLiteConnector(Connector):
         self.exclusive = exclusive
         self.timeout = timeout
         self._conn: sqlite3.Connection | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: SerialThread | None = None
         self._lock_fd: int | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._executor is not None:
+        if self._thread is not None:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._thread = SerialThread("sqlite-store")
         try:
             await self.call(self._open_sync)
         except BaseException:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+            self._thread.stop()
+            self._thread = None
             raise
 
     def _open_sync(self) -> None:
@@ -157,11 +157,13 @@ class SQLiteConnector(Connector):
         self._lock_fd = fd
 
     async def close(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is None:
+        thread, self._thread = self._thread, None
+        if thread is None:
             return
-        await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
-        executor.shutdown(wait=True)
+        try:
+            await thread.run(self._close_sync)
+        finally:
+            thread.stop()
 
     def _close_sync(self) -> None:
         if self._conn is not None:
@@ -175,11 +177,10 @@ class SQLiteConnector(Connector):
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:  # noqa: ANN401
         """Run ``fn(*args)`` on the connector's thread, its ``sqlite3`` errors wrapped."""
-        if self._executor is None:
+        if self._thread is None:
             raise StoreError("the store is not open")
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
+            return await self._thread.run(fn, *args)
         except sqlite3.Error as exc:
             raise wrap_error(self.path, exc) from exc
 
