@@ -158,6 +158,15 @@ def repair_standard_streams() -> None:
         sys.stdout = sys.stderr
 
 
+def _shared(writer: structlog.WriteLogger) -> Callable[..., structlog.WriteLogger]:
+    """A logger factory that hands out ``writer`` itself, whatever the logger's name."""
+
+    def factory(*_args: object) -> structlog.WriteLogger:
+        return writer
+
+    return factory
+
+
 def configure(level: str = "info", fmt: str | None = None, stream: TextIO | None = None) -> None:
     """Set up structlog. ``fmt`` is ``json``, ``console``, or ``None`` for "console on a TTY"."""
     out = cast("TextIO", _ClosedReaderSafe(stream or sys.stdout))
@@ -180,7 +189,10 @@ def configure(level: str = "info", fmt: str | None = None, stream: TextIO | None
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        # One writer for every event: structlog's WriteLoggerFactory builds a new one (and
+        # looks up the file's lock) at each call of a module's lazy logger, since loggers are
+        # not cached (capture_logs in tests reconfigures them).
+        logger_factory=_shared(structlog.WriteLogger(out)),
         cache_logger_on_first_use=False,
     )
     # Libraries log through the standard library; keep their chatter (request lines) out.
