@@ -204,7 +204,10 @@ class SqlStore(Store, Generic[C]):
 
     async def _change(self, s: Session, claim: Claim, change: Change) -> None:
         """Write ``change`` of the claimed project (inside a transaction)."""
-        after = change(await self._claimed(s, claim))
+        await self._write(s, change(await self._claimed(s, claim)))
+
+    async def _write(self, s: Session, after: ProjectRecord) -> None:
+        """Write the claimed project's record as a transition made it (fenced by its lease)."""
         await s.execute(self._q["write_project"], project_changes(after))
 
     async def _outputs(self, s: Session, project_id: str) -> list[OutputRecord]:
@@ -230,7 +233,7 @@ class SqlStore(Store, Generic[C]):
             after = change(await self._claimed(s, claim))
             outputs = await self._outputs(s, claim.id)
             t.require_saved(claim.id, after.state, outputs)
-            await s.execute(self._q["write_project"], project_changes(after))
+            await self._write(s, after)
             if notify is None:
                 return
             row = await s.fetchone(self._q["get_project"], {"id": claim.id})
@@ -268,10 +271,10 @@ class SqlStore(Store, Generic[C]):
         self, query: str, claim: Claim, *, progress: bool = False, **params: object
     ) -> None:
         async def work(s: Session) -> None:
-            await self._claimed(s, claim)
+            before = await self._claimed(s, claim)  # the fence, and what progress changes
             await s.execute(self._q[query], {"project_id": claim.id, **params})
             if progress:
-                await self._change(s, claim, t.progressed)
+                await self._write(s, t.progressed(before))
 
         await self.connector.transaction(work)
 

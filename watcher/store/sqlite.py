@@ -68,14 +68,20 @@ class SQLiteStore(SqlStore[SQLiteConnector]):
         until = now + lease_seconds
 
         async def work(s: Session) -> list[Claim]:
+            rows = await s.fetchall(_Q["select_due"], {"now": now, "limit": limit})
+            if not rows:
+                return []
+            # One bump of the counter for the whole batch: versions first..last, in due order.
+            (bumped,) = await s.fetchall(_Q["next_lease_versions"], {"n": len(rows)})
+            first = bumped["last"] - len(rows) + 1
             claims = []
-            for row in await s.fetchall(_Q["select_due"], {"now": now, "limit": limit}):
-                (bumped,) = await s.fetchall(_Q["next_lease_version"], {})
-                version = bumped["last"]
-                params = {"id": row["id"], "until": until, "owner": owner, "version": version}
-                await s.execute(_Q["lease_project"], params)
+            for version, row in enumerate(rows, start=first):
                 record = t.leased(project_from_row(row), owner=owner, until=until, version=version)
                 claims.append(Claim(record, version))
+            leases = [
+                {"id": c.id, "until": until, "owner": owner, "version": c.version} for c in claims
+            ]
+            await s.executemany(_Q["lease_project"], leases)
             return claims
 
         return await self.connector.transaction(work)

@@ -49,8 +49,9 @@ WHERE state IN {active} AND due_at <= :now
 ORDER BY due_at
 LIMIT :limit
 
--- name: next_lease_version
-UPDATE lease_versions SET last = last + 1 RETURNING last
+-- name: next_lease_versions
+-- :n versions for one claim of :n projects: last - :n + 1 .. last, each used once.
+UPDATE lease_versions SET last = last + :n RETURNING last
 
 -- name: lease_project
 UPDATE projects
