@@ -467,12 +467,14 @@ class Workflow:
         to save are the ones the store lists after the fresh GET, new ones included."""
         pending = _unsaved(rows)
         refused = 0  # links refused in a row, with no output saved in between
+        recorded = False  # whether the last save recorded the project saved with it
         try:
             while pending:
                 row = pending[0]
+                last = len(pending) == 1
                 before = await part_size(None if self.uploader else self.download_dir, row)
                 try:
-                    await self._save_output(claim, row)
+                    await self._save_output(claim, row, last=last)
                 except DownloadUrlExpired as exc:
                     refused += 1
                     if refused > self.limits.give_up.refused_links:
@@ -498,19 +500,29 @@ class Workflow:
                     return
                 pending.pop(0)
                 refused = 0
+                recorded = last
         except InvalidProjectId as exc:
             await self._finish(claim, State.FAILED, failure=str(exc))
             return
-        await self._all_saved(claim)
+        if not recorded:  # nothing was left to save
+            await self._output_saved(claim, None, last=True)
+        p = claim.project
+        if p.delete_after_download:
+            await self._delete(claim)
+            return
+        self.metrics.finished.labels(State.SAVED.value).inc()
+        log.info("project_saved", project_id=p.id, kind=p.kind.value, state=State.SAVED.value)
 
-    async def _save_output(self, claim: Claim, row: OutputRecord) -> None:
+    async def _save_output(self, claim: Claim, row: OutputRecord, *, last: bool) -> None:
+        """Save one output; ``last``: the project's last one to save (see
+        :meth:`_output_saved`)."""
         if self.uploader is not None:
-            await self._save_object(claim, row, self.uploader)
+            await self._save_object(claim, row, self.uploader, last=last)
             return
         final = resolve_inside(self.download_dir, row.path)
         if row.state == OutputState.VERIFIED and row.bytes is not None and row.sha256:
             if await asyncio.to_thread(finish_from_disk, final, row.bytes, row.sha256):
-                await self.store.record_output_saved(claim, index=row.index, now=self.now())
+                await self._output_saved(claim, row.index, last=last)
                 log.info(
                     "download_recovered", project_id=claim.id, index=row.index, path=str(final)
                 )
@@ -522,9 +534,13 @@ class Workflow:
         async with self.download_gate.slot(row.expires_at):
             saved = await self.downloader.fetch(row.url, final, on_verified)
         where = {"path": str(final), "resumed_from": saved.resumed_from}
-        await self._saved(claim, row, started, size=saved.size, sha256=saved.sha256, **where)
+        await self._saved(
+            claim, row, started, last=last, size=saved.size, sha256=saved.sha256, **where
+        )
 
-    async def _save_object(self, claim: Claim, row: OutputRecord, uploader: Uploader) -> None:
+    async def _save_object(
+        self, claim: Claim, row: OutputRecord, uploader: Uploader, *, last: bool
+    ) -> None:
         """Save one output into object storage, in the order of writes of
         :mod:`watcher.objects`: a verified one is finished from the bucket if it can be; any
         other starts again under a new temporary key, recorded before the first byte."""
@@ -532,7 +548,7 @@ class Workflow:
         size, sha256 = row.bytes, row.sha256
         verified = row.state == OutputState.VERIFIED and size is not None and sha256
         if verified and await uploader.finish(row.upload_key, row.path, size or 0, sha256 or ""):
-            await self.store.record_output_saved(claim, index=row.index, now=self.now())
+            await self._output_saved(claim, row.index, last=last)
             log.info("download_recovered", project_id=claim.id, index=row.index, url=url)
             return
         if row.upload_key is not None:  # an upload of an earlier attempt: gone for good
@@ -546,7 +562,9 @@ class Workflow:
         started = clock.monotonic()
         async with self.download_gate.slot(row.expires_at):
             saved = await uploader.upload(row.url, row.path, key, on_verified)
-        await self._saved(claim, row, started, size=saved.size, sha256=saved.sha256, url=saved.url)
+        await self._saved(
+            claim, row, started, last=last, size=saved.size, sha256=saved.sha256, url=saved.url
+        )
 
     async def _saved(
         self,
@@ -554,14 +572,15 @@ class Workflow:
         row: OutputRecord,
         started: float,
         *,
+        last: bool,
         size: int,
         sha256: str,
         **where: object,
     ) -> None:
         """Record an output saved (the last step of either order of writes); count and log it
         with ``where`` it is (its ``path`` on disk, or its object's ``url``)."""
+        await self._output_saved(claim, row.index, last=last)
         now = self.now()
-        await self.store.record_output_saved(claim, index=row.index, now=now)
         elapsed = clock.monotonic() - started
         self.metrics.downloads.labels("saved").inc()
         self.metrics.download_seconds.observe(elapsed)
@@ -578,22 +597,22 @@ class Workflow:
             expires_in=round(row.expires_at - now, 1),
         )
 
-    async def _all_saved(self, claim: Claim) -> None:
-        p = claim.project
+    async def _output_saved(self, claim: Claim, index: int | None, *, last: bool) -> None:
+        """Record output ``index`` saved. The project's ``last`` one to save (or ``None``, when
+        none was left to save) ends the project ``saved``, or moves it on to ``deleting``, in
+        the same transaction: one commit, not two, and the same rows written."""
         now = self.now()
-        delete = p.delete_after_download
+        if not last and index is not None:
+            await self.store.record_output_saved(claim, index=index, now=now)
+            return
         await self.store.record_saved(
             claim,
             now=now,
             due_at=now + self.lease_seconds,
-            delete_next=delete,
+            delete_next=claim.project.delete_after_download,
             notify=self._announce,
+            last_output=index,
         )
-        if delete:
-            await self._delete(claim)
-            return
-        self.metrics.finished.labels(State.SAVED.value).inc()
-        log.info("project_saved", project_id=p.id, kind=p.kind.value, state=State.SAVED.value)
 
     async def _delete(self, claim: Claim) -> None:
         p = claim.project

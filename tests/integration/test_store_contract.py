@@ -522,6 +522,50 @@ async def saving_one_of_two(store: Store, *, delete: bool = False) -> Claim:
 
 
 @pytest.mark.parametrize("delete_next", [False, True])
+async def test_the_last_output_saved_and_the_project_saved_in_one_write(
+    store: Store, delete_next: bool
+) -> None:
+    """record_saved with ``last_output`` records that output saved and ends the project in one
+    transaction: the event built from the rows written shows the output saved."""
+    c = await saving_one_of_two(store, delete=delete_next)
+    await store.record_output_verified(c, index=1, size=10, sha256="cd" * 32)
+    seen: list[list[OutputState]] = []
+
+    def notify(_p: ProjectRecord, outputs: list[OutputRecord]) -> str:
+        seen.append([o.state for o in outputs])
+        return "{}"
+
+    await store.record_saved(
+        c, now=T0 + 3, due_at=T0 + 9, delete_next=delete_next, notify=notify, last_output=1
+    )
+    p = await store.get("p")
+    assert p is not None
+    assert p.state == (State.DELETING if delete_next else State.SAVED)
+    assert (p.failures, p.failure) == (0, None)
+    rows = await store.outputs("p")
+    assert [(o.state, o.saved_at) for o in rows] == [
+        (OutputState.SAVED, T0 + 1),
+        (OutputState.SAVED, T0 + 3),
+    ]
+    assert seen == ([] if delete_next else [[OutputState.SAVED, OutputState.SAVED]])
+
+
+async def test_a_last_output_refused_with_the_project_is_not_recorded_saved(store: Store) -> None:
+    """When record_saved with ``last_output`` is refused (another output is not saved),
+    nothing is written: that output stays verified."""
+    c = await saving_one_of_two(store)
+    await store.record_output_verified(c, index=1, size=10, sha256="cd" * 32)
+    await store.reset_output(c, index=0)
+    with pytest.raises(OutputsNotSaved, match=r"output\(s\) 0 not saved"):
+        await store.record_saved(c, now=T0 + 3, due_at=T0 + 9, delete_next=False, last_output=1)
+    rows = await store.outputs("p")
+    assert [o.state for o in rows] == [OutputState.PENDING, OutputState.VERIFIED]
+    p = await store.get("p")
+    assert p is not None
+    assert p.state == State.DOWNLOADING
+
+
+@pytest.mark.parametrize("delete_next", [False, True])
 async def test_a_project_with_an_unsaved_output_cannot_be_saved(
     store: Store, delete_next: bool
 ) -> None:

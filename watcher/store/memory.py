@@ -223,11 +223,22 @@ class InMemoryStore(Store):
         self._output_write(claim, index, t.output_reset)
 
     async def _finish(
-        self, claim: Claim, change: Change, *, now: float, notify: NotificationBuilder | None
+        self,
+        claim: Claim,
+        change: Change,
+        *,
+        now: float,
+        notify: NotificationBuilder | None,
+        saved_output: int | None = None,
     ) -> None:
         after = change(self._fenced(claim))
-        outputs = await self.outputs(claim.id)
+        rows = dict(self.output_rows.get(claim.id, {}))  # written below only if not refused
+        if saved_output is not None:
+            rows[saved_output] = t.output_saved(rows[saved_output], now=now)
+        outputs = [rows[i] for i in sorted(rows)]
         t.require_saved(claim.id, after.state, outputs)
+        if saved_output is not None:
+            self.output_rows[claim.id] = rows
         self.projects[claim.id] = after
         if notify is not None:
             body = notify(after, outputs)

@@ -224,13 +224,17 @@ class SqlStore(Store, Generic[C]):
         *,
         now: float,
         notify: NotificationBuilder | None,
+        saved_output: int | None = None,
     ) -> None:
         """Write ``change`` of the project (refused unless every output is saved where its new
-        state needs it) and queue the event ``notify`` builds from the row as written, in one
-        transaction."""
+        state needs it, ``saved_output`` recorded saved first) and queue the event ``notify``
+        builds from the row as written, in one transaction."""
 
         async def work(s: Session) -> None:
             after = change(await self._claimed(s, claim))
+            if saved_output is not None:
+                params = {"project_id": claim.id, "idx": saved_output, "now": now}
+                await s.execute(self._q["output_saved"], params)
             outputs = await self._outputs(s, claim.id)
             t.require_saved(claim.id, after.state, outputs)
             await self._write(s, after)

@@ -27,11 +27,18 @@ class TransitionWrites(abc.ABC):
 
     @abc.abstractmethod
     async def _finish(
-        self, claim: Claim, change: Change, *, now: float, notify: NotificationBuilder | None
+        self,
+        claim: Claim,
+        change: Change,
+        *,
+        now: float,
+        notify: NotificationBuilder | None,
+        saved_output: int | None = None,
     ) -> None:
         """Write ``change`` of the claimed project (fenced; refused with ``OutputsNotSaved``
         unless every output is saved where its new state needs it) and queue the event
-        ``notify`` builds from the row as written, in one transaction."""
+        ``notify`` builds from the row as written, in one transaction; with ``saved_output``,
+        that output is recorded saved at ``now`` first, in the same transaction."""
 
     async def record_poll(
         self,
@@ -85,16 +92,21 @@ class TransitionWrites(abc.ABC):
         due_at: float,
         delete_next: bool,
         notify: NotificationBuilder | None = None,
+        last_output: int | None = None,
     ) -> None:
         """Every output is saved: finish as ``saved`` (lease released, and the event ``notify``
         builds from the row just written queued with it), or move to ``deleting`` keeping the
-        lease until ``due_at``. Refused with :class:`OutputsNotSaved` (nothing written) if an
-        output is not saved."""
+        lease until ``due_at``. ``last_output``: the output whose save completes the set,
+        recorded saved (as :meth:`record_output_saved` would) in the same transaction, so
+        the last save and the project's end cost one commit. Refused with
+        :class:`OutputsNotSaved` (nothing written, that output's save neither) if an output
+        is not saved."""
         await self._finish(
             claim,
             lambda p: t.saved(p, now=now, due_at=due_at, delete_next=delete_next),
             now=now,
             notify=None if delete_next else notify,
+            saved_output=last_output,
         )
 
     async def record_final(
