@@ -1,7 +1,8 @@
 """What a SQLite store transaction costs, and the most group commit could save.
 
     python bench/store_tx.py [UPDATES]
-    python bench/store_tx.py --polls [--projects N] [--polls-per-round P] [--rounds R]
+    python bench/store_tx.py --polls [--projects N] [--polls-per-round P] [--saves-per-round S]
+                                     [--rounds R]
 
 Through the real :class:`~watcher.store.sqlite_connector.SQLiteConnector` (its thread hop,
 ``BEGIN IMMEDIATE``, ``COMMIT``) on a file in a temporary folder: ``UPDATES`` (20,000) single-row
@@ -13,10 +14,10 @@ would run them. Prints the process CPU per UPDATE of each way. Not run by ``benc
 :class:`~watcher.store.sqlite.SQLiteStore`, the way the daemon's 40 tasks at a time call it. N
 projects (1,000) are tracked; a poll is one ``claim_due`` of one project (the dispatcher claims
 as work ends) and its ``record_poll``; a save is a claim, ``record_complete`` with one output,
-``record_output_verified``, ``record_output_saved`` and ``record_saved``. The CPU of the process
-(``time.process_time``, the store's thread included) per poll and per save is printed for each
-of R rounds, and the median. To compare two versions of the code, run it from each tree
-(``PYTHONPATH=TREE python bench/store_tx.py --polls``), alternating.
+``record_output_verified``, ``record_output_saved`` and ``record_saved`` (S per round, at most N).
+The CPU of the process (``time.process_time``, the store's thread included) per poll and per
+save is printed for each of R rounds, and the median. To compare two versions of the code, run
+it from each tree (``PYTHONPATH=TREE python bench/store_tx.py --polls``), alternating.
 """
 
 from __future__ import annotations
@@ -149,11 +150,12 @@ async def measure_polls(args: argparse.Namespace, folder: Path) -> None:
     await store.track(refs, now=time.time() - 1, delete_after_download=False)
     await _polls(store, TASKS)  # warm: statements prepared
     per_poll, per_save = [], []
+    saves = min(args.saves_per_round, args.projects)  # each saved project is claimed once
     for r in range(args.rounds):
         poll = await _polls(store, args.polls_per_round)
-        save = await _saves(store, args.polls_per_round // 4)
+        save = await _saves(store, saves)
         per_poll.append(1e6 * poll / args.polls_per_round)
-        per_save.append(1e6 * save / (args.polls_per_round // 4))
+        per_save.append(1e6 * save / saves)
         print(f"round {r + 1}: {per_poll[-1]:.0f} us CPU per poll, {per_save[-1]:.0f} us per save")
     await store.close()
     print(
@@ -169,6 +171,7 @@ def main() -> int:
     parser.add_argument("--polls", action="store_true", help="the store's CPU per poll and save")
     parser.add_argument("--projects", type=int, default=1000)
     parser.add_argument("--polls-per-round", type=int, default=8000)
+    parser.add_argument("--saves-per-round", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     import watcher  # noqa: PLC0415
