@@ -3,8 +3,9 @@
 Every statement runs on that thread (a :class:`~watcher.store.serial_thread.SerialThread`), so
 the event loop never waits on the disk, and a transaction runs there whole, in one hop: the work
 of :meth:`SQLiteConnector.transaction` is driven to its end on the thread (its session's methods
-never suspend), so nothing else can run on the connection in the middle of it. Writes run in ``BEGIN IMMEDIATE`` transactions: the
-single writer takes the lock up front and waits for it up to ``timeout`` (``busy_timeout``).
+never suspend), so nothing else can run on the connection in the middle of it. Writes run in
+``BEGIN IMMEDIATE`` transactions: the single writer takes the lock up front and waits for it up
+to ``timeout`` (``busy_timeout``).
 
 The database is in WAL mode with ``synchronous=NORMAL``: a commit survives the process being
 killed (``kill -9``) at any instant; :meth:`SQLiteConnector.flush` checkpoints the WAL, which
