@@ -69,6 +69,32 @@ async def test_a_call_cancelled_before_it_begins_is_not_run() -> None:
     assert ran == ["block", "after"]
 
 
+def test_a_loop_closed_with_a_call_running_does_not_stall_the_next_loop() -> None:
+    """A call still running when its loop closes (its caller gone) is dropped; calls made
+    from the next loop (a CLI command's second asyncio.run) are still answered."""
+    thread = SerialThread("serial-test")
+    started, release = threading.Event(), threading.Event()
+
+    def block() -> int:
+        started.set()
+        release.wait()
+        return 1
+
+    async def leave_running() -> None:
+        thread.run(block)  # never awaited: the loop closes while it runs
+        await asyncio.to_thread(started.wait)
+
+    async def ask() -> int:
+        return await thread.run(lambda: 5)
+
+    try:
+        asyncio.run(leave_running())
+        release.set()
+        assert asyncio.run(ask()) == 5
+    finally:
+        thread.stop()
+
+
 def test_stop_is_safe_twice() -> None:
     """Stopping ends the thread; a second stop does nothing."""
     thread = SerialThread("serial-test")

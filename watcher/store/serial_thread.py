@@ -68,8 +68,10 @@ class SerialThread:
             self._outcomes.append(outcome)
             if not self._wake_pending:
                 self._wake_pending = True
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                try:
                     future.get_loop().call_soon_threadsafe(self._deliver)
+                except RuntimeError:  # its loop is closed: nobody waits for this one, but
+                    self._wake_pending = False  # a call from the next loop must be delivered
 
     # --- the loop -------------------------------------------------------------------------------
 
