@@ -14,7 +14,8 @@ would run them. Prints the process CPU per UPDATE of each way. Not run by ``benc
 :class:`~watcher.store.sqlite.SQLiteStore`, the way the daemon's 40 tasks at a time call it. N
 projects (1,000) are tracked; a poll is one ``claim_due`` of one project (the dispatcher claims
 as work ends) and its ``record_poll``; a save is a claim, ``record_complete`` with one output,
-``record_output_verified``, ``record_output_saved`` and ``record_saved`` (S per round, at most N).
+``record_output_verified`` and ``record_saved`` with that output's save in its transaction, as
+the workflow saves a project's last output (S per round, at most N).
 The CPU of the process (``time.process_time``, the store's thread included) per poll and per
 save is printed for each of R rounds, and the median. To compare two versions of the code, run
 it from each tree (``PYTHONPATH=TREE python bench/store_tx.py --polls``), alternating.
@@ -126,8 +127,7 @@ async def _saves(store: SQLiteStore, saves: int) -> float:
         new = NewOutput(0, f"https://cdn.test/{i}.png", now + 86400, f"image/{claim.id}/0.png")
         await store.record_complete(claim, now=now, due_at=now + 300, outputs=[new])
         await store.record_output_verified(claim, index=0, size=200_000, sha256="0" * 64)
-        await store.record_output_saved(claim, index=0, now=now)
-        await store.record_saved(claim, now=now, due_at=now, delete_next=False)
+        await store.record_saved(claim, now=now, due_at=now, delete_next=False, last_output=0)
 
     started = time.process_time()
     for first in range(0, saves, TASKS):
