@@ -5,9 +5,12 @@ it matters), so the schedule is testable without sleeping.
 
 ``PollPolicy.base`` is the shortest delay between two polls of one project: the initial delay
 scaled by how slow its kind and status usually are (a queued video waits longer than a rendering
-image); :mod:`watcher.schedule` decides how the delays are laid out around it. Retries after a
-fault use exponential backoff with full jitter, with a server's ``Retry-After`` as a floor. The
-attempt counter (polls at the same status) restarts when the status changes.
+image). ``PollPolicy.interval`` backs off from it gently: each poll that finds the status
+unchanged waits ``GROWTH`` times longer than the one before, up to ``LAG_FACTOR`` times the base,
+the longest interval and so the bound on detection lag; the attempt counter (polls at the same
+status) restarts when the status changes, and with it the interval. :mod:`watcher.schedule`
+decides how the intervals are laid out around a render's usual window. Retries after a fault use
+exponential backoff with full jitter, with a server's ``Retry-After`` as a floor.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ STATUS_FACTOR: dict[RemoteStatus | None, float] = {
 
 MAX_EXPONENT = 30
 
+# The gentle backoff of polls at an unchanged status: 20 % longer each time, up to 1.4 times the
+# base. A status that just changed is looked at again soon (a short render ends within an
+# interval or two of starting); one that keeps not changing costs at most 1 / LAG_FACTOR of the
+# polls of a fixed interval, and is seen at most LAG_FACTOR times the base after it changes.
+GROWTH = 1.2
+LAG_FACTOR = 1.4
+
 
 @dataclass(frozen=True, slots=True)
 class PollPolicy:
@@ -44,6 +54,13 @@ class PollPolicy:
         """The shortest delay for this kind and status."""
         factor = KIND_FACTOR[kind] * STATUS_FACTOR.get(status, 1.0)
         return min(self.maximum, self.initial * factor)
+
+    def interval(self, kind: Kind, status: RemoteStatus | None, attempt: int) -> float:
+        """The delay after ``attempt`` polls in a row found ``status`` unchanged: the base,
+        ``GROWTH`` times longer per such poll, at most ``LAG_FACTOR`` times the base (and
+        ``maximum``)."""
+        growth = min(LAG_FACTOR, GROWTH ** min(max(attempt, 0), MAX_EXPONENT))
+        return min(self.maximum, self.base(kind, status) * growth)
 
     def retry_delay(
         self, failures: int, rng: random.Random, retry_after: float | None = None

@@ -388,7 +388,13 @@ class Workflow:
             attempt = next_attempt(p.remote_status, status, p.attempt)
             window = self.render_stats.window(p.kind)
             delay = next_poll_delay(
-                self.policy, p.kind, status, age=now - p.tracked_at, rng=self.rng, window=window
+                self.policy,
+                p.kind,
+                status,
+                age=now - p.tracked_at,
+                attempt=attempt,
+                rng=self.rng,
+                window=window,
             )
             delay = self.announcements.poll_delay(p.kind, delay)
             await self.store.record_poll(

@@ -13,7 +13,9 @@ import random
 import pytest
 
 from watcher.backoff import (
+    GROWTH,
     KIND_FACTOR,
+    LAG_FACTOR,
     STATUS_FACTOR,
     GiveUpLimits,
     PollPolicy,
@@ -67,6 +69,37 @@ def test_base_above_the_maximum_is_clamped() -> None:
     """When kind and status factors push the base past the maximum, it is the maximum."""
     policy = PollPolicy(initial=10.0, maximum=12.0)
     assert policy.base(Kind.VIDEO, RemoteStatus.DRAFT) == 12.0
+
+
+@pytest.mark.parametrize(("kind", "status"), list(itertools.product(Kind, STATUSES)))
+def test_the_interval_backs_off_from_the_base_to_the_lag_bound(
+    kind: Kind, status: RemoteStatus | None
+) -> None:
+    """Each poll at an unchanged status waits GROWTH times longer, never below the base nor
+    above LAG_FACTOR times it, whatever the attempt counter says (a negative or huge one too)."""
+    base = _base(kind, status)
+    intervals = [POLICY.interval(kind, status, attempt) for attempt in ATTEMPTS]
+    assert intervals == sorted(intervals)
+    for attempt, interval in zip(ATTEMPTS, intervals, strict=True):
+        assert base <= interval <= min(POLICY.maximum, LAG_FACTOR * base)
+        if attempt <= 0:
+            assert interval == base
+    assert intervals[-1] == min(POLICY.maximum, LAG_FACTOR * base)
+
+
+def test_the_interval_grows_by_a_fifth_per_unchanged_poll() -> None:
+    """1, 1.2, then the bound of 1.4 times the base: a gentle backoff, reached in two polls."""
+    policy = PollPolicy(initial=1.0, maximum=60.0)
+    steps = [policy.interval(Kind.IMAGE, RemoteStatus.RENDERING, a) for a in range(5)]
+    assert steps == pytest.approx([1.0, GROWTH, LAG_FACTOR, LAG_FACTOR, LAG_FACTOR])
+    assert policy.interval(Kind.VIDEO, RemoteStatus.QUEUED, 9) == pytest.approx(2.5 * 2 * 1.4)
+
+
+def test_the_interval_never_exceeds_the_maximum() -> None:
+    """A base near POLL_MAX backs off no further than POLL_MAX."""
+    policy = PollPolicy(initial=10.0, maximum=12.0)
+    assert policy.interval(Kind.IMAGE, RemoteStatus.RENDERING, 0) == 10.0
+    assert policy.interval(Kind.IMAGE, RemoteStatus.RENDERING, 5) == 12.0
 
 
 @pytest.mark.parametrize(
