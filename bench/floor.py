@@ -12,20 +12,35 @@ Candidates (``CANDIDATES``):
 - ``httpx (httpcore)``: ``httpx.AsyncClient`` on its default transport (what the SDK uses);
 - ``httpx + aiohttp (watcher)``: the watcher's own client, :func:`watcher.transport.http_client`
   (``httpx_aiohttp``'s transport with the error mapping);
-- ``aiohttp alone``: a bare ``aiohttp.ClientSession``, the floor under the previous one.
+- ``aiohttp alone``: a bare ``aiohttp.ClientSession``, the floor under the previous one;
+- ``watcher get_project``: the API GETs only, through the watcher's own
+  :meth:`watcher.api.MagicHourClient.get_project` on that client, wired as the daemon wires it
+  (its throttle out of the way, metrics on): the floor plus what the API client adds per GET
+  (headers, the throttle, retries, the body's cap, the project's validation).
+
+``python bench/floor.py [--requests N] [--rounds R] [--candidate C ...]`` runs the GETs alone
+(no downloads) R times and prints each round's table and the least CPU per GET of each
+candidate: the least is the round the machine's other load disturbed least. To compare two
+versions of the watcher, run it from each tree (``PYTHONPATH=TREE python bench/floor.py
+--candidate 'watcher get_project'``), alternating.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import resource
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import httpx
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from bench.sim import SimProcess
 from bench.stats import fmt, markdown_table, ratio
@@ -115,6 +130,31 @@ def _aiohttp_sender(session: aiohttp.ClientSession, base: str, headers: dict[str
     return send
 
 
+def _api_sender(http: httpx.AsyncClient, sim: SimProcess) -> Send:
+    """``get_project`` of the watcher's API client, as :func:`watcher.wiring.build` makes it."""
+    from pydantic import SecretStr  # noqa: PLC0415 - only this candidate needs the watcher
+
+    from watcher.api import MagicHourClient  # noqa: PLC0415
+    from watcher.metrics import Metrics  # noqa: PLC0415
+    from watcher.models import Kind, ProjectRef  # noqa: PLC0415
+    from watcher.throttle import Throttle  # noqa: PLC0415
+
+    api = MagicHourClient(
+        http,
+        base_url=sim.base_url,
+        token=SecretStr(sim.token),
+        throttle=Throttle(rate=1_000_000.0, concurrency=WIDE),
+        metrics=Metrics(),
+        user_agent="magic-hour-watcher/bench (replica floor)",
+    )
+
+    async def send(path: str, stream: bool) -> None:
+        del stream  # GETs only
+        await api.get_project(ProjectRef(Kind.IMAGE, path.rsplit("/", 1)[1]))
+
+    return send
+
+
 async def _run(
     send: Send, paths: list[str], *, stream: bool, in_flight: int
 ) -> tuple[float, float]:
@@ -148,6 +188,13 @@ async def _measure(client: str, sim: SimProcess, workloads: list[Workload]) -> l
                 seconds, cpu = await _run(
                     _httpx_sender(http, headers), paths, stream=stream, in_flight=in_flight
                 )
+        elif client == API:
+            if stream:
+                continue  # the API client makes no downloads
+            async with _watcher_client(sim.base_url) as http:
+                seconds, cpu = await _run(
+                    _api_sender(http, sim), paths, stream=stream, in_flight=in_flight
+                )
         else:
             async with aiohttp.ClientSession() as session:
                 seconds, cpu = await _run(
@@ -172,24 +219,29 @@ def _watcher_client(base_url: str) -> httpx.AsyncClient:
 HTTPX = "httpx (httpcore)"
 WATCHER = "httpx + aiohttp (watcher)"
 AIOHTTP = "aiohttp alone"
-CANDIDATES = (HTTPX, WATCHER, AIOHTTP)
+API = "watcher get_project"
+CANDIDATES = (HTTPX, WATCHER, AIOHTTP, API)
 GET = "API GET + JSON"
 DOWNLOAD = "200 KB download, streamed"
 
 
-def run(requests: int, candidates: tuple[str, ...] = CANDIDATES) -> list[Floor]:
-    """For every candidate: ``requests`` API GETs at 8 and at 50 in flight, then ``requests``
-    200 KB downloads, on one simulator (each download URL is fetched once per candidate)."""
+def run(
+    requests: int, candidates: tuple[str, ...] = CANDIDATES, *, downloads: bool = True
+) -> list[Floor]:
+    """For every candidate: ``requests`` API GETs at 8 and at 50 in flight, then (with
+    ``downloads``) ``requests`` 200 KB downloads, on one simulator (each download URL is
+    fetched once per candidate)."""
     with SimProcess(SIM_CONFIG) as sim:
         queued = sim.create(requests, QUEUED_FOREVER)
         gets = [f"/v1/image-projects/{pid}" for pid in queued]
-        done = sim.create(requests, COMPLETE)
-        urls = [sim.download_url(pid) for pid in done]
         workloads: list[Workload] = [
             (GET, gets, False, CONCURRENCY),
             (GET, gets, False, WIDE),
-            (DOWNLOAD, urls, True, CONCURRENCY),
         ]
+        if downloads:
+            done = sim.create(requests, COMPLETE)
+            urls = [sim.download_url(pid) for pid in done]
+            workloads.append((DOWNLOAD, urls, True, CONCURRENCY))
         floors: list[Floor] = []
         for client in candidates:
             floors.extend(asyncio.run(_measure(client, sim, workloads)))
@@ -218,3 +270,29 @@ def table(floors: list[Floor]) -> str:
     ]
     headers = ("client", "request", "in flight", "requests", "requests/s", "CPU ms / request")
     return markdown_table(headers, rows)
+
+
+def main() -> int:
+    """Run the rounds of GETs and print each round's table and the least CPU per GET."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--candidate", action="append", choices=CANDIDATES, dest="candidates")
+    args = parser.parse_args()
+    candidates = tuple(args.candidates or CANDIDATES)
+    import watcher  # noqa: PLC0415
+
+    print(f"watcher from {Path(watcher.__file__).parent}")
+    rounds = []
+    for r in range(args.rounds):
+        rounds.append(run(args.requests, candidates, downloads=False))
+        print(f"round {r}:\n{table(rounds[-1])}", flush=True)
+    for client in candidates:
+        for in_flight in (CONCURRENCY, WIDE):
+            least = min(find(f, client, GET, in_flight).cpu_ms for f in rounds)
+            print(f"least: {client}, {in_flight} in flight: {least:.3f} ms CPU per GET")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
