@@ -19,6 +19,11 @@ CPU per request (``bench/floor.py``). What stays httpx's, so nothing of it chang
 - pooling: ``max_connections`` of the client's ``httpx.Limits``, idle connections closed after
   ``keepalive_expiry``; a response closed before its end closes its connection.
 
+One thing differs from a plain ``httpx.AsyncClient``: :class:`Client` keeps no cookies
+(:class:`NoCookies`). The API is authenticated by its bearer token and a download by its signed
+URL; a ``Set-Cookie`` from either is dropped, not sent back, and httpx's per-response cookie
+extraction is not paid for.
+
 The body streams in aiohttp's chunks through a bounded buffer (aiohttp stops reading the socket
 while 64 KiB are unread), so memory does not grow with the file; each read takes all that is
 buffered, not ``httpx_aiohttp``'s 16 KiB (:data:`READ_BYTES`).
@@ -287,13 +292,44 @@ class Transport(AiohttpTransport):
         return self.proxy.url.scheme if self.proxy is not None else None
 
 
+_NO_COOKIES = "the watcher's HTTP client keeps no cookies"
+
+
+class NoCookies(httpx.Cookies):
+    """A cookie jar that stays empty: a ``Set-Cookie`` of the API, the CDN or a redirect is
+    not kept, so no request carries a ``Cookie`` the watcher never set. httpx's own
+    extraction of every response (a urllib request built to ask the jar) is the largest single
+    cost of a request in httpx (issue 11); it is skipped."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        """Keep nothing of ``response``."""
+
+    def set(self, *args: object, **kwargs: object) -> None:
+        """Refuse: the jar is shared by every :class:`Client` and stays empty."""
+        del args, kwargs
+        raise TypeError(_NO_COOKIES)
+
+
 class Client(httpx.AsyncClient):
     """An ``httpx.AsyncClient`` whose transports, direct and through a proxy from the
-    environment, are :class:`Transport` unless a test passes its own ``transport``.
+    environment, are :class:`Transport` unless a test passes its own ``transport``, and whose
+    cookie jar keeps nothing (:class:`NoCookies`).
 
-    httpx builds them with these two methods, passing its options (``verify``, ``cert``,
-    ``trust_env``, ``http1``, ``http2``, ``limits``) by keyword; they go to :class:`Transport`
-    as they would go to httpx's own."""
+    httpx builds the transports with these two methods, passing its options (``verify``,
+    ``cert``, ``trust_env``, ``http1``, ``http2``, ``limits``) by keyword; they go to
+    :class:`Transport` as they would go to httpx's own."""
+
+    _jar = NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        """The empty jar: the watcher sends no cookies and keeps none."""
+        return self._jar
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        del cookies
+        raise TypeError(_NO_COOKIES)
 
     def _init_transport(  # type: ignore[override]  # httpx passes every option by keyword
         self,

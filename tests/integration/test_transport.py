@@ -322,6 +322,32 @@ async def test_the_token_never_follows_a_redirect_to_another_origin() -> None:
         assert "content-type" not in head
 
 
+async def test_a_cookie_the_api_sets_is_never_sent_back() -> None:
+    """A ``Set-Cookie`` on an API answer, on a redirect and on a download is not kept: neither
+    the redirected GET, nor the next API call, nor a download carries a ``Cookie``."""
+
+    async def baker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        while True:
+            path = await read_head(reader, seen)
+            if path == "/v1/image-projects/moved":
+                writer.write(answer(302, b"", location="/there/moved", set_cookie="hop=1; Path=/"))
+            else:
+                body = project(path.rsplit("/", 1)[1])
+                writer.write(answer(200, body, set_cookie="session=abc; Path=/"))
+            await writer.drain()
+
+    async with serving(baker) as (base, seen), http_client(settings()) as http:
+        client = api(http, base)
+        await client.get_project(ProjectRef(Kind.IMAGE, "p1"))
+        await client.get_project(ProjectRef(Kind.IMAGE, "moved"))
+        await client.get_project(ProjectRef(Kind.IMAGE, "p2"))
+        async with http.stream("GET", f"{base}/files/out.png") as response:
+            await response.aread()
+        assert len(http.cookies) == 0
+    assert len(seen.heads) == 5
+    assert [h.get("cookie") for h in seen.heads] == [None] * 5
+
+
 async def test_a_download_carries_no_token_and_resumes_with_range(tmp_path: Path) -> None:
     """A download URL gets no ``Authorization``; a ``.part`` on disk is resumed with ``Range``
     and only the missing bytes are sent."""
