@@ -1,20 +1,29 @@
 """The Magic Hour API client: ``GET`` and ``DELETE`` of image, video and audio projects.
 
 It owns the translation of HTTP outcomes into the project's exceptions (:mod:`watcher.errors`),
-the retry of transient faults (tenacity: jittered exponential backoff, ``Retry-After`` honoured),
-and the client-wide :class:`~watcher.throttle.Throttle`. It does not decide what a status means
-for a project; the daemon does.
+the retry of transient faults (jittered exponential backoff, "full jitter", ``Retry-After``
+honoured), and the client-wide :class:`~watcher.throttle.Throttle`. It does not decide what a
+status means for a project; the daemon does.
 
 The ``httpx.AsyncClient`` is injected and shared with the downloader; the bearer token is added
 to API requests only (never to download URLs, which are signed links on another host), and is
 never part of a log line, an error message or a repr.
+
+A request is cheap to build, since the watcher makes thousands (issue 11): each project's
+absolute ``httpx.URL`` is parsed once (:func:`project_url`, a bounded cache), the headers once
+per token (the client's own, then the API's), and the ``httpx.Request`` is handed to
+``AsyncClient.send`` as it is, not merged with the client's settings again by ``build_request``
+(the client has no base URL, params or cookies to merge; its timeout is set on the request
+here). The retry loop is a plain loop, with nothing built for a call that succeeds at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
+import random
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,7 +33,7 @@ from typing import Any, NamedTuple, TypeVar
 import httpx
 import pydantic
 import structlog
-import tenacity
+from prometheus_client import Counter
 from pydantic import SecretStr
 
 from watcher import clock
@@ -38,7 +47,7 @@ from watcher.errors import (
     Unauthorized,
 )
 from watcher.metrics import Metrics
-from watcher.models import ProjectRef, ProjectSnapshot
+from watcher.models import Kind, ProjectRef, ProjectSnapshot
 from watcher.throttle import Throttle
 
 log = structlog.get_logger(__name__)
@@ -54,6 +63,12 @@ EXCERPT_CHARS = 120
 # misconfigured proxy, not a rate limit; we come back after five minutes and ask again.
 MAX_RETRY_AFTER = 300.0
 USER_AGENT = "magic-hour-watcher"
+# The first retry waits up to this long (uniformly drawn); each later one's window doubles, up
+# to the client's ``max_wait``.
+FIRST_RETRY_WINDOW = 0.5
+# Projects whose URL is kept parsed (about 600 bytes each): every project of a fleet of
+# thousands polled together is parsed once, and the memory stays bounded with 100,000 tracked.
+URL_CACHE_SIZE = 4096
 
 RetryHook = Callable[[TransientApiError, int, float], None]
 # Asked for the token again after a 401: the current one, perhaps re-read from its file.
@@ -138,6 +153,26 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         if isinstance(current, BaseExceptionGroup):
             pending.extend(current.exceptions)
         pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+
+
+@functools.lru_cache(maxsize=URL_CACHE_SIZE)
+def project_url(base_url: str, kind: Kind, project_id: str) -> httpx.URL:
+    """The absolute URL of a project, ``{base_url}/v1/{kind}-projects/{id}``, parsed once."""
+    return httpx.URL(f"{base_url}{kind.api_path}/{project_id}")
+
+
+def backoff(attempt: int, max_wait: float, exc: TransientApiError) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1 is the first) before the
+    next: uniform in ``[0, min(max_wait, FIRST_RETRY_WINDOW * 2 ** (attempt - 1))]``, at least
+    the server's ``Retry-After`` (itself at most ``max_wait``); none after a 429, whose pause
+    the throttle holds every call to."""
+    if isinstance(exc, RateLimited):
+        return 0.0
+    window = min(max_wait, FIRST_RETRY_WINDOW * 2.0 ** min(attempt - 1, 64))
+    jittered = random.uniform(0.0, window)
+    if exc.retry_after is not None:
+        return max(jittered, min(exc.retry_after, max_wait))
+    return jittered
 
 
 def _where(url: httpx.URL) -> str:
@@ -238,6 +273,11 @@ class MagicHourClient:
         read_timeout = http.timeout.read or 30.0
         self._deadline = deadline or DEADLINE_READ_TIMEOUTS * read_timeout
         self._reload_token = reload_token
+        # What build_request would set from the client: its timeout, for every request.
+        self._extensions = {"timeout": http.timeout.as_dict()}
+        # The headers of the last token a request was built with, or what makes them unsendable.
+        self._prepared: tuple[SecretStr, httpx.Headers | str] | None = None
+        self._responses: dict[tuple[str, str], Counter] = {}
 
     def __repr__(self) -> str:
         return f"MagicHourClient(base_url={self._base_url!r})"
@@ -298,33 +338,20 @@ class MagicHourClient:
         return True
 
     async def _call(self, method: str, ref: ProjectRef, parse: Callable[[_Reply], _T]) -> _T:
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(self._max_attempts),
-            wait=self._wait,
-            retry=tenacity.retry_if_exception_type(TransientApiError),
-            before_sleep=self._before_sleep,
-            reraise=True,
-            sleep=self._sleep or asyncio.sleep,
-        )
-        async for attempt in retrying:
-            with attempt:
+        """``parse`` of the answer, a transient fault tried again up to ``max_attempts`` in all
+        (after :func:`backoff`, told to ``on_retry`` first); the last one is raised."""
+        attempt = 1
+        while True:
+            try:
                 return parse(await self._send(method, ref))
-        raise AssertionError("unreachable")  # pragma: no cover - reraise=True always raises
-
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        jittered = tenacity.wait_random_exponential(multiplier=0.5, max=self._max_wait)(state)
-        if isinstance(exc, RateLimited):
-            return 0.0  # the throttle holds every call until the server's hint has passed
-        if isinstance(exc, TransientApiError) and exc.retry_after is not None:
-            return max(jittered, min(exc.retry_after, self._max_wait))
-        return float(jittered)
-
-    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, TransientApiError) and self._on_retry is not None:
-            wait = state.next_action.sleep if state.next_action else 0.0
-            self._on_retry(exc, state.attempt_number, wait)
+            except TransientApiError as exc:
+                if attempt >= self._max_attempts:
+                    raise
+                wait = backoff(attempt, self._max_wait, exc)
+                if self._on_retry is not None:
+                    self._on_retry(exc, attempt, wait)
+            await (self._sleep or asyncio.sleep)(wait)
+            attempt += 1
 
     async def _send(self, method: str, ref: ProjectRef) -> _Reply:
         token = self._token
@@ -335,42 +362,58 @@ class MagicHourClient:
         self._raise_for_status(method, ref, response, body)
         return _Reply(body, response.headers.get("content-type", ""))
 
+    def _headers(self, token: SecretStr) -> httpx.Headers | str:
+        """The headers of an API request sent with ``token``: the client's own, then the
+        API's (the token, JSON, the user agent); or which of them no request can carry. Built
+        once per token, since ``httpx.Request`` copies them."""
+        if self._prepared is None or self._prepared[0] is not token:
+            own = {
+                "Authorization": f"Bearer {token.get_secret_value()}",
+                "Accept": "application/json",
+                "User-Agent": self._user_agent,
+            }
+            unsendable = _unsendable(own)
+            if unsendable is None:
+                headers = httpx.Headers(self._http.headers)
+                headers.update(own)
+            self._prepared = (token, unsendable if unsendable is not None else headers)
+        return self._prepared[1]
+
     async def _exchange(
         self, method: str, ref: ProjectRef, token: SecretStr
     ) -> tuple[httpx.Response, bytes]:
-        url = f"{self._base_url}{ref.kind.api_path}/{ref.id}"
-        headers = {
-            "Authorization": f"Bearer {token.get_secret_value()}",
-            "Accept": "application/json",
-            "User-Agent": self._user_agent,
-        }
-        unsendable = _unsendable(headers)
-        if unsendable is not None:
-            raise InvalidRequest(f"{method} {ref}: the request cannot be sent: {unsendable}")
+        url = project_url(self._base_url, ref.kind, ref.id)
+        headers = self._headers(token)
+        if isinstance(headers, str):
+            raise InvalidRequest(f"{method} {ref}: the request cannot be sent: {headers}")
         async with self.throttle.slot():
             try:
-                async with (
-                    asyncio.timeout(self._deadline),
-                    self._http.stream(method, url, headers=headers) as response,
-                ):
-                    body = await _read_capped(response, f"{method} {ref}")
+                async with asyncio.timeout(self._deadline):
+                    request = httpx.Request(
+                        method, url, headers=headers, extensions=self._extensions
+                    )
+                    response = await self._http.send(request, stream=True)
+                    try:
+                        body = await _read_capped(response, method, ref)
+                    finally:
+                        await response.aclose()
             except TimeoutError:
                 self._count(method, "timeout")
                 raise TransientApiError(
-                    f"{method} {ref}: no complete answer from {_where(httpx.URL(url))} "
+                    f"{method} {ref}: no complete answer from {_where(url)} "
                     f"within {self._deadline:g} s",
                     cause="timeout",
                 ) from None
             except httpx.TimeoutException as exc:
                 self._count(method, "timeout")
                 raise TransientApiError(
-                    f"{method} {ref}: {describe_transport_error(exc, httpx.URL(url))}",
+                    f"{method} {ref}: {describe_transport_error(exc, url)}",
                     cause="timeout",
                 ) from None
             except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
                 self._count(method, "network")
                 raise TransientApiError(
-                    f"{method} {ref}: {describe_transport_error(exc, httpx.URL(url))}",
+                    f"{method} {ref}: {describe_transport_error(exc, url)}",
                     cause="network",
                 ) from None
             except (httpx.LocalProtocolError, UnicodeEncodeError) as exc:
@@ -396,8 +439,13 @@ class MagicHourClient:
         return body.replace(secret, b"[redacted]") if secret else body
 
     def _count(self, method: str, code: str) -> None:
-        if self._metrics is not None:
-            self._metrics.api_responses.labels(method, code).inc()
+        if self._metrics is None:
+            return
+        counter = self._responses.get((method, code))
+        if counter is None:
+            counter = self._metrics.api_responses.labels(method, code)
+            self._responses[method, code] = counter
+        counter.inc()
 
     def _transient(
         self, what: str, code: int, response: httpx.Response, body: bytes
@@ -453,7 +501,7 @@ class MagicHourClient:
         raise TransientApiError(f"{what}: {excerpt(body)!r}", status_code=code, cause="http_other")
 
 
-async def _read_capped(response: httpx.Response, what: str) -> bytes:
+async def _read_capped(response: httpx.Response, method: str, ref: ProjectRef) -> bytes:
     """A success's body, refused past ``MAX_BODY_BYTES``; an error's first 64 KiB (enough for
     its message: a huge 404 is still "no such project")."""
     if not response.is_success:
@@ -468,7 +516,7 @@ async def _read_capped(response: httpx.Response, what: str) -> bytes:
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise TransientApiError(
-            f"{what}: body of {declared} bytes refused (limit {MAX_BODY_BYTES})",
+            f"{method} {ref}: body of {declared} bytes refused (limit {MAX_BODY_BYTES})",
             status_code=response.status_code,
             cause="body_too_large",
         )
@@ -478,7 +526,7 @@ async def _read_capped(response: httpx.Response, what: str) -> bytes:
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise TransientApiError(
-                f"{what}: body over {MAX_BODY_BYTES} bytes refused",
+                f"{method} {ref}: body over {MAX_BODY_BYTES} bytes refused",
                 status_code=response.status_code,
                 cause="body_too_large",
             )

@@ -321,7 +321,7 @@ async def test_429_pauses_the_whole_client() -> None:
         snapshot = await h.client.get_project(REF)
     assert snapshot.id == REF.id
     assert h.throttle.pauses == 1
-    assert h.retry_sleeps == [0.0]  # tenacity does not wait on top of the throttle
+    assert h.retry_sleeps == [0.0]  # the retry does not wait on top of the throttle
     assert h.clock.now() - started >= 12.0
     assert h.api.requests[1].headers["authorization"] == f"Bearer {TOKEN}"
     assert h.metrics.registry.get_sample_value("watcher_rate_limit_pauses_total") == 1
