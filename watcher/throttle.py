@@ -15,8 +15,7 @@ The clock and the sleep are injected, so the arithmetic is testable without wait
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 
 from watcher import clock
 from watcher.errors import StoreError
@@ -146,9 +145,19 @@ class Throttle:
         self._shared_tokens -= 1
         return True
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Wait for the rate budget and a concurrency slot, and hold the slot for one call."""
-        async with self._semaphore:
+    def slot(self) -> Throttle:
+        """``async with throttle.slot():`` waits for a concurrency slot and the rate budget,
+        and holds the slot for one call (the throttle is its own context manager: no
+        generator is made per call)."""
+        return self
+
+    async def __aenter__(self) -> None:
+        await self._semaphore.acquire()
+        try:
             await self._take_token()
-            yield
+        except BaseException:
+            self._semaphore.release()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._semaphore.release()
