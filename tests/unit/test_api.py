@@ -95,6 +95,7 @@ class Harness:
         reload_token: Callable[[], SecretStr | None] | None = None,
     ) -> None:
         self.api = api
+        self.http = http
         self.clock = FakeClock()
         self.retry_sleeps: list[float] = []
         self.retries: list[tuple[str, int, float]] = []
@@ -175,6 +176,35 @@ async def test_bearer_token_is_sent_to_the_api() -> None:
     async with harness(ok()) as h:
         await h.client.get_project(REF)
     assert h.api.requests[0].headers["authorization"] == f"Bearer {TOKEN}"
+
+
+async def test_a_request_carries_the_clients_own_headers_and_timeout() -> None:
+    """What ``build_request`` would merge from the client is on every API request: its headers
+    (the API's own win where both set one) and its timeout."""
+    async with harness(ok()) as h:
+        h.http.headers["X-Client"] = "kept"
+        h.http.timeout = httpx.Timeout(7.0, connect=3.0)
+        client = MagicHourClient(
+            h.http, base_url=BASE_URL, token=SecretStr(TOKEN), throttle=h.throttle
+        )
+        await client.get_project(REF)
+    [request] = h.api.requests
+    assert request.headers["x-client"] == "kept"
+    assert request.headers["accept-encoding"] == h.http.headers["accept-encoding"]
+    assert request.headers["accept"] == "application/json"
+    assert request.headers.get_list("user-agent") == ["magic-hour-watcher"]
+    assert request.extensions["timeout"] == httpx.Timeout(7.0, connect=3.0).as_dict()
+
+
+async def test_a_new_token_is_sent_from_the_next_request_on() -> None:
+    """``set_token`` between requests: the next request carries the new token only."""
+    async with harness(ok()) as h:
+        await h.client.get_project(REF)
+        h.client.set_token(SecretStr(NEW_TOKEN))
+        await h.client.get_project(REF)
+        await h.client.get_project(REF)
+    sent = [r.headers.get_list("authorization") for r in h.api.requests]
+    assert sent == [[f"Bearer {TOKEN}"], [f"Bearer {NEW_TOKEN}"], [f"Bearer {NEW_TOKEN}"]]
 
 
 async def test_a_different_project_in_the_body_is_refused() -> None:
