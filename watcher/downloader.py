@@ -21,7 +21,9 @@ store as ``verified`` is finished from disk (:func:`finish_from_disk`): the fina
 temporary file is accepted only if its size and sha256 match the record; otherwise it is fetched
 again.
 
-Every transfer is bounded (:class:`TransferLimits`): it must deliver a minimum number of bytes in
+The body is received by the receive loop of :mod:`watcher.receive` into this module's sink
+(the ``.part``, written and hashed on a worker thread). Every transfer is bounded
+(:class:`~watcher.receive.TransferLimits`): it must deliver a minimum number of bytes in
 every window of time and finish within an overall deadline, or it is cut (its bytes stay in the
 temporary file, resumed later with ``Range``), so a slow-drip server cannot hold a download slot
 forever. A long transfer logs ``download_progress`` at a steady cadence and counts its bytes in
@@ -41,23 +43,30 @@ import hashlib
 import os
 import re
 import sys
-import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 import httpx
 import structlog
 
-from watcher.errors import DiskFull, DownloadError, DownloadIncomplete, DownloadUrlExpired
+from watcher.errors import DiskFull, DownloadError, DownloadIncomplete
 from watcher.paths import PART_SUFFIX, legacy_part_path, may_be_part_name, part_path
+from watcher.receive import (
+    CHUNK_SIZE,
+    Decoder,
+    Identity,
+    Receive,
+    TransferLimits,
+    decoded_groups,
+    decoder_for,
+    whole_body,
+)
 
 log = structlog.get_logger("watcher")
 
-CHUNK_SIZE = 1024 * 1024
-BATCH_BYTES = 1024 * 1024
 WRITEBACK_BYTES = 8 * 1024 * 1024
 # A batch this large is hashed on a thread of its own while it is written (a smaller one costs
 # less to hash than to hand over).
@@ -66,29 +75,14 @@ PARALLEL_HASH_BYTES = 256 * 1024
 # the event loop as it arrives, with no early writeback: its one ``fsync`` costs less than handing
 # its few batches to threads and the disk (1,000 outputs of 200 KB: see bench/RESULTS.md).
 SMALL_OUTPUT_BYTES = 4 * 1024 * 1024
-# A batch is handed to the writer after this long even if it is small: on a slow link the bytes
-# received reach the disk (and the progress that ``watcher status`` shows) within about a second.
-HANDOVER_SECONDS = 1.0
+# What becomes of a transfer cut or short (its bytes stay in the .part).
+_RESUMES = "it resumes from its .part file"
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 USER_AGENT = "magic-hour-watcher"
 
 OnVerified = Callable[[int, str], Awaitable[None]]
 OnBytes = Callable[[int], None]
 _SyncFileRange = Callable[[int, int, int, int], None]  # (fd, start, length, flags)
-
-
-@dataclass(frozen=True, slots=True)
-class TransferLimits:
-    """Bounds of one transfer, and how often a long one reports progress.
-
-    ``min_rate`` bytes per second must arrive in every ``rate_window`` seconds (``0``: no
-    minimum); the whole transfer must end within ``max_seconds``.
-    """
-
-    min_rate: float = 1024.0
-    rate_window: float = 60.0
-    max_seconds: float = 3600.0
-    progress_seconds: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,38 +166,33 @@ class Downloader:
 
     def _check_response(
         self, response: httpx.Response, offset: int, part: Path
-    ) -> tuple[int | None, int, _Decoder]:
+    ) -> tuple[int | None, int, Decoder]:
         """Validate status and headers; return (expected length of the body as sent, or None;
         offset to write from; the decoder of its content coding)."""
         code = response.status_code
-        if code in {401, 403, 404, 410}:
-            raise DownloadUrlExpired(f"the signed URL was refused (HTTP {code})")
-        if code == 416 and offset:
+        if not offset or code not in {206, 416}:
+            expected, decoder = whole_body(response)
+            return expected, 0, decoder
+        if code == 416:
             total = response.headers.get("content-range", "").removeprefix("bytes */")
             if total.isdigit() and int(total) == offset:
                 # The .part already holds every byte (killed before commit).
-                return 0, offset, _Identity()
+                return 0, offset, Identity()
             part.unlink(missing_ok=True)
             raise DownloadIncomplete("the server refused to resume (HTTP 416); starting over")
-        if code == 206 and offset:
-            match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
-            if match is None or int(match.group(1)) != offset:
-                part.unlink(missing_ok=True)
-                raise DownloadIncomplete("the server resumed at the wrong offset; starting over")
-            if not isinstance(_decoder_for(response), _Identity):
-                # The range is one of the compressed bytes, which cannot continue our file.
-                part.unlink(missing_ok=True)
-                raise DownloadIncomplete(
-                    "the server resumed a compressed body (Content-Encoding "
-                    f"{response.headers['content-encoding']!r}); starting over"
-                )
-            total = match.group(3)
-            return (int(total) - offset if total != "*" else None), offset, _Identity()
-        if code == 200:
-            length = response.headers.get("content-length")
-            expected = int(length) if length and length.isdigit() else None
-            return expected, 0, _decoder_for(response)
-        raise DownloadError(f"unexpected HTTP {code} from the download URL")
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))  # a 206
+        if match is None or int(match.group(1)) != offset:
+            part.unlink(missing_ok=True)
+            raise DownloadIncomplete("the server resumed at the wrong offset; starting over")
+        if not isinstance(decoder_for(response), Identity):
+            # The range is one of the compressed bytes, which cannot continue our file.
+            part.unlink(missing_ok=True)
+            raise DownloadIncomplete(
+                "the server resumed a compressed body (Content-Encoding "
+                f"{response.headers['content-encoding']!r}); starting over"
+            )
+        total = match.group(3)
+        return (int(total) - offset if total != "*" else None), offset, Identity()
 
     async def _write(
         self,
@@ -211,7 +200,7 @@ class Downloader:
         final: Path,
         offset: int,
         expected: int | None,
-        decoder: _Decoder,
+        decoder: Decoder,
     ) -> tuple[int, hashlib._Hash]:
         part = part_path(final)
         try:
@@ -223,16 +212,13 @@ class Downloader:
                 f.seek(offset)
                 f.truncate()
                 small = expected is not None and offset + expected <= SMALL_OUTPUT_BYTES
-                sink = _Sink(f, digest, offset, decoder, self._on_bytes, writeback=not small)
+                sink = _Sink(f, digest, offset, decoder, self._on_bytes, final, expected, small)
                 try:
                     # A 416 (the .part is already whole) carries an error page, not file bytes.
                     if response.status_code != 416:
-                        transfer = _Transfer(
-                            self._limits, final, offset, expected, decoder, inline=small
-                        )
-                        received = await transfer.stream(response, sink)
+                        receive = Receive(self._limits, expected, decoder, _RESUMES, offset)
+                        await receive.into(sink, response)
                         size = sink.written
-                        transfer.check_complete(received)
                     await asyncio.to_thread(sink.sync)
                 finally:
                     sink.close()
@@ -273,111 +259,75 @@ def _make_folders(folder: Path) -> tuple[Path, ...]:
     return tuple(missing)
 
 
-class _Decoder(Protocol):
-    """Turns the body as sent into the file's bytes, and knows whether it saw the end."""
-
-    @property
-    def complete(self) -> bool: ...
-
-    def decode(self, data: bytes) -> Iterator[bytes]: ...
-
-
-class _Identity:
-    """The body is the file."""
-
-    complete = True
-
-    def decode(self, data: bytes) -> Iterator[bytes]:
-        if data:
-            yield data
-
-
-class _Inflate:
-    """A gzip or deflate body, decoded in pieces of at most ``CHUNK_SIZE`` (a small compressed
-    body cannot expand in memory), which is complete only once its stream has ended."""
-
-    def __init__(self, coding: str) -> None:
-        self._coding = coding
-        self._wbits = zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS
-        self._z = zlib.decompressobj(self._wbits)
-        self._started = False
-
-    @property
-    def complete(self) -> bool:
-        return self._z.eof
-
-    def decode(self, data: bytes) -> Iterator[bytes]:
-        try:
-            yield from self._inflate(data)
-        except zlib.error as exc:
-            if self._coding != "deflate" or self._started:
-                raise DownloadError(
-                    f"the body is not valid {self._coding} (Content-Encoding): {exc}"
-                ) from None
-            # "deflate" is often sent raw, without the zlib wrapper.
-            self._wbits = -zlib.MAX_WBITS
-            self._z = zlib.decompressobj(self._wbits)
-            yield from self.decode(data)
-
-    def _inflate(self, data: bytes) -> Iterator[bytes]:
-        while True:
-            if self._z.eof:  # a gzip body may hold several members, one after another
-                if not data:
-                    return
-                self._z = zlib.decompressobj(self._wbits)
-            piece = self._z.decompress(data, CHUNK_SIZE)
-            self._started = True  # the header was accepted: no raw-deflate fallback from here
-            if piece:
-                yield piece
-            if self._z.eof:
-                data = self._z.unused_data
-            else:
-                data = self._z.unconsumed_tail
-                if not data and len(piece) < CHUNK_SIZE:
-                    return  # every byte given is decoded, and no output is pending
-
-
-def _decoder_for(response: httpx.Response) -> _Decoder:
-    """The decoder of the response's ``Content-Encoding`` (we asked for ``identity``)."""
-    coding = response.headers.get("content-encoding", "").strip().lower()
-    if coding in {"", "identity"}:
-        return _Identity()
-    if coding in {"gzip", "x-gzip"}:
-        return _Inflate("gzip")
-    if coding == "deflate":
-        return _Inflate("deflate")
-    raise DownloadError(
-        f"the server sent Content-Encoding {coding!r}, which was not asked for and cannot be "
-        "checked for completeness"
-    )
-
-
 @dataclass(eq=False)
 class _Sink:
-    """The open ``.part`` file and the running digest of its bytes.
+    """The open ``.part`` file and the running digest of its bytes: the disk's
+    :class:`~watcher.receive.Sink`.
 
-    Fed one batch at a time, from a worker thread (the caller hands over a batch only once the
-    one before it is absorbed). A large batch is hashed by the sink's own thread while this one
+    Each batch is absorbed on a worker thread while the event loop receives the next, with at
+    most one batch in flight, so receiving overlaps writing and hashing (both release the GIL)
+    and memory stays at about two batches whatever the file's size. What was received is
+    written even when the body is cut short, too slow, or the task is cancelled: those bytes
+    stay in the ``.part`` for resuming. ``inline`` (a small output): each batch is absorbed on
+    the event loop, with no thread and no early writeback (the final ``fsync`` does it all).
+
+    A large batch is hashed by the sink's own thread while this one
     writes it: both release the GIL, so a batch costs the longer of the two, not their sum.
 
     Writeback starts early (:class:`_Writeback`): each batch is handed to the disk as soon as it
     is written, and the file's pages that are on disk are dropped from the page cache, so the
     disk works from the first batch on, the final ``fsync`` waits only for the last few, and a
-    large output does not push everything else out of memory. ``writeback=False`` (a small
-    output) leaves all of it to the final ``fsync``.
+    large output does not push everything else out of memory.
     """
 
     f: BinaryIO
     digest: hashlib._Hash
     written: int  # bytes in the file (at first, the offset a resumed download starts at)
-    decoder: _Decoder
+    decoder: Decoder
     on_bytes: OnBytes | None
-    writeback: bool = True
+    final: Path
+    expected: int | None  # the body's length as announced
+    inline: bool = False
     _writeback: _Writeback | None = field(init=False)
     _hasher: ThreadPoolExecutor | None = field(init=False, default=None)
+    _in_flight: asyncio.Future[None] | None = field(init=False, default=None)
+    _offset: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self._writeback = _Writeback(self.f.fileno(), self.written) if self.writeback else None
+        self._offset = self.written
+        self._writeback = None if self.inline else _Writeback(self.f.fileno(), self.written)
+
+    async def take(self, chunks: list[bytes]) -> None:
+        """Absorb ``chunks`` on a thread once the batch before them is (inline: at once)."""
+        if self.inline:
+            self.absorb(chunks, may_wait=False)
+            return
+        if self._in_flight is not None:
+            await asyncio.shield(self._in_flight)
+        self._in_flight = asyncio.ensure_future(asyncio.to_thread(self.absorb, chunks))
+
+    async def settle(self, rest: list[bytes], *, ended: bool) -> None:  # noqa: ARG002
+        """Let the batch in flight finish (a thread cannot be interrupted) before the file is
+        touched again, then write ``rest``: every byte received is kept, ended or not."""
+        if self._in_flight is not None:
+            await asyncio.shield(self._in_flight)
+        self.absorb(rest, may_wait=False)
+
+    def progress(self, received: int, elapsed: float) -> None:
+        """Log ``download_progress``: the bytes of the file so far (of a compressed body: those
+        decoded and written), of how many, at what rate."""
+        identity = isinstance(self.decoder, Identity)
+        offset = self._offset
+        so_far = offset + received if identity else self.written
+        log.info(
+            "download_progress",
+            path=str(self.final),
+            bytes=so_far,
+            total=offset + self.expected if self.expected is not None and identity else None,
+            resumed_from=offset,
+            elapsed_s=round(elapsed, 1),
+            bytes_per_second=round((so_far - offset) / elapsed) if elapsed > 0 else None,
+        )
 
     def absorb(self, chunks: list[bytes], *, may_wait: bool = True) -> None:
         """Decode ``chunks`` as received, write them and add them to the digest (a compressed
@@ -385,7 +335,7 @@ class _Sink:
 
         ``may_wait=False`` on the event loop: writeback is started but never waited for, so
         a slow disk cannot stall every other project's work (the final ``fsync`` waits)."""
-        for pieces in _groups(self.decoder, chunks):
+        for pieces in decoded_groups(self.decoder, chunks):
             self._absorb(pieces, may_wait=may_wait)
 
     def _absorb(self, pieces: list[bytes], *, may_wait: bool) -> None:
@@ -419,21 +369,6 @@ class _Sink:
         """Stop the hashing thread (the file is the caller's to close)."""
         if self._hasher is not None:
             self._hasher.shutdown()
-
-
-def _groups(decoder: _Decoder, chunks: list[bytes]) -> Iterator[list[bytes]]:
-    """The decoded bytes of ``chunks``, in lists of about ``BATCH_BYTES`` (never empty)."""
-    group: list[bytes] = []
-    size = 0
-    for chunk in chunks:
-        for piece in decoder.decode(chunk):
-            group.append(piece)
-            size += len(piece)
-            if size >= BATCH_BYTES:
-                yield group
-                group, size = [], 0
-    if group:
-        yield group
 
 
 def _update(digest: hashlib._Hash, pieces: list[bytes]) -> None:
@@ -518,146 +453,6 @@ _SFR_WRITE = 2  # SYNC_FILE_RANGE_WRITE
 _SFR_WAIT_WRITE = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER: the range is on disk
 # What a kernel or sandbox answers when it will not do sync_file_range on this file at all.
 _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP})
-
-
-def _raw_body(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The body as sent, before any ``Content-Encoding`` is undone. (A response built in memory,
-    by a test's transport, was read as it was built; its stream still holds the bytes as sent.)"""
-    if response.is_stream_consumed and isinstance(response.stream, httpx.AsyncByteStream):
-        return aiter(response.stream)
-    return response.aiter_raw()
-
-
-class Pace:
-    """When a transfer must next have made progress: ``min_rate * rate_window`` bytes in each
-    window (a window starts when the previous one's due was met), and the end by the deadline."""
-
-    def __init__(self, limits: TransferLimits, started: float) -> None:
-        self._limits = limits
-        self._deadline = started + limits.max_seconds
-        self._quota = limits.min_rate * limits.rate_window
-        self._window_end = started + limits.rate_window if self._quota > 0 else self._deadline
-        self._window_bytes = 0
-
-    @property
-    def due(self) -> float:
-        """When the transfer is cut unless :meth:`advance` moves it."""
-        return min(self._deadline, self._window_end)
-
-    def advance(self, received: int, now: float) -> bool:
-        """Count ``received`` bytes at ``now``; whether :attr:`due` moved."""
-        self._window_bytes += received
-        if not self._quota or self._window_bytes < self._quota:
-            return False
-        self._window_bytes = 0
-        self._window_end = now + self._limits.rate_window
-        return True
-
-    def cause(self, now: float) -> str:
-        """Why the transfer was cut at ``now``."""
-        if now >= self._deadline:
-            return f"it did not finish within {self._limits.max_seconds:g} s"
-        return (
-            f"fewer than {self._quota:.0f} bytes arrived in {self._limits.rate_window:g} s "
-            f"(the minimum is {self._limits.min_rate:g} bytes/s)"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class _Transfer:
-    """One response body on its way into the ``.part``: bounded, reported, checked."""
-
-    limits: TransferLimits
-    final: Path
-    offset: int  # bytes already in the .part
-    expected: int | None  # the body's length as announced
-    decoder: _Decoder
-    inline: bool = False  # a small output: every batch written on the event loop
-
-    async def stream(self, response: httpx.Response, sink: _Sink) -> int:
-        """Receive the body on the event loop while a worker thread writes and hashes it; return
-        how many bytes were received (as sent, before decoding).
-
-        Chunks are handed over in batches of about ``BATCH_BYTES`` (or what arrived within
-        ``HANDOVER_SECONDS``, whichever comes first) with at most one batch in flight, so
-        receiving overlaps writing and hashing (both release the GIL) and memory stays at about
-        two batches whatever the file's size. A batch already received is written even when the
-        body is cut short, too slow, or the task is cancelled: those bytes stay in the ``.part``
-        for resuming. ``inline`` (a small output): each batch is written on the event loop, with
-        no thread and no early writeback (the final ``fsync`` does it all).
-        """
-        loop = asyncio.get_running_loop()  # the clock asyncio's timeouts run on
-        started = last_report = last_handover = loop.time()
-        pace = Pace(self.limits, started)
-        received = 0
-        batch: list[bytes] = []
-        batched = 0
-        in_flight: asyncio.Future[None] | None = None
-        try:
-            try:
-                async with asyncio.timeout_at(pace.due) as timer:
-                    async for chunk in _raw_body(response):
-                        batch.append(chunk)
-                        batched += len(chunk)
-                        received += len(chunk)
-                        now = loop.time()
-                        if pace.advance(len(chunk), now):
-                            timer.reschedule(pace.due)
-                        if now - last_report >= self.limits.progress_seconds:
-                            last_report = now
-                            self._report(received, sink.written, now - started)
-                        if batched >= BATCH_BYTES or now - last_handover >= HANDOVER_SECONDS:
-                            last_handover = now
-                            if self.inline:
-                                sink.absorb(batch, may_wait=False)
-                            else:
-                                if in_flight is not None:
-                                    await asyncio.shield(in_flight)
-                                in_flight = asyncio.ensure_future(
-                                    asyncio.to_thread(sink.absorb, batch)
-                                )
-                            batch, batched = [], 0
-            finally:
-                # Outside the time limit: a thread cannot be interrupted, so let it finish
-                # before the file is touched again.
-                if in_flight is not None:
-                    await asyncio.shield(in_flight)
-                sink.absorb(batch, may_wait=False)
-        except TimeoutError:
-            now = loop.time()
-            raise DownloadIncomplete(
-                f"the transfer was cut after {now - started:.1f} s with {received} bytes "
-                f"received: {pace.cause(now)}; it resumes from its .part file"
-            ) from None
-        return received
-
-    def _report(self, received: int, written: int, elapsed: float) -> None:
-        identity = isinstance(self.decoder, _Identity)
-        # Bytes of the file so far: those received (a compressed body: those decoded, written).
-        so_far = self.offset + received if identity else written
-        log.info(
-            "download_progress",
-            path=str(self.final),
-            bytes=so_far,
-            total=self.offset + self.expected if self.expected is not None and identity else None,
-            resumed_from=self.offset,
-            elapsed_s=round(elapsed, 1),
-            bytes_per_second=round((so_far - self.offset) / elapsed) if elapsed > 0 else None,
-        )
-
-    def check_complete(self, received: int) -> None:
-        """Refuse a body that did not verifiably end: short of its length, or a compressed
-        stream that stopped before its end."""
-        if self.expected is not None and received != self.expected:
-            raise DownloadIncomplete(
-                f"got {self.offset + received} bytes of {self.offset + self.expected}; "
-                "resuming later"
-            )
-        if not self.decoder.complete:
-            raise DownloadIncomplete(
-                "the compressed body (Content-Encoding) ended before its end of stream; "
-                "resuming later"
-            )
 
 
 def _commit(part: Path, final: Path, made: tuple[Path, ...] = ()) -> None:

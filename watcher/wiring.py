@@ -28,7 +28,7 @@ from watcher.api import USER_AGENT, MagicHourClient
 from watcher.backoff import PollPolicy
 from watcher.daemon import EXIT_SECOND_SIGNAL, Daemon, Outcome
 from watcher.dispatcher import Dispatcher
-from watcher.downloader import Downloader, TransferLimits
+from watcher.downloader import Downloader
 from watcher.health import ApiHealth
 from watcher.liveness import LivenessKeeper
 from watcher.metrics import Metrics
@@ -36,6 +36,7 @@ from watcher.objects import Uploader, open_bucket
 from watcher.objects.bucket import SECRET_VARIABLES
 from watcher.outage import StoreHealth
 from watcher.priority import PriorityGate
+from watcher.receive import TransferLimits
 from watcher.schedule import RenderStats
 from watcher.settings import Settings
 from watcher.store import Store, create_store

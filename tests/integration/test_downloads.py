@@ -22,9 +22,10 @@ from structlog.testing import capture_logs
 from tests.integration.http_support import CONTROL_TOKEN, eventually, running
 from tests.support import watcher_env, watcher_settings
 from watcher.daemon import Daemon, Outcome
-from watcher.downloader import Downloader, TransferLimits
+from watcher.downloader import Downloader
 from watcher.errors import DownloadIncomplete
 from watcher.models import Kind, State
+from watcher.receive import TransferLimits
 from watcher.simulator.config import SimConfig
 from watcher.simulator.server import SimulatorServer
 from watcher.simulator.state import Simulator

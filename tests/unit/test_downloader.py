@@ -22,9 +22,7 @@ import watcher.downloader
 from watcher.downloader import (
     WRITEBACK_BYTES,
     Downloader,
-    Pace,
     SavedFile,
-    TransferLimits,
     bytes_on_disk,
     finish_from_disk,
     remove_part,
@@ -37,6 +35,7 @@ from watcher.errors import (
     StoreError,
 )
 from watcher.paths import legacy_part_path, part_path
+from watcher.receive import Pace, TransferLimits
 
 pytestmark = pytest.mark.anyio
 

@@ -22,12 +22,13 @@ from structlog.testing import capture_logs
 from tests.unit.fake_time import FakeClock
 from watcher.api import MagicHourClient
 from watcher.backoff import GiveUpLimits, PollPolicy
-from watcher.downloader import Downloader, TransferLimits
+from watcher.downloader import Downloader
 from watcher.errors import DiskFull, StoreError, StoreUnavailable
 from watcher.health import AUTH_RECHECK_SECONDS, PAYMENT_PAUSE_SECONDS, ApiHealth
 from watcher.metrics import Metrics
 from watcher.models import Kind, ProjectRef, RemoteStatus, State
 from watcher.outage import StoreHealth
+from watcher.receive import TransferLimits
 from watcher.settings import load_settings
 from watcher.store import Claim, InMemoryStore, OutputState, ProjectRecord
 from watcher.throttle import Throttle

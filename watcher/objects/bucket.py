@@ -25,7 +25,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from watcher.errors import ObjectStorageError
 from watcher.objects.location import PARTS_PREFIX, StorageLocation
@@ -69,6 +69,53 @@ class _End:
 
 class _Abort(Exception):
     """The source failed: abort the upload."""
+
+
+class Upload(Protocol):
+    """An upload under way (:meth:`Bucket.writing`)."""
+
+    async def write(self, data: bytes) -> None:
+        """Add ``data`` to the object (:class:`ObjectStorageError` if the upload failed)."""
+
+
+@dataclass(slots=True)
+class _Multipart:
+    """A multipart upload fed through a bounded queue to obstore's upload task."""
+
+    bucket: Bucket
+    key: str
+    queue: asyncio.Queue[bytes | _End | _Abort]
+    put: asyncio.Future[Any]
+
+    async def write(self, data: bytes) -> None:
+        if self.put.done():  # it failed: it cannot have completed without the end
+            with self.bucket._errors("upload", self.key):  # noqa: SLF001 - its own upload
+                await self.put
+            raise ObjectStorageError(f"cannot upload {self.bucket.url(self.key)}: it ended early")
+        await self.queue.put(data)
+
+
+@dataclass(slots=True)
+class _Whole:
+    """An object of at most ``size`` bytes (or it is refused), gathered for one PUT."""
+
+    bucket: Bucket
+    key: str
+    size: int
+    pieces: list[bytes] = field(default_factory=list)
+    count: int = 0
+
+    async def write(self, data: bytes) -> None:
+        self.count += len(data)
+        if self.count > self.size:
+            raise ObjectStorageError(
+                f"cannot upload {self.bucket.url(self.key)}: more than the {self.size} bytes "
+                "announced"
+            )
+        self.pieces.append(data)
+
+    def gathered(self) -> bytes:
+        return b"".join(self.pieces)
 
 
 def retry_config() -> RetryConfig:
@@ -151,15 +198,30 @@ class Bucket:
         attributes: Attributes,
         size: int | None = None,
     ) -> None:
-        """Stream ``source`` into a multipart upload to ``key``; the object appears only if
-        ``source`` ends without an exception, and every other outcome aborts the upload (the
-        exception, cancellation included, goes on). A ``size`` known to fit in one part goes up
-        in one PUT instead, once ``source`` has ended: no multipart upload at all, so nothing
-        that a ``kill -9`` could leave open."""
+        """Stream ``source`` into an upload to ``key`` (:meth:`writing`): the object appears
+        only if ``source`` ends without an exception."""
+        async with self.writing(key, attributes=attributes, size=size) as upload:
+            async for chunk in source:
+                await upload.write(chunk)
+
+    @contextlib.asynccontextmanager
+    async def writing(
+        self, key: str, *, attributes: Attributes, size: int | None = None
+    ) -> AsyncIterator[Upload]:
+        """An upload to ``key`` to :meth:`Upload.write` into: a multipart upload, whose object
+        appears only if the block ends without an exception; every other outcome aborts it
+        (the exception, cancellation included, goes on). A ``size`` known to fit in one part
+        goes up in one PUT instead, once the block has ended: no multipart upload at all, so
+        nothing that a ``kill -9`` could leave open."""
         import obstore  # noqa: PLC0415 - loaded only when object storage is configured
 
         if size is not None and size <= self.part_size:
-            await self._put_whole(key, source, attributes=attributes, size=size)
+            whole = _Whole(self, key, size)
+            yield whole
+            with self._errors("upload", key):
+                await obstore.put_async(
+                    self.store, key, whole.gathered(), attributes=attributes, use_multipart=False
+                )
             return
         queue: asyncio.Queue[bytes | _End | _Abort] = asyncio.Queue(QUEUED_CHUNKS)
 
@@ -184,13 +246,9 @@ class Bucket:
         )
         put.add_done_callback(lambda _: _drain(queue))
         try:
-            async for chunk in source:
-                if put.done():
-                    break
-                await queue.put(chunk)
-            else:
-                if not put.done():
-                    await queue.put(_End())
+            yield _Multipart(self, key, queue, put)
+            if not put.done():
+                await queue.put(_End())
         except BaseException:
             _drain(queue)
             queue.put_nowait(_Abort())
@@ -199,26 +257,6 @@ class Bucket:
             raise
         with self._errors("upload", key):
             await put
-
-    async def _put_whole(
-        self, key: str, source: AsyncIterator[bytes], *, attributes: Attributes, size: int
-    ) -> None:
-        """Gather ``source`` (at most ``size`` bytes, or it is refused) and PUT it at once."""
-        import obstore  # noqa: PLC0415 - loaded only when object storage is configured
-
-        pieces: list[bytes] = []
-        gathered = 0
-        async for chunk in source:
-            gathered += len(chunk)
-            if gathered > size:
-                raise ObjectStorageError(
-                    f"cannot upload {self.url(key)}: more than the {size} bytes announced"
-                )
-            pieces.append(chunk)
-        with self._errors("upload", key):
-            await obstore.put_async(
-                self.store, key, b"".join(pieces), attributes=attributes, use_multipart=False
-            )
 
     async def info(self, key: str) -> ObjectInfo | None:
         """The size and recorded sha256 of the object ``key``; ``None`` if there is none."""

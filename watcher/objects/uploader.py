@@ -1,7 +1,8 @@
 """Outputs from the CDN into object storage, following the order of writes of
 :mod:`watcher.objects` (steps 2 to 6; the caller does 1, 3 and 7 in the store).
 
-The CDN's body streams through a running sha256 into a multipart upload under the output's
+The CDN's body streams (received by :mod:`watcher.receive`'s loop into this module's sink)
+through a running sha256 into a multipart upload under the output's
 temporary key: memory stays at a few parts whatever the output's size, and an upload whose body
 did not verifiably end (short of ``Content-Length``, a compressed stream cut before its end, too
 slow for :class:`~watcher.downloader.TransferLimits`) is aborted, never completed. The verified
@@ -18,7 +19,6 @@ resume into object storage).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,22 +26,24 @@ from dataclasses import dataclass, field
 import httpx
 import structlog
 
-from watcher.downloader import (
-    USER_AGENT,
-    Pace,
+from watcher.downloader import USER_AGENT
+from watcher.errors import DownloadError, DownloadIncomplete, ObjectStorageError
+from watcher.objects.bucket import SHA256_ATTRIBUTE, Bucket, Upload
+from watcher.receive import (
+    Decoder,
+    Identity,
+    Receive,
     TransferLimits,
-    _decoder_for,
-    _raw_body,
+    decoded_groups,
+    whole_body,
 )
-from watcher.errors import DownloadError, DownloadIncomplete, DownloadUrlExpired, ObjectStorageError
-from watcher.objects.bucket import SHA256_ATTRIBUTE, Bucket
 
 log = structlog.get_logger("watcher")
 
 OnVerified = Callable[[int, str], Awaitable[None]]
-# The body is handed to the upload in pieces of about this size (as they arrive, in ~64 KiB).
-HANDOFF_BYTES = 1024 * 1024
 OnBytes = Callable[[int], None]
+# What becomes of a transfer cut or short: nothing of it is kept.
+_STARTS_OVER = "the upload starts over"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +53,6 @@ class SavedObject:
     url: str
     size: int
     sha256: str
-
-
-@dataclass(slots=True)
-class _Tally:
-    received: int = 0  # as sent
-    written: int = 0  # decoded: the output's bytes
 
 
 @dataclass(slots=True)
@@ -80,33 +76,29 @@ class Uploader:
         """Upload ``url`` under the temporary ``key`` (already in the store), have the caller
         record it verified, publish it as ``relpath`` and confirm it (steps 2 to 6)."""
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
-        digest = hashlib.sha256()
-        tally = _Tally()
         try:
             async with self.http.stream("GET", url, headers=headers) as response:
-                expected = _check_response(response)
+                expected, decoder = whole_body(response)
                 content_type = response.headers.get("content-type", "application/octet-stream")
-                body = self._body(response, key, expected, digest, tally)
-                coding = response.headers.get("content-encoding", "").strip().lower()
-                await self.bucket.upload(
+                async with self.bucket.writing(
                     key,
-                    body,
                     attributes={"Content-Type": content_type},
-                    size=expected if coding in {"", "identity"} else None,  # as sent = the file
-                )
+                    size=expected if isinstance(decoder, Identity) else None,  # as sent = file
+                ) as upload:
+                    sink = _ObjectSink(upload, decoder, self.bucket.url(key), self.on_bytes)
+                    await Receive(self.limits, expected, decoder, _STARTS_OVER).into(sink, response)
         except httpx.TimeoutException:
-            raise DownloadIncomplete("the download timed out; the upload starts over") from None
+            raise DownloadIncomplete(f"the download timed out; {_STARTS_OVER}") from None
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             raise DownloadIncomplete(
-                f"the connection broke during the download ({type(exc).__name__}); "
-                "the upload starts over"
+                f"the connection broke during the download ({type(exc).__name__}); {_STARTS_OVER}"
             ) from None
         except httpx.HTTPError as exc:
             raise DownloadError(f"the download failed ({type(exc).__name__})") from None
-        sha256 = digest.hexdigest()
-        await on_verified(tally.written, sha256)
-        await self.publish(key, relpath, tally.written, sha256, content_type=content_type)
-        return SavedObject(self.url(relpath), tally.written, sha256)
+        sha256 = sink.digest.hexdigest()
+        await on_verified(sink.written, sha256)
+        await self.publish(key, relpath, sink.written, sha256, content_type=content_type)
+        return SavedObject(self.url(relpath), sink.written, sha256)
 
     async def finish(self, key: str | None, relpath: str, size: int, sha256: str) -> bool:
         """Complete an output recorded as verified before a crash (steps 4 to 6): True if its
@@ -165,81 +157,36 @@ class Uploader:
                 f"{digest.hexdigest()}, recorded {size} bytes, sha256 {sha256}"
             )
 
-    async def _body(
-        self,
-        response: httpx.Response,
-        key: str,
-        expected: int | None,
-        digest: hashlib._Hash,
-        tally: _Tally,
-    ) -> AsyncIterator[bytes]:
-        """The output's bytes as they arrive, hashed and counted, bounded by the transfer
-        limits; raises at the end unless the body verifiably ended."""
-        decoder = _decoder_for(response)
-        loop = asyncio.get_running_loop()
-        started = last_report = loop.time()
-        pace = Pace(self.limits, started)
-        raw = aiter(_raw_body(response))
-        batch: list[bytes] = []
-        batched = 0
-        while True:
-            try:
-                # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation
-                # that arrives as the read completes (a shutdown would not stop the upload).
-                async with asyncio.timeout_at(pace.due):
-                    chunk = await anext(raw)
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                now = loop.time()
-                raise DownloadIncomplete(
-                    f"the transfer was cut after {now - started:.1f} s with {tally.received} "
-                    f"bytes received: {pace.cause(now)}; the upload starts over"
-                ) from None
-            tally.received += len(chunk)
-            now = loop.time()
-            pace.advance(len(chunk), now)
-            for piece in decoder.decode(chunk):
-                digest.update(piece)
-                tally.written += len(piece)
-                batch.append(piece)
-                batched += len(piece)
-            if batched >= HANDOFF_BYTES:  # fewer, larger hand-overs to obstore: less CPU
-                yield self._handed(batch, batched)
-                batch, batched = [], 0
-            if now - last_report >= self.limits.progress_seconds:
-                last_report = now
-                log.info(
-                    "upload_progress",
-                    object=self.bucket.url(key),
-                    bytes=tally.written,
-                    elapsed_s=round(now - started, 1),
-                )
-        if expected is not None and tally.received != expected:
-            raise DownloadIncomplete(
-                f"got {tally.received} bytes of {expected}; the upload starts over"
-            )
-        if not decoder.complete:
-            raise DownloadIncomplete(
-                "the compressed body (Content-Encoding) ended before its end of stream; "
-                "the upload starts over"
-            )
-        if batch:
-            yield self._handed(batch, batched)
 
-    def _handed(self, batch: list[bytes], size: int) -> bytes:
-        """The bytes of ``batch`` as one piece for the upload, counted as sent."""
-        if self.on_bytes is not None:
-            self.on_bytes(size)
-        return b"".join(batch)
+@dataclass(slots=True)
+class _ObjectSink:
+    """The running sha256 of an output and the upload it goes into: object storage's
+    :class:`~watcher.receive.Sink`. Each batch is decoded on the event loop and handed to the
+    upload in pieces of about ``BATCH_BYTES`` of decoded bytes; what arrived since the last
+    batch goes up only if the body ended (anything else aborts the upload)."""
 
+    upload: Upload
+    decoder: Decoder
+    name: str  # the temporary object's URL, for the log
+    on_bytes: OnBytes | None
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    written: int = 0  # decoded: the output's bytes
 
-def _check_response(response: httpx.Response) -> int | None:
-    """The expected length of the body as sent (``None`` if not given), or the error."""
-    code = response.status_code
-    if code in {401, 403, 404, 410}:
-        raise DownloadUrlExpired(f"the signed URL was refused (HTTP {code})")
-    if code != 200:
-        raise DownloadError(f"unexpected HTTP {code} from the download URL")
-    length = response.headers.get("content-length")
-    return int(length) if length and length.isdigit() else None
+    async def take(self, chunks: list[bytes]) -> None:
+        for pieces in decoded_groups(self.decoder, chunks):
+            for piece in pieces:
+                self.digest.update(piece)
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            self.written += len(data)
+            if self.on_bytes is not None:
+                self.on_bytes(len(data))
+            await self.upload.write(data)
+
+    async def settle(self, rest: list[bytes], *, ended: bool) -> None:
+        if ended and rest:
+            await self.take(rest)
+
+    def progress(self, received: int, elapsed: float) -> None:  # noqa: ARG002
+        log.info(
+            "upload_progress", object=self.name, bytes=self.written, elapsed_s=round(elapsed, 1)
+        )
