@@ -25,8 +25,9 @@ URL; a ``Set-Cookie`` from either is dropped, not sent back, and httpx's per-res
 extraction is not paid for.
 
 The body streams in aiohttp's chunks through a bounded buffer (aiohttp stops reading the socket
-while 64 KiB are unread), so memory does not grow with the file; each read takes all that is
-buffered, not ``httpx_aiohttp``'s 16 KiB (:data:`READ_BYTES`).
+while 2 MiB are unread, :data:`BODY_BUFFER_BYTES`), so memory does not grow with the file; it
+is read one buffered piece at a time, as the socket's reads brought them, not in
+``httpx_aiohttp``'s copies of 16 KiB.
 
 What the transport raises is mapped here to the httpx exceptions that httpcore raised for the
 same fault, which the callers already handle (``httpx_aiohttp``'s own table calls a reset
@@ -165,10 +166,14 @@ def _translation(exc: Exception, *, sending: bool) -> httpx.TransportError | Non
 
 
 # httpx_aiohttp reads a body 16 KiB at a time (its CHUNK_SIZE); each piece then passes through
-# several async generators. Asked for more, a read takes what aiohttp has buffered (its read
-# buffer is 64 KiB and it pauses the socket at twice that), so memory stays bounded while a
-# 1 GiB download makes a fraction of the passes (issue 11, bench/big.py).
-READ_BYTES = 1024 * 1024
+# several async generators. The body of an aiohttp response is read instead one buffered piece
+# at a time (what one read of the socket brought, up to 256 KiB: asyncio's read size), as it
+# is, without joining pieces into a copy, so a 1 GiB download makes a fraction of the passes
+# (issue 11, bench/big.py, bench/receive.py). aiohttp pauses reading the socket once twice its
+# read buffer (64 KiB) is unread and resumes below it, so each 256 KiB read paused it and the
+# next read of ours resumed it (two epoll_ctl calls per read); a body is given a buffer of
+# BODY_BUFFER_BYTES instead (at most twice that unread), which it rarely fills.
+BODY_BUFFER_BYTES = 1024 * 1024
 
 
 async def _translated(call: Awaitable[_T], *, sending: bool) -> _T:
@@ -183,16 +188,17 @@ async def _translated(call: Awaitable[_T], *, sending: bool) -> _T:
 
 
 class _Body(httpx.AsyncByteStream):
-    """The response body of ``httpx_aiohttp``, its errors mapped, read in large pieces."""
+    """The response body of ``httpx_aiohttp``, its errors mapped, read a buffered piece at a
+    time (:func:`_pieces`)."""
 
     def __init__(self, inner: httpx.AsyncByteStream) -> None:
         self._inner = inner
-        if isinstance(inner, AiohttpResponseStream):
-            inner.CHUNK_SIZE = READ_BYTES
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        inner = self._inner
+        body = inner if not isinstance(inner, AiohttpResponseStream) else _pieces(inner)
         try:
-            async for chunk in self._inner:
+            async for chunk in body:
                 yield chunk
         except Exception as exc:
             new = _translation(exc, sending=False)
@@ -204,6 +210,23 @@ class _Body(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         await _translated(self._inner.aclose(), sending=False)
+
+
+async def _pieces(stream: AiohttpResponseStream) -> AsyncIterator[bytes]:
+    """The body of an aiohttp response in the pieces it was buffered in (aiohttp's
+    ``readchunk``; a piece of a chunked body ends at its chunk's end at most), each as it is."""
+    content = stream._aiohttp_response.content  # noqa: SLF001 - the response it streams
+    # aiohttp takes its buffer's size per session or per request (read_bufsize), neither of
+    # which httpx_aiohttp passes on; its StreamReader keeps it as these two marks.
+    if hasattr(content, "_high_water"):
+        content._low_water = BODY_BUFFER_BYTES  # noqa: SLF001
+        content._high_water = 2 * BODY_BUFFER_BYTES  # noqa: SLF001
+    while True:
+        piece, chunk_end = await content.readchunk()
+        if piece:
+            yield piece
+        elif not chunk_end:  # the end of the body
+            return
 
 
 class Trust:
