@@ -44,7 +44,7 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -290,7 +290,8 @@ class _Sink:
     inline: bool = False
     _writeback: _Writeback | None = field(init=False)
     _hasher: ThreadPoolExecutor | None = field(init=False, default=None)
-    _in_flight: asyncio.Future[None] | None = field(init=False, default=None)
+    _writer: ThreadPoolExecutor | None = field(init=False, default=None)
+    _in_flight: Future[None] | None = field(init=False, default=None)
     _offset: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -298,20 +299,32 @@ class _Sink:
         self._writeback = None if self.inline else _Writeback(self.f.fileno(), self.written)
 
     async def take(self, chunks: list[bytes]) -> None:
-        """Absorb ``chunks`` on a thread once the batch before them is (inline: at once)."""
+        """Absorb ``chunks`` on the sink's thread once the batch before them is (inline: at
+        once, on the loop)."""
         if self.inline:
             self.absorb(chunks, may_wait=False)
             return
-        if self._in_flight is not None:
-            await asyncio.shield(self._in_flight)
-        self._in_flight = asyncio.ensure_future(asyncio.to_thread(self.absorb, chunks))
+        await self._absorbed()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="watcher-write")
+        self._in_flight = self._writer.submit(self.absorb, chunks)
 
     async def settle(self, rest: list[bytes], *, ended: bool) -> None:  # noqa: ARG002
         """Let the batch in flight finish (a thread cannot be interrupted) before the file is
         touched again, then write ``rest``: every byte received is kept, ended or not."""
-        if self._in_flight is not None:
-            await asyncio.shield(self._in_flight)
+        await self._absorbed()
         self.absorb(rest, may_wait=False)
+
+    async def _absorbed(self) -> None:
+        """Wait for the batch in flight, if any, and raise its error. A thread's future, not an
+        asyncio one: the loop is woken only when it has to wait (the thread usually keeps up)."""
+        busy = self._in_flight
+        if busy is None:
+            return
+        if not busy.done():
+            await asyncio.shield(asyncio.wrap_future(busy))
+        self._in_flight = None
+        busy.result()
 
     def progress(self, received: int, elapsed: float) -> None:
         """Log ``download_progress``: the bytes of the file so far (of a compressed body: those
@@ -366,9 +379,10 @@ class _Sink:
         os.fsync(self.f.fileno())
 
     def close(self) -> None:
-        """Stop the hashing thread (the file is the caller's to close)."""
-        if self._hasher is not None:
-            self._hasher.shutdown()
+        """Stop the sink's threads (the file is the caller's to close)."""
+        for thread in (self._writer, self._hasher):
+            if thread is not None:
+                thread.shutdown()
 
 
 def _update(digest: hashlib._Hash, pieces: list[bytes]) -> None:
