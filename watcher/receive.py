@@ -21,6 +21,7 @@ This module opens no file and talks to no store: the sinks do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -217,6 +218,29 @@ class Sink(Protocol):
         """Log how far a long transfer is: ``received`` bytes as sent in ``elapsed`` seconds."""
 
 
+@contextlib.contextmanager
+def _watchdog(pace: Pace, timer: asyncio.Timeout) -> Iterator[None]:
+    """Expire ``timer`` once ``pace`` is due. It looks at the pace when the due it last saw
+    comes, and only then: moving a timer on every chunk received (a heap push and a cancel,
+    several thousand times a GiB) would cost more than looking once a window."""
+    loop = asyncio.get_running_loop()
+    handle: asyncio.TimerHandle
+
+    def look() -> None:
+        nonlocal handle
+        now, due = loop.time(), pace.due
+        if now >= due:
+            timer.reschedule(now)
+        else:
+            handle = loop.call_at(due, look)
+
+    handle = loop.call_at(pace.due, look)
+    try:
+        yield
+    finally:
+        handle.cancel()
+
+
 @dataclass(frozen=True, slots=True)
 class Receive:
     """One response body on its way into a :class:`Sink`: bounded, reported, checked."""
@@ -239,21 +263,21 @@ class Receive:
         ended = False
         try:
             try:
-                async with asyncio.timeout_at(pace.due) as timer:
-                    async for chunk in raw_body(response):
-                        batch.append(chunk)
-                        batched += len(chunk)
-                        received += len(chunk)
-                        now = loop.time()
-                        if pace.advance(len(chunk), now):
-                            timer.reschedule(pace.due)
-                        if now - last_report >= self.limits.progress_seconds:
-                            last_report = now
-                            sink.progress(received, now - started)
-                        if batched >= BATCH_BYTES or now - last_handover >= HANDOVER_SECONDS:
-                            last_handover = now
-                            await sink.take(batch)
-                            batch, batched = [], 0
+                async with asyncio.timeout_at(None) as timer:
+                    with _watchdog(pace, timer):
+                        async for chunk in raw_body(response):
+                            batch.append(chunk)
+                            batched += len(chunk)
+                            received += len(chunk)
+                            now = loop.time()
+                            pace.advance(len(chunk), now)
+                            if now - last_report >= self.limits.progress_seconds:
+                                last_report = now
+                                sink.progress(received, now - started)
+                            if batched >= BATCH_BYTES or now - last_handover >= HANDOVER_SECONDS:
+                                last_handover = now
+                                await sink.take(batch)
+                                batch, batched = [], 0
                 ended = True
             finally:
                 await sink.settle(batch, ended=ended)  # outside the time limit
