@@ -212,7 +212,9 @@ class Downloader:
                 f.seek(offset)
                 f.truncate()
                 small = expected is not None and offset + expected <= SMALL_OUTPUT_BYTES
-                sink = _Sink(f, digest, offset, decoder, self._on_bytes, final, expected, small)
+                sink = _Sink(
+                    f, digest, offset, decoder, self._on_bytes, final, expected, inline=small
+                )
                 try:
                     # A 416 (the .part is already whole) carries an error page, not file bytes.
                     if response.status_code != 416:
