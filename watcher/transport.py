@@ -26,7 +26,7 @@ extraction is not paid for.
 
 The body streams in aiohttp's chunks through a bounded buffer (aiohttp stops reading the socket
 while 2 MiB are unread, :data:`BODY_BUFFER_BYTES`), so memory does not grow with the file; it
-is read one buffered piece at a time, as the socket's reads brought them, not in
+is read in what is buffered at each read (usually one read of the socket's, as it is), not in
 ``httpx_aiohttp``'s copies of 16 KiB.
 
 What the transport raises is mapped here to the httpx exceptions that httpcore raised for the
@@ -166,9 +166,9 @@ def _translation(exc: Exception, *, sending: bool) -> httpx.TransportError | Non
 
 
 # httpx_aiohttp reads a body 16 KiB at a time (its CHUNK_SIZE); each piece then passes through
-# several async generators. The body of an aiohttp response is read instead one buffered piece
-# at a time (what one read of the socket brought, up to 256 KiB: asyncio's read size), as it
-# is, without joining pieces into a copy, so a 1 GiB download makes a fraction of the passes
+# several async generators. The body of an aiohttp response is read instead in what is
+# buffered (usually what one read of the socket brought, up to 256 KiB: asyncio's read size),
+# as it is, so a 1 GiB download makes a fraction of the passes
 # (issue 11, bench/big.py, bench/receive.py). aiohttp pauses reading the socket once twice its
 # read buffer (64 KiB) is unread and resumes below it, so each 256 KiB read paused it and the
 # next read of ours resumed it (two epoll_ctl calls per read); a body is given a buffer of
@@ -188,8 +188,8 @@ async def _translated(call: Awaitable[_T], *, sending: bool) -> _T:
 
 
 class _Body(httpx.AsyncByteStream):
-    """The response body of ``httpx_aiohttp``, its errors mapped, read a buffered piece at a
-    time (:func:`_pieces`)."""
+    """The response body of ``httpx_aiohttp``, its errors mapped, read in what is buffered
+    (:func:`_pieces`)."""
 
     def __init__(self, inner: httpx.AsyncByteStream) -> None:
         self._inner = inner
@@ -213,20 +213,18 @@ class _Body(httpx.AsyncByteStream):
 
 
 async def _pieces(stream: AiohttpResponseStream) -> AsyncIterator[bytes]:
-    """The body of an aiohttp response in the pieces it was buffered in (aiohttp's
-    ``readchunk``; a piece of a chunked body ends at its chunk's end at most), each as it is."""
+    """The body of an aiohttp response in what it has buffered at each read (aiohttp's
+    ``readany``: one piece as it is when, as usual, the reader keeps up; the pieces joined when
+    more than one waits). Not ``readchunk``: on a chunked body of many small chunks it can wait
+    for data with the socket paused, for ever (it skips the check that resumes it)."""
     content = stream._aiohttp_response.content  # noqa: SLF001 - the response it streams
     # aiohttp takes its buffer's size per session or per request (read_bufsize), neither of
     # which httpx_aiohttp passes on; its StreamReader keeps it as these two marks.
     if hasattr(content, "_high_water"):
         content._low_water = BODY_BUFFER_BYTES  # noqa: SLF001
         content._high_water = 2 * BODY_BUFFER_BYTES  # noqa: SLF001
-    while True:
-        piece, chunk_end = await content.readchunk()
-        if piece:
-            yield piece
-        elif not chunk_end:  # the end of the body
-            return
+    while piece := await content.readany():
+        yield piece
 
 
 class Trust:
