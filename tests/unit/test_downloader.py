@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import gzip
 import hashlib
@@ -895,3 +896,34 @@ def test_pace_without_a_minimum_has_only_the_deadline() -> None:
     assert pace.due == 150.0
     assert pace.advance(0, now=120.0) is False
     assert pace.due == 150.0
+
+
+async def steady(data: bytes, size: int, every: float, stall: float = 0.0) -> AsyncIterator[bytes]:
+    """``data`` in ``size``-byte chunks ``every`` seconds apart, then a ``stall`` before the
+    last chunk."""
+    for start in range(0, len(data), size):
+        if start + size >= len(data):
+            await asyncio.sleep(stall)
+        yield data[start : start + size]
+        await asyncio.sleep(every)
+
+
+@pytest.mark.parametrize("stall", [0.0, 1.0])
+async def test_a_transfer_that_keeps_its_pace_runs_past_a_window_and_one_that_stalls_is_cut(
+    final: Path, stall: float
+) -> None:
+    """Meeting the quota of each window moves the transfer's due window after window (it runs
+    for several windows); a stall after that cuts it with the window's cause."""
+
+    def slow(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=steady(BODY, 2048, 0.1, stall))
+
+    limits = TransferLimits(min_rate=2_000, rate_window=0.25, max_seconds=30)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(FakeCdn(slow))) as http:
+        downloader = Downloader(http, limits=limits)
+        if not stall:
+            await downloader.fetch(URL, final, Verified(final))
+            assert final.read_bytes() == BODY  # 6 chunks, 0.1 s apart: over 2 windows
+            return
+        with pytest.raises(DownloadIncomplete, match=r"fewer than 500 bytes arrived in 0\.25 s"):
+            await downloader.fetch(URL, final, Verified(final))
