@@ -30,6 +30,14 @@ forever. A long transfer logs ``download_progress`` at a steady cadence and coun
 ``watcher_download_bytes_total`` as they are written; the size of the temporary file is the
 bytes-so-far that ``watcher status`` and the API show (:func:`bytes_on_disk`).
 
+A download's ``GET`` is built once (:class:`CdnRequests`, shared with the object storage's
+uploader): the client's headers merged with the download's own once per downloader, the URL
+parsed once (:func:`watcher.models.parsed_url`, the parse that validated the snapshot), and the
+``httpx.Request`` handed to ``AsyncClient.send`` as it is, not merged again by
+``build_request`` (the client has no base URL, params or cookies to merge; its timeout is set
+on the request here). It never carries an ``Authorization`` header: the client has none, and
+httpx strips one from a redirect to another origin anyway.
+
 This module does not talk to the store or the API; the daemon does. The URL's ``expires_at`` is
 not consulted here: a clock that is off would skip a good URL, so the CDN's answer decides.
 """
@@ -47,12 +55,14 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from types import TracebackType
+from typing import Any, BinaryIO
 
 import httpx
 import structlog
 
 from watcher.errors import DiskFull, DownloadError, DownloadIncomplete
+from watcher.models import parsed_url
 from watcher.paths import PART_SUFFIX, legacy_part_path, may_be_part_name, part_path
 from watcher.receive import (
     CHUNK_SIZE,
@@ -95,6 +105,57 @@ class SavedFile:
     resumed_from: int = 0
 
 
+class CdnRequests:
+    """The ``GET`` of a download URL through ``http``, with the client's headers and timeout
+    merged once (see the module docstring); ``Accept-Encoding: identity``, and ``Range`` when
+    it resumes."""
+
+    def __init__(self, http: httpx.AsyncClient, user_agent: str = USER_AGENT) -> None:
+        self._http = http
+        self._headers = httpx.Headers(http.headers)
+        self._headers.update({"User-Agent": user_agent, "Accept-Encoding": "identity"})
+        self._extensions: dict[str, Any] = {"timeout": http.timeout.as_dict()}
+
+    def request(self, url: str, offset: int = 0) -> httpx.Request:
+        """The request of ``url``'s bytes from ``offset`` on (``httpx.Request`` copies the
+        headers, so the shared ones are never changed)."""
+        headers = self._headers
+        if offset:
+            headers = headers.copy()
+            headers["Range"] = f"bytes={offset}-"
+        return httpx.Request("GET", parsed_url(url), headers=headers, extensions=self._extensions)
+
+    def stream(self, url: str, offset: int = 0) -> _Streamed:
+        """``async with requests.stream(url) as response``: the response, its body unread,
+        closed on the way out (what ``AsyncClient.stream`` does, with the prebuilt request)."""
+        return _Streamed(self._http, self.request(url, offset))
+
+
+class _Streamed:
+    """The async context manager of :meth:`CdnRequests.stream` (a class, not a generator: no
+    generator object per download)."""
+
+    __slots__ = ("_http", "_request", "_response")
+
+    def __init__(self, http: httpx.AsyncClient, request: httpx.Request) -> None:
+        self._http = http
+        self._request = request
+        self._response: httpx.Response | None = None
+
+    async def __aenter__(self) -> httpx.Response:
+        self._response = await self._http.send(self._request, stream=True)
+        return self._response
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._response is not None:
+            await self._response.aclose()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -133,19 +194,15 @@ class Downloader:
         limits: TransferLimits | None = None,
         on_bytes: OnBytes | None = None,
     ) -> None:
-        self._http = http
-        self._user_agent = user_agent
+        self._requests = CdnRequests(http, user_agent)
         self._limits = limits or TransferLimits()
         self._on_bytes = on_bytes
 
     async def fetch(self, url: str, final: Path, on_verified: OnVerified) -> SavedFile:
         """Download ``url`` to ``final`` following the order of writes in the module docstring."""
         part, offset, made = _prepare(final)
-        headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
         try:
-            async with self._http.stream("GET", url, headers=headers) as response:
+            async with self._requests.stream(url, offset) as response:
                 expected, offset, decoder = self._check_response(response, offset, part)
                 size, digest = await self._write(response, final, offset, expected, decoder)
         except httpx.TimeoutException:

@@ -6,6 +6,7 @@ This module owns the vocabulary every other module speaks. It does no I/O.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -163,6 +164,22 @@ MAX_DOWNLOADS = 1000  # a project has a handful of outputs; thousands would be t
 MAX_ERROR_CODE_LENGTH = 200
 MAX_ERROR_MESSAGE_LENGTH = 2000
 EARLIEST_EXPIRY = datetime(1970, 1, 1, tzinfo=UTC)
+# Download URLs parsed once: a snapshot's are parsed when it is validated and found again when
+# they are downloaded. Bounded in count and in the length of what is kept (a longer URL is
+# parsed each time), so a hostile body cannot fill memory through it.
+URL_CACHE_SIZE = 1024
+URL_CACHE_LENGTH = 2048
+
+
+def parsed_url(url: str) -> httpx.URL:
+    """``url`` as ``httpx.URL`` (raises ``httpx.InvalidURL``), parsed once while it is among
+    the last ``URL_CACHE_SIZE`` URLs of at most ``URL_CACHE_LENGTH`` characters."""
+    return _cached_url(url) if len(url) <= URL_CACHE_LENGTH else httpx.URL(url)
+
+
+@functools.lru_cache(maxsize=URL_CACHE_SIZE)
+def _cached_url(url: str) -> httpx.URL:
+    return httpx.URL(url)
 
 
 def _http_url(url: str) -> str:
@@ -171,7 +188,7 @@ def _http_url(url: str) -> str:
     if len(url) > MAX_URL_LENGTH:
         raise ValueError(f"a download URL of {len(url)} characters (limit {MAX_URL_LENGTH})")
     try:  # the parser the download will use, so it cannot fail there
-        parsed = httpx.URL(url)
+        parsed = parsed_url(url)
         host = parsed.raw_host
     except (httpx.InvalidURL, ValueError):  # ValueError: an IDNA host that cannot be encoded
         raise ValueError("a download URL that cannot be parsed") from None

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import httpx
 import structlog
 
-from watcher.downloader import USER_AGENT
+from watcher.downloader import USER_AGENT, CdnRequests
 from watcher.errors import DownloadError, DownloadIncomplete, ObjectStorageError
 from watcher.objects.bucket import SHA256_ATTRIBUTE, Bucket, Upload
 from watcher.receive import (
@@ -58,13 +58,18 @@ class SavedObject:
 @dataclass(slots=True)
 class Uploader:
     """Saves outputs into a :class:`Bucket`; shares the daemon's ``httpx.AsyncClient`` (which
-    sends no credential to the CDN). ``on_bytes`` counts the bytes sent to the service."""
+    sends no credential to the CDN; its ``GET`` is :class:`~watcher.downloader.CdnRequests`'s).
+    ``on_bytes`` counts the bytes sent to the service."""
 
     http: httpx.AsyncClient = field(repr=False)
     bucket: Bucket
     user_agent: str = USER_AGENT
     limits: TransferLimits = field(default_factory=TransferLimits)
     on_bytes: OnBytes | None = None
+    _requests: CdnRequests = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._requests = CdnRequests(self.http, self.user_agent)
 
     def url(self, relpath: str) -> str:
         """The name of the output ``relpath``'s final object (``s3://bucket/key``)."""
@@ -75,9 +80,8 @@ class Uploader:
     ) -> SavedObject:
         """Upload ``url`` under the temporary ``key`` (already in the store), have the caller
         record it verified, publish it as ``relpath`` and confirm it (steps 2 to 6)."""
-        headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
         try:
-            async with self.http.stream("GET", url, headers=headers) as response:
+            async with self._requests.stream(url) as response:
                 expected, decoder = whole_body(response)
                 content_type = response.headers.get("content-type", "application/octet-stream")
                 async with self.bucket.writing(
