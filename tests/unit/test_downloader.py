@@ -165,6 +165,34 @@ async def test_no_authorization_header_is_sent(final: Path) -> None:
     assert str(request.url) == URL
 
 
+async def test_a_download_carries_the_clients_own_headers_and_timeout(final: Path) -> None:
+    """The prebuilt GET is what ``build_request`` would have made: the client's headers (the
+    download's own win), its timeout; a resumed one adds only ``Range``."""
+    cdn = FakeCdn()
+    timeout = httpx.Timeout(3.5, connect=1.5)
+    headers = {"X-Client": "kept", "User-Agent": "overridden"}
+    transport = httpx.MockTransport(cdn)
+    async with httpx.AsyncClient(transport=transport, headers=headers, timeout=timeout) as http:
+        d = Downloader(http)
+        part_path(final).parent.mkdir(parents=True)
+        part_path(final).write_bytes(BODY[:100])
+        other = final.with_name("1-output.mp4")
+        await d.fetch(URL, final, Verified(final))
+        await d.fetch(URL, other, Verified(other))
+    assert final.read_bytes() == other.read_bytes() == BODY
+    resumed, whole = cdn.requests
+    for request in (resumed, whole):
+        assert request.headers["x-client"] == "kept"
+        assert request.headers["user-agent"] == "magic-hour-watcher"
+        assert request.headers["accept-encoding"] == "identity"
+        assert "authorization" not in request.headers
+        assert request.extensions["timeout"] == timeout.as_dict()
+        assert request.method == "GET"
+    assert resumed.headers["range"] == "bytes=100-"
+    assert "range" not in whole.headers
+    assert str(whole.url) == URL
+
+
 async def test_empty_output(final: Path) -> None:
     """A zero-byte output is saved as an empty file with the empty digest."""
     cdn = FakeCdn(lambda _request: httpx.Response(200, content=b""))

@@ -13,6 +13,7 @@ from watcher.models import (
     ACTIVE_STATES,
     FINAL_STATES,
     MAX_ID_LENGTH,
+    URL_CACHE_LENGTH,
     Kind,
     ProjectRef,
     ProjectSnapshot,
@@ -21,6 +22,7 @@ from watcher.models import (
     parse_kind,
     parse_project_list,
     parse_project_spec,
+    parsed_url,
     validate_project_id,
 )
 
@@ -394,3 +396,15 @@ def test_an_error_object_may_have_nulls_and_is_bounded() -> None:
     assert snapshot.error.code is None
     assert snapshot.error.message is not None
     assert len(snapshot.error.message) <= 2001
+
+
+def test_a_download_url_is_parsed_once_and_a_long_one_is_not_kept() -> None:
+    """The snapshot's parse is the download's: the same ``httpx.URL``; one past the cache's
+    length is parsed again each time, equal but not kept."""
+    url = "https://cdn.example/once/output.png?X-Amz-Signature=abc"
+    link = {"url": url, "expires_at": "2030-01-01T00:00:00Z"}
+    snapshot = ProjectSnapshot.parse(_project(downloads=[link]))
+    assert parsed_url(snapshot.downloads[0].url) is parsed_url(url)
+    long = "https://cdn.example/long/output.png?sig=" + "a" * URL_CACHE_LENGTH
+    assert parsed_url(long) == parsed_url(long)
+    assert parsed_url(long) is not parsed_url(long)
