@@ -3,10 +3,11 @@
 ``python bench/saves.py [--outputs N] [--size BYTES] [--rounds R]``: N outputs of the
 simulator (200,000 bytes each by default, the fleet's size) are saved through
 :class:`watcher.downloader.Downloader` into real files under a temporary folder, 8 at a time
-(the watcher's default download slots), each the way the workflow does it: the size of its
-temporary file (:func:`watcher.workflow.part_size`), its path through
-:func:`watcher.paths.resolve_inside`, then ``fetch`` (temporary file, sha256, ``fsync``, rename,
-``fsync`` of the folder). The CPU this process spent (user + system, threads included,
+(the watcher's default download slots), each the way the workflow of the tree under test does
+it: its path through :func:`watcher.paths.resolve_inside`, the size of its temporary file
+(:func:`watcher.workflow.part_bytes`; a tree before it resolved the path a second time for
+that, in ``part_size``), then ``fetch`` (temporary file, sha256, ``fsync``, rename, ``fsync``
+of the folder). The CPU this process spent (user + system, threads included,
 ``getrusage``) per output is printed for each of R rounds, and the least of them: the rounds
 alternate with nothing, so the least is the one the machine's other load disturbed least. The
 simulator runs in another process; its CPU is not counted. To compare two versions of the
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
@@ -37,11 +39,12 @@ def _cpu() -> float:
 
 
 async def _save_all(base_url: str, urls: list[str], root: Path) -> tuple[float, float]:
-    from watcher.downloader import Downloader  # noqa: PLC0415 - the tree under test
+    from watcher import workflow  # noqa: PLC0415 - the tree under test
+    from watcher.downloader import Downloader  # noqa: PLC0415
     from watcher.paths import resolve_inside  # noqa: PLC0415
     from watcher.store import OutputRecord, OutputState  # noqa: PLC0415
-    from watcher.workflow import part_size  # noqa: PLC0415
 
+    part_size: Any = getattr(workflow, "part_size", None)
     slots = asyncio.Semaphore(SLOTS)
 
     async def verified(size: int, sha256: str) -> None:
@@ -53,9 +56,12 @@ async def _save_all(base_url: str, urls: list[str], root: Path) -> tuple[float, 
         async def one(i: int, url: str) -> None:
             async with slots:
                 path = f"image/p{i}/0-output.png"
-                row = OutputRecord(f"p{i}", 0, url, 0.0, path, OutputState.PENDING)
-                await part_size(root, row)  # as the workflow asks before every save
                 final = resolve_inside(root, path)
+                if part_size is None:  # as the workflow asks before every save
+                    workflow.part_bytes(final)
+                else:  # a tree before part_bytes: the size through a second resolve
+                    row = OutputRecord(f"p{i}", 0, url, 0.0, path, OutputState.PENDING)
+                    await part_size(root, row)
                 await downloader.fetch(url, final, verified)
 
         await one(-1, urls[0])  # the connection pool warm

@@ -478,9 +478,10 @@ class Workflow:
             while pending:
                 row = pending[0]
                 last = len(pending) == 1
-                before = await part_size(None if self.uploader else self.download_dir, row)
+                final = output_file(None if self.uploader else self.download_dir, row)
+                before = part_bytes(final)
                 try:
-                    await self._save_output(claim, row, last=last)
+                    await self._save_output(claim, row, final, last=last)
                 except DownloadUrlExpired as exc:
                     refused += 1
                     if refused > self.limits.give_up.refused_links:
@@ -499,9 +500,7 @@ class Workflow:
                     pending = _unsaved(fresh)
                     continue
                 except DownloadError as exc:
-                    gained = (
-                        await part_size(None if self.uploader else self.download_dir, row) > before
-                    )
+                    gained = part_bytes(final) > before
                     await self._download_trouble(claim, exc, gained=gained)
                     return
                 pending.pop(0)
@@ -519,13 +518,15 @@ class Workflow:
         self.metrics.finished.labels(State.SAVED.value).inc()
         log.info("project_saved", project_id=p.id, kind=p.kind.value, state=State.SAVED.value)
 
-    async def _save_output(self, claim: Claim, row: OutputRecord, *, last: bool) -> None:
-        """Save one output; ``last``: the project's last one to save (see
-        :meth:`_output_saved`)."""
+    async def _save_output(
+        self, claim: Claim, row: OutputRecord, final: Path | None, *, last: bool
+    ) -> None:
+        """Save one output to ``final`` (from :func:`output_file`); ``last``: the project's last one
+        to save (see :meth:`_output_saved`)."""
         if self.uploader is not None:
             await self._save_object(claim, row, self.uploader, last=last)
             return
-        final = resolve_inside(self.download_dir, row.path)
+        assert final is not None  # noqa: S101 - None only into object storage
         if row.state == OutputState.VERIFIED and row.bytes is not None and row.sha256:
             if await asyncio.to_thread(finish_from_disk, final, row.bytes, row.sha256):
                 await self._output_saved(claim, row.index, last=last)
@@ -862,14 +863,20 @@ async def removable_parts(
     ]
 
 
-async def part_size(download_dir: Path | None, row: OutputRecord) -> int:
-    """How many bytes of the output its ``.part`` file under ``download_dir`` holds (0 without
-    one, and always in object storage, ``None``, where an interrupted upload starts over)."""
-    if download_dir is None:
+def output_file(download_dir: Path | None, row: OutputRecord) -> Path | None:
+    """The path on disk ``row`` is saved under, inside ``download_dir`` (resolved once per save:
+    a ``realpath``); ``None`` into object storage."""
+    return None if download_dir is None else resolve_inside(download_dir, row.path)
+
+
+def part_bytes(final: Path | None) -> int:
+    """How many bytes the ``.part`` file of ``final`` holds (0 without one, and for ``None``:
+    in object storage an interrupted upload starts over). On the loop: a ``stat`` costs less
+    than a trip to a thread."""
+    if final is None:
         return 0
-    part = part_path(resolve_inside(download_dir, row.path))
     with contextlib.suppress(FileNotFoundError):
-        return part.stat().st_size  # on the loop: cheaper than a trip to a thread
+        return part_path(final).stat().st_size
     return 0
 
 
