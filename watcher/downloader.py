@@ -294,7 +294,10 @@ def _prepare(final: Path) -> tuple[Path, int, tuple[Path, ...]]:
     On the event loop: a few calls on metadata, which cost less than the trip to a worker thread
     (about 50 µs of CPU)."""
     made = _make_folders(final.parent)
-    part, legacy = part_path(final), legacy_part_path(final)
+    part = part_path(final)
+    if made:  # a folder just made holds no temporary file
+        return part, 0, made
+    legacy = legacy_part_path(final)
     try:
         return part, part.stat().st_size, made
     except FileNotFoundError:

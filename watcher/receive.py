@@ -21,7 +21,6 @@ This module opens no file and talks to no store: the sinks do.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -218,27 +217,32 @@ class Sink(Protocol):
         """Log how far a long transfer is: ``received`` bytes as sent in ``elapsed`` seconds."""
 
 
-@contextlib.contextmanager
-def _watchdog(pace: Pace, timer: asyncio.Timeout) -> Iterator[None]:
-    """Expire ``timer`` once ``pace`` is due. It looks at the pace when the due it last saw
-    comes, and only then: moving a timer on every chunk received (a heap push and a cancel,
-    several thousand times a GiB) would cost more than looking once a window."""
-    loop = asyncio.get_running_loop()
-    handle: asyncio.TimerHandle
+class _Watchdog:
+    """Expire ``timer`` once ``pace`` is due, while in its ``with`` block. It looks at the pace
+    when the due it last saw comes, and only then: moving a timer on every chunk received (a
+    heap push and a cancel, several thousand times a GiB) would cost more than looking once a
+    window. (A class, not a generator: nothing more is built per transfer.)"""
 
-    def look() -> None:
-        nonlocal handle
-        now, due = loop.time(), pace.due
+    __slots__ = ("_handle", "_loop", "_pace", "_timer")
+    _handle: asyncio.TimerHandle
+
+    def __init__(self, pace: Pace, timer: asyncio.Timeout) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._pace = pace
+        self._timer = timer
+
+    def __enter__(self) -> None:
+        self._handle = self._loop.call_at(self._pace.due, self._look)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._handle.cancel()
+
+    def _look(self) -> None:
+        now, due = self._loop.time(), self._pace.due
         if now >= due:
-            timer.reschedule(now)
+            self._timer.reschedule(now)
         else:
-            handle = loop.call_at(due, look)
-
-    handle = loop.call_at(pace.due, look)
-    try:
-        yield
-    finally:
-        handle.cancel()
+            self._handle = self._loop.call_at(due, self._look)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +268,7 @@ class Receive:
         try:
             try:
                 async with asyncio.timeout_at(None) as timer:
-                    with _watchdog(pace, timer):
+                    with _Watchdog(pace, timer):
                         async for chunk in raw_body(response):
                             batch.append(chunk)
                             batched += len(chunk)
