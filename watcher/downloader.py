@@ -112,14 +112,22 @@ class CdnRequests:
 
     def __init__(self, http: httpx.AsyncClient, user_agent: str = USER_AGENT) -> None:
         self._http = http
-        self._headers = httpx.Headers(http.headers)
-        self._headers.update({"User-Agent": user_agent, "Accept-Encoding": "identity"})
         self._extensions: dict[str, Any] = {"timeout": http.timeout.as_dict()}
+        # The headers, or why none can be sent (a User-Agent that is not ASCII): a download
+        # fails with it, as the API's requests do; the daemon does not die building this.
+        self._headers: httpx.Headers | str
+        try:
+            self._headers = httpx.Headers(http.headers)
+            self._headers.update({"User-Agent": user_agent, "Accept-Encoding": "identity"})
+        except ValueError as exc:  # UnicodeEncodeError
+            self._headers = f"its headers cannot be sent ({type(exc).__name__}: {exc})"
 
     def request(self, url: str, offset: int = 0) -> httpx.Request:
         """The request of ``url``'s bytes from ``offset`` on (``httpx.Request`` copies the
         headers, so the shared ones are never changed)."""
         headers = self._headers
+        if isinstance(headers, str):
+            raise DownloadError(f"the download cannot be sent: {headers}")
         if offset:
             headers = headers.copy()
             headers["Range"] = f"bytes={offset}-"

@@ -193,6 +193,20 @@ async def test_a_download_carries_the_clients_own_headers_and_timeout(final: Pat
     assert str(whole.url) == URL
 
 
+async def test_a_user_agent_that_cannot_be_sent_fails_the_download_not_the_daemon(
+    final: Path,
+) -> None:
+    """A User-Agent that is not ASCII (a replica id with an accent) cannot be sent: the
+    downloader is still built, and a download fails as a download error, sending nothing."""
+    cdn = FakeCdn()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(cdn)) as http:
+        d = Downloader(http, user_agent="magic-hour-watcher (replica r\u00e9plica)")
+        with pytest.raises(DownloadError, match="cannot be sent"):
+            await d.fetch(URL, final, Verified(final))
+    assert cdn.requests == []
+    assert not final.exists()
+
+
 async def test_empty_output(final: Path) -> None:
     """A zero-byte output is saved as an empty file with the empty digest."""
     cdn = FakeCdn(lambda _request: httpx.Response(200, content=b""))
