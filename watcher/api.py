@@ -26,7 +26,7 @@ import json
 import random
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
 from datetime import UTC
 from typing import Any, NamedTuple, TypeVar
 
@@ -501,13 +501,22 @@ class MagicHourClient:
         raise TransientApiError(f"{what}: {excerpt(body)!r}", status_code=code, cause="http_other")
 
 
+def _pieces(response: httpx.Response) -> AsyncIterable[bytes]:
+    """The body of ``response`` piece by piece, decoded: an unencoded body (the API's JSON, as a
+    rule) straight from its stream, without the generators of ``aiter_bytes`` and ``aiter_raw``
+    around it (about a tenth of a poll's CPU, issue 11); the caller closes the response."""
+    if "content-encoding" in response.headers:
+        return response.aiter_bytes()
+    return response.stream  # type: ignore[return-value]  # asynchronous: the client's is
+
+
 async def _read_capped(response: httpx.Response, method: str, ref: ProjectRef) -> bytes:
     """A success's body, refused past ``MAX_BODY_BYTES``; an error's first 64 KiB (enough for
     its message: a huge 404 is still "no such project")."""
     if not response.is_success:
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.aiter_bytes():
+        async for chunk in _pieces(response):
             chunks.append(chunk)
             size += len(chunk)
             if size >= MAX_ERROR_BODY_BYTES:
@@ -522,7 +531,7 @@ async def _read_capped(response: httpx.Response, method: str, ref: ProjectRef) -
         )
     chunks = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in _pieces(response):
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise TransientApiError(
