@@ -309,16 +309,25 @@ class MagicHourClient:
         range``), the content type when it is not JSON, and a short excerpt of the body.
         """
         try:
-            snapshot = ProjectSnapshot.parse(decode_json(reply.body))
-        except pydantic.ValidationError as exc:
-            raise self._not_a_project(ref, reply, _invalid_reason(exc)) from None
-        except ValueError as exc:
-            raise self._not_a_project(ref, reply, str(exc)) from None
+            snapshot = ProjectSnapshot.parse_json(reply.body)
+        except pydantic.ValidationError:
+            snapshot = self._parse_slowly(ref, reply)
         if snapshot.id != ref.id:
             raise TransientApiError(
                 f"GET {ref} returned project {snapshot.id!r}", status_code=200, cause="bad_body"
             )
         return snapshot
+
+    def _parse_slowly(self, ref: ProjectRef, reply: _Reply) -> ProjectSnapshot:
+        """A body pydantic's own JSON parser refused, parsed again by :func:`decode_json` and
+        validated as Python data: what it accepts (a lone surrogate escaped in a string) is
+        let through as before, and the error of what it refuses names why."""
+        try:
+            return ProjectSnapshot.parse(decode_json(reply.body))
+        except pydantic.ValidationError as exc:
+            raise self._not_a_project(ref, reply, _invalid_reason(exc)) from None
+        except ValueError as exc:
+            raise self._not_a_project(ref, reply, str(exc)) from None
 
     def _not_a_project(self, ref: ProjectRef, reply: _Reply, reason: str) -> TransientApiError:
         kind = reply.content_type.split(";", 1)[0].strip().lower()

@@ -246,3 +246,10 @@ class ProjectSnapshot(_Lenient):
     def parse(cls, data: Any) -> ProjectSnapshot:  # noqa: ANN401 - JSON of unknown shape
         """Validate a decoded JSON body; raises ``pydantic.ValidationError``."""
         return cls.model_validate(data)
+
+    @classmethod
+    def parse_json(cls, body: bytes) -> ProjectSnapshot:
+        """Validate a body as it came, parsed by pydantic's own JSON parser (no ``json.loads``
+        and no Python dicts in between: a poll's cheapest path); raises
+        ``pydantic.ValidationError`` for anything it refuses, bad JSON included."""
+        return cls.model_validate_json(body)
