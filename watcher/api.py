@@ -33,7 +33,6 @@ from typing import Any, NamedTuple, TypeVar
 import httpx
 import pydantic
 import structlog
-from prometheus_client import Counter
 from pydantic import SecretStr
 
 from watcher import clock
@@ -277,7 +276,6 @@ class MagicHourClient:
         self._extensions = {"timeout": http.timeout.as_dict()}
         # The headers of the last token a request was built with, or what makes them unsendable.
         self._prepared: tuple[SecretStr, httpx.Headers | str] | None = None
-        self._responses: dict[tuple[str, str], Counter] = {}
 
     def __repr__(self) -> str:
         return f"MagicHourClient(base_url={self._base_url!r})"
@@ -450,11 +448,7 @@ class MagicHourClient:
     def _count(self, method: str, code: str) -> None:
         if self._metrics is None:
             return
-        counter = self._responses.get((method, code))
-        if counter is None:
-            counter = self._metrics.api_responses.labels(method, code)
-            self._responses[method, code] = counter
-        counter.inc()
+        self._metrics.child(self._metrics.api_responses, method, code).inc()
 
     def _transient(
         self, what: str, code: int, response: httpx.Response, body: bytes

@@ -14,9 +14,11 @@ The rest are counted here as things happen.
 from __future__ import annotations
 
 import functools
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -52,6 +54,8 @@ LIFETIME_BUCKETS = (
 )
 # The label value of gauges that describe every replica's shared store, not this process.
 FLEET = "fleet"
+
+_M = TypeVar("_M", bound=MetricWrapperBase)
 
 
 class Metrics:
@@ -157,6 +161,16 @@ class Metrics:
             "Requests to the watcher's own HTTP server by route and status code.",
             ["route", "code"],
         )
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
+
+    def child(self, metric: _M, *values: str) -> _M:
+        """``metric.labels(*values)``, looked up once: prometheus-client builds its key and
+        takes a lock on every call of ``labels``, and a poll counts itself (issue 11)."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found  # type: ignore[return-value]  # labels() gives a child of metric's class
 
 
 def _standard_collectors(registry: CollectorRegistry) -> None:

@@ -309,7 +309,7 @@ class Workflow:
         its outputs are lost to us: that is a failure, not a project that never existed.
         """
         p = claim.project
-        self.metrics.polls.labels(p.kind.value).inc()
+        self.metrics.child(self.metrics.polls, p.kind.value).inc()
         try:
             snapshot = await self.api.get_project(p.ref)
         except ProjectNotFound as exc:
