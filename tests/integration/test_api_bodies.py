@@ -6,6 +6,7 @@ a project whose work does crash is quarantined naming the exception."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import socket
@@ -21,11 +22,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.support import api_client
+from watcher.api import MAX_BODY_BYTES
 from watcher.daemon import Daemon
 from watcher.errors import InvalidRequest, TransientApiError
 from watcher.models import Kind, ProjectRef, State
 from watcher.settings import Settings, load_settings
 from watcher.store import InMemoryStore, SQLiteStore, Store
+from watcher.transport import http_client
 from watcher.wiring import build
 
 pytestmark = pytest.mark.anyio
@@ -45,8 +48,9 @@ class HostileApi:
     """A bare HTTP/1.1 server: each path answers with a scripted (status, content type, body);
     every request line is recorded. One request per connection."""
 
-    def __init__(self, answers: dict[str, Answer]) -> None:
+    def __init__(self, answers: dict[str, Answer], headers: dict[str, str] | None = None) -> None:
         self.answers = answers
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.requests: list[str] = []
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -78,7 +82,7 @@ class HostileApi:
             code, ctype, body = self.answers.get(path, (404, "application/json", b"{}"))
             writer.write(
                 f"HTTP/1.1 {code} X\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
-                "connection: close\r\n\r\n".encode()
+                f"{self.headers}connection: close\r\n\r\n".encode()
                 + body
             )
             await writer.drain()
@@ -269,6 +273,43 @@ async def test_connection_errors_name_the_host_and_the_cause() -> None:
                 await api_client(http, base, TOKEN).get_project(ref)
             assert str(caught.value) == f"GET image:p1: {message}"
             assert caught.value.cause == "network"
+
+
+async def test_a_gzip_encoded_project_is_decoded_and_capped_once_decoded(tmp_path: Path) -> None:
+    """Through the watcher's own HTTP client, a project sent gzip-encoded is read decoded; one
+    whose decoded body passes the cap is refused, though its encoded bytes are few."""
+    padding = " " * (MAX_BODY_BYTES + 1)
+    answers: dict[str, Answer] = {
+        "/v1/image-projects/small": (200, "application/json", gzip.compress(project("small"))),
+        "/v1/image-projects/bomb": (
+            200,
+            "application/json",
+            gzip.compress(project("bomb")[:-1] + padding.encode() + b"}"),
+        ),
+    }
+    settings = settings_for(HostileApi({}), tmp_path, "small")
+    gzipped = {"content-encoding": "gzip"}
+    async with HostileApi(answers, gzipped) as api, http_client(settings) as http:
+        client = api_client(http, api.url, TOKEN)
+        snapshot = await client.get_project(ProjectRef(Kind.IMAGE, "small"))
+        with pytest.raises(TransientApiError) as caught:
+            await client.get_project(ProjectRef(Kind.IMAGE, "bomb"))
+    assert snapshot.id == "small"
+    assert snapshot.status.value == "rendering"
+    assert len(answers["/v1/image-projects/bomb"][2]) < MAX_BODY_BYTES // 100
+    assert caught.value.cause == "body_too_large"
+
+
+async def test_a_lone_surrogate_in_a_project_is_read_as_before(tmp_path: Path) -> None:
+    """A project whose name escapes a lone surrogate (which pydantic's JSON parser refuses and
+    ``json`` accepts) is still a project, not a bad body."""
+    body = project("odd", name="\ud800")
+    assert b"\\ud800" in body
+    answers: dict[str, Answer] = {"/v1/image-projects/odd": (200, "application/json", body)}
+    settings = settings_for(HostileApi({}), tmp_path, "odd")
+    async with HostileApi(answers) as api, http_client(settings) as http:
+        snapshot = await api_client(http, api.url, TOKEN).get_project(ProjectRef(Kind.IMAGE, "odd"))
+    assert snapshot.id == "odd"
 
 
 @pytest.mark.parametrize("token", [TOKEN + "\n", TOKEN + "é"])
