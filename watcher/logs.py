@@ -10,10 +10,11 @@ outsiders can repeat at will (refused connections, malformed requests) go throug
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO, cast
 
 import structlog
@@ -101,6 +102,24 @@ class BurstLog:
         )
         self._pending = 0
         self._logged_at = now
+
+
+class LogContext:
+    """Keys every event carries while the ``with`` block runs (``project_id`` in a project's
+    work), as structlog's ``bound_contextvars`` binds them, for less: the keys' earlier values
+    come back from the tokens of their context variables, not from a copy of the whole context
+    read before and unbound and bound again after (issue 11: a project's work binds them once
+    per claim)."""
+
+    def __init__(self, **keys: object) -> None:
+        self._keys = keys
+        self._tokens: Mapping[str, contextvars.Token[Any]] = {}
+
+    def __enter__(self) -> None:
+        self._tokens = structlog.contextvars.bind_contextvars(**self._keys)
+
+    def __exit__(self, *exc: object) -> None:
+        structlog.contextvars.reset_contextvars(**self._tokens)
 
 
 class _ClosedReaderSafe:

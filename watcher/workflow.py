@@ -78,6 +78,7 @@ from watcher.errors import (
     Unauthorized,
 )
 from watcher.health import ApiHealth
+from watcher.logs import LogContext
 from watcher.metrics import Metrics
 from watcher.models import ProjectRef, ProjectSnapshot, RemoteStatus, State
 from watcher.objects import (
@@ -216,7 +217,7 @@ class Workflow:
         final). A bug is recorded on the project, never raised; cancellation is."""
         p = claim.project
         try:
-            with structlog.contextvars.bound_contextvars(project_id=p.id, kind=p.kind.value):
+            with LogContext(project_id=p.id, kind=p.kind.value):
                 current: Claim | None = claim
                 while current is not None:
                     try:
