@@ -35,7 +35,7 @@ from watcher.health import ApiHealth
 from watcher.metrics import Metrics
 from watcher.models import ProjectSnapshot, State
 from watcher.outage import StoreHealth
-from watcher.store import Claim, ProjectRecord, Store
+from watcher.store import Claim, Claimed, ProjectRecord, Store
 from watcher.workflow import Workflow
 
 log = structlog.get_logger("watcher")
@@ -115,9 +115,10 @@ class Dispatcher:
         if self.health.unauthorized and self.until_done:
             self.on_done()
             return True
+        claimed = None
         if not self.health.paused(now) and self.proven():
-            await self._claim(now)
-        await self._sleep_until_due(now)
+            claimed = await self._claim(now)
+        await self._sleep_until_due(now, claimed)
         return False
 
     def store_failed(self, exc: StoreError, *, during: str) -> None:
@@ -141,15 +142,18 @@ class Dispatcher:
             await self.store.release_leases(now=now, owner=self.owner)
         self.store_health.recovered()
 
-    async def _claim(self, now: float) -> None:
+    async def _claim(self, now: float) -> Claimed | None:
+        """Lease what is due, as much as there is room for, and start its work; ``None`` when
+        there is no room (nothing was asked of the store)."""
         room = self.max_in_flight - len(self._running)
         probing = self.health.probing
         if room <= 0 or (probing and self._running):
-            return
+            return None
         limit = 1 if probing else room
-        for claim in await self.store.claim_due(
+        claimed = await self.store.claim_due_and_next(
             now=now, limit=limit, owner=self.owner, lease_seconds=self.lease_seconds
-        ):
+        )
+        for claim in claimed.claims:
             self.claimed.add(claim.id)
             stale = self._running.get(claim.id)
             if stale is not None:
@@ -162,18 +166,20 @@ class Dispatcher:
             task = asyncio.create_task(self._work(claim, after=after), name=f"project-{claim.id}")
             self._running[claim.id] = (task, claim)
         self.metrics.in_flight.set(len(self._running))
+        return claimed
 
-    async def _sleep_until_due(self, now: float) -> None:
+    async def _sleep_until_due(self, now: float, claimed: Claimed | None) -> None:
         """Wait for a wake-up (work finished, project tracked, here or, on PostgreSQL, on any
         replica) or until work is due, at most ``claim_interval`` (another process may have
-        tracked projects in a SQLite database meanwhile)."""
+        tracked projects in a SQLite database meanwhile). When work is next due comes with
+        the claim just made, if one was."""
         timeout: float | None
         if len(self._running) >= self.max_in_flight or (self.health.probing and self._running):
             timeout = None
         elif self.health.paused(now):
             timeout = min(self.health.paused_until - now, self.claim_interval)
         else:
-            due = await self.store.next_due_at()
+            due = claimed.next_due_at if claimed is not None else await self.store.next_due_at()
             idle = self.claim_interval
             timeout = idle if due is None else min(max(0.0, due - now), idle)
         if timeout == 0.0:

@@ -35,6 +35,7 @@ from typing import Self
 from watcher.models import Kind, ProjectRef, State
 from watcher.store.records import (
     Claim,
+    Claimed,
     NewOutput,
     Notification,
     OutputRecord,
@@ -177,6 +178,16 @@ class Store(TransitionWrites):
     @abc.abstractmethod
     async def next_due_at(self) -> float | None:
         """The earliest ``due_at`` of an active project, or ``None`` if none is active."""
+
+    async def claim_due_and_next(
+        self, *, now: float, limit: int, owner: str, lease_seconds: float
+    ) -> Claimed:
+        """:meth:`claim_due`, then :meth:`next_due_at`: a backend that can answers both in one
+        round trip (SQLite: one call on its thread, not two)."""
+        claims = await self.claim_due(
+            now=now, limit=limit, owner=owner, lease_seconds=lease_seconds
+        )
+        return Claimed(claims, await self.next_due_at())
 
     @abc.abstractmethod
     async def release_leases(self, *, now: float, owner: str | None = None) -> int:

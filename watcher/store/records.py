@@ -16,6 +16,7 @@ from watcher.models import Kind, ProjectRef, RemoteStatus, State
 # What the package watcher.store exports of these (the rest is for the backends).
 __all__ = [
     "Claim",
+    "Claimed",
     "LeaseLost",
     "NewOutput",
     "Notification",
@@ -87,6 +88,15 @@ class Claim:
     def id(self) -> str:
         """The claimed project's id."""
         return self.project.id
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What one claim leased, and the earliest ``due_at`` of an active project once it had
+    (``None`` if none is active): the claim loop's next wake-up comes back with its claims."""
+
+    claims: list[Claim]
+    next_due_at: float | None
 
 
 @dataclass(frozen=True, slots=True)

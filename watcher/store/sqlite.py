@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from watcher.store import transitions as t
 from watcher.store.connector import Session
-from watcher.store.records import Claim, Notification
+from watcher.store.records import Claim, Claimed, Notification
 from watcher.store.rows import notification_from_row, project_from_row
 from watcher.store.sql import load_queries
 from watcher.store.sql_store import SqlStore
@@ -65,24 +65,19 @@ class SQLiteStore(SqlStore[SQLiteConnector]):
     async def claim_due(
         self, *, now: float, limit: int, owner: str, lease_seconds: float
     ) -> list[Claim]:
-        until = now + lease_seconds
-
         async def work(s: Session) -> list[Claim]:
-            rows = await s.fetchall(_Q["select_due"], {"now": now, "limit": limit})
-            if not rows:
-                return []
-            # One bump of the counter for the whole batch: versions first..last, in due order.
-            (bumped,) = await s.fetchall(_Q["next_lease_versions"], {"n": len(rows)})
-            first = bumped["last"] - len(rows) + 1
-            claims = []
-            for version, row in enumerate(rows, start=first):
-                record = t.leased(project_from_row(row), owner=owner, until=until, version=version)
-                claims.append(Claim(record, version))
-            leases = [
-                {"id": c.id, "until": until, "owner": owner, "version": c.version} for c in claims
-            ]
-            await s.executemany(_Q["lease_project"], leases)
-            return claims
+            return await _lease_due(s, now=now, limit=limit, owner=owner, until=now + lease_seconds)
+
+        return await self.connector.transaction(work)
+
+    async def claim_due_and_next(
+        self, *, now: float, limit: int, owner: str, lease_seconds: float
+    ) -> Claimed:
+        async def work(s: Session) -> Claimed:
+            until = now + lease_seconds
+            claims = await _lease_due(s, now=now, limit=limit, owner=owner, until=until)
+            row = await s.fetchone(_Q["next_due_at"], {})
+            return Claimed(claims, None if row is None else row["due_at"])
 
         return await self.connector.transaction(work)
 
@@ -97,3 +92,23 @@ class SQLiteStore(SqlStore[SQLiteConnector]):
             return [notification_from_row(r) for r in rows]
 
         return await self.connector.transaction(work)
+
+
+async def _lease_due(
+    s: Session, *, now: float, limit: int, owner: str, until: float
+) -> list[Claim]:
+    """Inside a transaction: lease up to ``limit`` projects due at ``now`` to ``owner`` until
+    ``until``, earliest first."""
+    rows = await s.fetchall(_Q["select_due"], {"now": now, "limit": limit})
+    if not rows:
+        return []
+    # One bump of the counter for the whole batch: versions first..last, in due order.
+    (bumped,) = await s.fetchall(_Q["next_lease_versions"], {"n": len(rows)})
+    first = bumped["last"] - len(rows) + 1
+    claims = []
+    for version, row in enumerate(rows, start=first):
+        record = t.leased(project_from_row(row), owner=owner, until=until, version=version)
+        claims.append(Claim(record, version))
+    leases = [{"id": c.id, "until": until, "owner": owner, "version": c.version} for c in claims]
+    await s.executemany(_Q["lease_project"], leases)
+    return claims
