@@ -103,6 +103,23 @@ async def test_claim_respects_limit_and_next_due_at(store: Store) -> None:
     assert await store.next_due_at() == T0 + LEASE
 
 
+async def test_a_claim_comes_back_with_the_next_due_at(store: Store) -> None:
+    """claim_due_and_next leases as claim_due does, fenced alike, and reports the next_due_at
+    of after the claim: still due, then the leases' end, then none once nothing is active."""
+    await store.track(refs(*[f"p{i}" for i in range(3)]), now=T0, delete_after_download=False)
+    first = await store.claim_due_and_next(now=T0, limit=2, owner="r1", lease_seconds=LEASE)
+    assert ([c.id for c in first.claims], first.next_due_at) == (["p0", "p1"], T0)
+    rest = await store.claim_due_and_next(now=T0, limit=10, owner="r1", lease_seconds=LEASE)
+    assert ([c.id for c in rest.claims], rest.next_due_at) == (["p2"], T0 + LEASE)
+    versions = [c.version for c in [*first.claims, *rest.claims]]
+    assert len(set(versions)) == 3
+    for claim in [*first.claims, *rest.claims]:
+        await store.record_final(claim, now=T0 + 1, state=State.CANCELED)
+    none = await store.claim_due_and_next(now=T0 + 2, limit=10, owner="r1", lease_seconds=LEASE)
+    assert none.claims == []
+    assert none.next_due_at is None
+
+
 async def test_expired_lease_is_taken_over_and_the_old_claim_is_fenced(store: Store) -> None:
     """When a lease runs out another owner claims the project, and the first owner's write fails."""
     await store.track(refs("a"), now=T0, delete_after_download=False)
