@@ -15,6 +15,8 @@ per token (the client's own, then the API's), and the ``httpx.Request`` is hande
 ``AsyncClient.send`` as it is, not merged with the client's settings again by ``build_request``
 (the client has no base URL, params or cookies to merge; its timeout is set on the request
 here). The retry loop is a plain loop, with nothing built for a call that succeeds at once.
+The answer is as cheap to read: an unencoded body straight from the response's stream
+(:func:`_pieces`), and a project's JSON validated by pydantic's own parser first.
 """
 
 from __future__ import annotations
