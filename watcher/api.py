@@ -14,7 +14,8 @@ absolute ``httpx.URL`` is parsed once (:func:`project_url`, a bounded cache), th
 per token (the client's own, then the API's), and the ``httpx.Request`` is handed to
 ``AsyncClient.send`` as it is, not merged with the client's settings again by ``build_request``
 (the client has no base URL, params or cookies to merge; its timeout is set on the request
-here). The retry loop is a plain loop, with nothing built for a call that succeeds at once.
+here). Retries go through tenacity only once a call has failed: nothing is built, nor imported,
+for a call that succeeds at once.
 The answer is as cheap to read: an unencoded body straight from the response's stream
 (:func:`_pieces`), and a project's JSON validated by pydantic's own parser first.
 """
@@ -25,12 +26,11 @@ import asyncio
 import email.utils
 import functools
 import json
-import random
 import socket
 import ssl
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
 from datetime import UTC
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import httpx
 import pydantic
@@ -50,6 +50,9 @@ from watcher.errors import (
 from watcher.metrics import Metrics
 from watcher.models import Kind, ProjectRef, ProjectSnapshot
 from watcher.throttle import Throttle
+
+if TYPE_CHECKING:
+    import tenacity
 
 log = structlog.get_logger(__name__)
 
@@ -160,20 +163,6 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 def project_url(base_url: str, kind: Kind, project_id: str) -> httpx.URL:
     """The absolute URL of a project, ``{base_url}/v1/{kind}-projects/{id}``, parsed once."""
     return httpx.URL(f"{base_url}{kind.api_path}/{project_id}")
-
-
-def backoff(attempt: int, max_wait: float, exc: TransientApiError) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (1 is the first) before the
-    next: uniform in ``[0, min(max_wait, FIRST_RETRY_WINDOW * 2 ** (attempt - 1))]``, at least
-    the server's ``Retry-After`` (itself at most ``max_wait``); none after a 429, whose pause
-    the throttle holds every call to."""
-    if isinstance(exc, RateLimited):
-        return 0.0
-    window = min(max_wait, FIRST_RETRY_WINDOW * 2.0 ** min(attempt - 1, 64))
-    jittered = random.uniform(0.0, window)
-    if exc.retry_after is not None:
-        return max(jittered, min(exc.retry_after, max_wait))
-    return jittered
 
 
 def _where(url: httpx.URL) -> str:
@@ -347,20 +336,68 @@ class MagicHourClient:
         return True
 
     async def _call(self, method: str, ref: ProjectRef, parse: Callable[[_Reply], _T]) -> _T:
-        """``parse`` of the answer, a transient fault tried again up to ``max_attempts`` in all
-        (after :func:`backoff`, told to ``on_retry`` first); the last one is raised."""
-        attempt = 1
-        while True:
-            try:
+        """``parse`` of the answer; a transient fault is tried again up to ``max_attempts`` in
+        all (:meth:`_retried`), the last one raised. The first attempt runs alone: nothing is
+        built for a call that succeeds at once, as nearly every one does."""
+        try:
+            return parse(await self._send(method, ref))
+        except TransientApiError as exc:
+            if self._max_attempts <= 1:
+                raise
+            first = exc
+        return await self._retried(method, ref, parse, first)
+
+    async def _retried(
+        self,
+        method: str,
+        ref: ProjectRef,
+        parse: Callable[[_Reply], _T],
+        first: TransientApiError,
+    ) -> _T:
+        """The attempts after a first transient fault ``first``, under tenacity (imported on
+        the first retry: a daemon whose calls succeed never loads it): jittered exponential
+        backoff (:meth:`_wait`), ``on_retry`` told before each sleep. Tenacity's own first
+        attempt is the one already made: it raises ``first`` again, without a request."""
+        import tenacity  # noqa: PLC0415 - only a call that failed once needs it
+
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self._max_attempts),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception_type(TransientApiError),
+            before_sleep=self._before_sleep,
+            reraise=True,
+            sleep=self._sleep or asyncio.sleep,
+        )
+        made: TransientApiError | None = first
+        async for attempt in retrying:
+            with attempt:
+                if made is not None:
+                    fault, made = made, None
+                    raise fault
                 return parse(await self._send(method, ref))
-            except TransientApiError as exc:
-                if attempt >= self._max_attempts:
-                    raise
-                wait = backoff(attempt, self._max_wait, exc)
-                if self._on_retry is not None:
-                    self._on_retry(exc, attempt, wait)
-            await (self._sleep or asyncio.sleep)(wait)
-            attempt += 1
+        raise AssertionError("unreachable")  # pragma: no cover - reraise=True always raises
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        """Seconds before the next attempt: full jitter in a window of ``FIRST_RETRY_WINDOW``
+        doubling per attempt up to ``max_wait``, at least the server's ``Retry-After`` (itself at
+        most ``max_wait``); none after a 429, whose pause the throttle holds every call to."""
+        import tenacity  # noqa: PLC0415 - loaded by the caller already
+
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RateLimited):
+            return 0.0
+        jittered = tenacity.wait_random_exponential(
+            multiplier=FIRST_RETRY_WINDOW, max=self._max_wait
+        )(state)
+        if isinstance(exc, TransientApiError) and exc.retry_after is not None:
+            return max(jittered, min(exc.retry_after, self._max_wait))
+        return float(jittered)
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, TransientApiError) and self._on_retry is not None:
+            wait = state.next_action.sleep if state.next_action else 0.0
+            self._on_retry(exc, state.attempt_number, wait)
 
     async def _send(self, method: str, ref: ProjectRef) -> _Reply:
         token = self._token

@@ -26,6 +26,7 @@ POSTGRES = ("psycopg", "psycopg_pool", "watcher.store.postgres")
 HTTP_SERVER = ("uvicorn", "starlette", "watcher.http.app", "watcher.http.server")
 NOTIFIER = ("watcher.notify", "watcher.webhooks")
 OBJECT_STORAGE = ("obstore",)
+RETRIES = ("tenacity",)  # at an API call's first retry
 NEVER_IN_RUN = ("watcher.simulator", "watcher.demo")
 
 
@@ -65,9 +66,11 @@ def test_a_sqlite_run_without_http_loads_no_driver_server_notifier_or_simulator(
 ) -> None:
     """With SQLite, the HTTP server off, no notification URL and no storage URL, ``run`` imports
     neither the PostgreSQL driver, nor the HTTP server, nor the notifier and webhooks, nor the
-    object storage client (obstore), nor the simulator."""
+    object storage client (obstore), nor tenacity (no call has been retried), nor the
+    simulator."""
     modules = loaded_by_run(tmp_path, WATCHER_HTTP_ENABLED="false")
-    assert under(modules, POSTGRES + HTTP_SERVER + NOTIFIER + OBJECT_STORAGE + NEVER_IN_RUN) == []
+    lazy = POSTGRES + HTTP_SERVER + NOTIFIER + OBJECT_STORAGE + RETRIES + NEVER_IN_RUN
+    assert under(modules, lazy) == []
     assert "watcher.daemon" in modules  # the probe did go through the run path
 
 
