@@ -72,6 +72,7 @@ from watcher.receive import (
     TransferLimits,
     decoded_groups,
     decoder_for,
+    transfer_failure,
     whole_body,
 )
 
@@ -213,17 +214,8 @@ class Downloader:
             async with self._requests.stream(url, offset) as response:
                 expected, offset, decoder = self._check_response(response, offset, part)
                 size, digest = await self._write(response, final, offset, expected, decoder)
-        except httpx.TimeoutException:
-            raise DownloadIncomplete(
-                "the download timed out; it resumes from its .part file"
-            ) from None
-        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-            raise DownloadIncomplete(
-                f"the connection broke during the download ({type(exc).__name__}); "
-                "it resumes from its .part file"
-            ) from None
-        except httpx.HTTPError as exc:  # a bad URL scheme, a proxy error
-            raise DownloadError(f"the download failed ({type(exc).__name__})") from None
+        except httpx.HTTPError as exc:
+            raise transfer_failure(exc, _RESUMES) from None
         sha256 = digest.hexdigest()
         await on_verified(size, sha256)
         await asyncio.to_thread(_commit, part, final, made)

@@ -178,6 +178,19 @@ def whole_body(response: httpx.Response) -> tuple[int | None, Decoder]:
     return (int(length) if length and length.isdigit() else None), decoder_for(response)
 
 
+def transfer_failure(exc: httpx.HTTPError, then: str) -> DownloadError:
+    """What a fault of the HTTP client while a body is fetched means; ``then``: what becomes
+    of the transfer ("it resumes from its .part file"). A timeout or a broken connection is
+    incomplete (tried again); anything else (a bad URL scheme, a proxy error) a failure."""
+    if isinstance(exc, httpx.TimeoutException):
+        return DownloadIncomplete(f"the download timed out; {then}")
+    if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
+        return DownloadIncomplete(
+            f"the connection broke during the download ({type(exc).__name__}); {then}"
+        )
+    return DownloadError(f"the download failed ({type(exc).__name__})")
+
+
 def decoded_groups(decoder: Decoder, chunks: list[bytes]) -> Iterator[list[bytes]]:
     """The decoded bytes of ``chunks``, in lists of about ``BATCH_BYTES`` (never empty): at
     most ``BATCH_BYTES + CHUNK_SIZE`` decoded bytes are held at once, whatever the ratio."""

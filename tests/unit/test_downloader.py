@@ -36,7 +36,7 @@ from watcher.errors import (
     StoreError,
 )
 from watcher.paths import legacy_part_path, part_path
-from watcher.receive import Pace, TransferLimits
+from watcher.receive import Pace, TransferLimits, transfer_failure
 
 pytestmark = pytest.mark.anyio
 
@@ -969,3 +969,34 @@ async def test_a_transfer_that_keeps_its_pace_runs_past_a_window_and_one_that_st
             return
         with pytest.raises(DownloadIncomplete, match=r"fewer than 500 bytes arrived in 0\.25 s"):
             await downloader.fetch(URL, final, Verified(final))
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind", "message"),
+    [
+        (httpx.ReadTimeout("slow"), DownloadIncomplete, "the download timed out; THEN"),
+        (
+            httpx.ReadError("reset"),
+            DownloadIncomplete,
+            "the connection broke during the download (ReadError); THEN",
+        ),
+        (
+            httpx.RemoteProtocolError("cut"),
+            DownloadIncomplete,
+            "the connection broke during the download (RemoteProtocolError); THEN",
+        ),
+        (
+            httpx.UnsupportedProtocol("ftp"),
+            DownloadError,
+            "the download failed (UnsupportedProtocol)",
+        ),
+    ],
+)
+def test_a_client_fault_during_a_transfer_is_incomplete_or_a_failure(
+    fault: httpx.HTTPError, kind: type[DownloadError], message: str
+) -> None:
+    """A timeout or a broken connection while a body is fetched is incomplete (tried again, with
+    what becomes of the transfer); any other fault of the client fails the download."""
+    error = transfer_failure(fault, "THEN")
+    assert type(error) is kind
+    assert str(error) == message

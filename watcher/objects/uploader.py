@@ -27,7 +27,7 @@ import httpx
 import structlog
 
 from watcher.downloader import USER_AGENT, CdnRequests
-from watcher.errors import DownloadError, DownloadIncomplete, ObjectStorageError
+from watcher.errors import ObjectStorageError
 from watcher.objects.bucket import SHA256_ATTRIBUTE, Bucket, Upload
 from watcher.receive import (
     Decoder,
@@ -35,6 +35,7 @@ from watcher.receive import (
     Receive,
     TransferLimits,
     decoded_groups,
+    transfer_failure,
     whole_body,
 )
 
@@ -91,14 +92,8 @@ class Uploader:
                 ) as upload:
                     sink = _ObjectSink(upload, decoder, self.bucket.url(key), self.on_bytes)
                     await Receive(self.limits, expected, decoder, _STARTS_OVER).into(sink, response)
-        except httpx.TimeoutException:
-            raise DownloadIncomplete(f"the download timed out; {_STARTS_OVER}") from None
-        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-            raise DownloadIncomplete(
-                f"the connection broke during the download ({type(exc).__name__}); {_STARTS_OVER}"
-            ) from None
         except httpx.HTTPError as exc:
-            raise DownloadError(f"the download failed ({type(exc).__name__})") from None
+            raise transfer_failure(exc, _STARTS_OVER) from None
         sha256 = sink.digest.hexdigest()
         await on_verified(sink.written, sha256)
         await self.publish(key, relpath, sink.written, sha256, content_type=content_type)
