@@ -134,8 +134,13 @@ class ApiHealth:
 
     def hold(self, project_id: str) -> None:
         """``project_id`` was put off to the next recheck by a refused token: make it due again
-        as soon as a token is accepted."""
-        self._held_by_401.add(project_id)
+        as soon as a token is accepted. If the pause is already over when the refusal's writes
+        are done (a new token came meanwhile, by SIGHUP or a 401's re-read, or a call was
+        answered), there is nothing to wait for: it is made due now."""
+        if self.unauthorized and self.paused(self.now()):
+            self._held_by_401.add(project_id)
+        else:
+            self.on_release({project_id})
 
     def on_retry(self, exc: TransientApiError, attempt: int, wait: float) -> None:
         """The API client retries a transient fault (its hook)."""

@@ -23,7 +23,7 @@ from tests.unit.fake_time import FakeClock
 from watcher.api import MagicHourClient
 from watcher.backoff import GiveUpLimits, PollPolicy
 from watcher.downloader import Downloader
-from watcher.errors import DiskFull, StoreError, StoreUnavailable
+from watcher.errors import DiskFull, StoreError, StoreUnavailable, Unauthorized
 from watcher.health import AUTH_RECHECK_SECONDS, PAYMENT_PAUSE_SECONDS, ApiHealth
 from watcher.metrics import Metrics
 from watcher.models import Kind, ProjectRef, RemoteStatus, State
@@ -397,6 +397,27 @@ async def test_a_refused_token_stops_polling_until_the_recheck(rig: Rig) -> None
     assert not rig.health.unauthorized
     assert released == [{PID}]
     assert record.remote_status == RemoteStatus.RENDERING
+
+
+def test_a_new_token_read_before_a_refused_project_is_put_off_leaves_it_due(
+    tmp_path: Path,
+) -> None:
+    """A new token read (SIGHUP) after a 401's refusal but before the refused project is put
+    off (the refusal's store writes come in between) leaves nothing to wait for: the project is
+    made due at once, not held for the recheck five minutes later."""
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    health = ApiHealth(load_settings({"WATCHER_API_TOKEN_FILE": str(token)}), now=lambda: 1000.0)
+    released: list[set[str]] = []
+    health.on_release = released.append
+    health.refused(Unauthorized("HTTP 401"))
+    token.write_text("mhk_live_new_token_0002\n")
+    health.reload_secrets("SIGHUP")
+    health.hold(PID)
+    assert released == [set(), {PID}]
+    health.refused(Unauthorized("HTTP 401"))  # refused again, with no new token: held
+    health.hold(OTHER)
+    assert released == [set(), {PID}]
 
 
 async def test_payment_required_pauses_polling_then_recovers(rig: Rig) -> None:
